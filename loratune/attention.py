@@ -1,0 +1,89 @@
+"""Attention for packed rows: each example attends only to itself, at no cost for the others.
+
+A packed row holds many examples back to back. A block-diagonal mask over the whole row would compute (and on
+CPU, store for the backward pass) attention between every pair of tokens in the row, almost all of it masked.
+Instead we attend within each example: on CUDA with PyTorch's variable-length flash kernel, elsewhere with one
+fused SDPA call per example. Both take the example boundaries (`cu_seq_lens_q`) that the collator derives from
+the restarting `position_ids`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+NAME = "loratune_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Drop-in for transformers' attention functions; shapes in [B, H, T, D], out [B, T, H, D]."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:  # an ordinary (unpacked) call, e.g. generation
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row per forward pass")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    dropout = dropout if module.training else 0.0
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _flash_varlen_ok():
+        out = _flash_varlen(query, key, value, cu_seqlens, kwargs.get("max_length_q"), scaling, window)
+    else:
+        out = _per_example(query, key, value, cu_seqlens.tolist(), scaling, window, dropout)
+    return out, None
+
+
+def _per_example(query, key, value, bounds, scaling, window, dropout):
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        length = end - start
+        if window and length > window:  # sliding-window models: a banded causal mask for long examples
+            idx = torch.arange(length, device=q.device)
+            mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _flash_varlen(query, key, value, cu_seqlens, max_len, scaling, window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    out = varlen_attn(
+        q, k, v, cu, cu, max_len, max_len, scale=scaling,
+        window_size=(window - 1 if window else -1, 0), enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out[None]  # [1, T, H, D]
+
+
+@functools.cache
+def _flash_varlen_ok() -> bool:
+    """Use the CUDA kernel only if it agrees with the per-example path on a small case (checked once)."""
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 4, 24, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kv = torch.randn(2, 1, 2, 24, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cu = torch.tensor([0, 5, 24], device="cuda")
+        fast = _flash_varlen(q, kv[0], kv[1], cu, None, None, None)
+        slow = _per_example(q, kv[0], kv[1], [0, 5, 24], None, None, 0.0)
+        return bool(torch.allclose(fast.float(), slow.float(), atol=2e-2))
+    except Exception:  # no kernel for this GPU or build
+        return False
+
+
+AttentionInterface.register(NAME, packed_attention)
+
+
+def packed_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """Example boundaries of a packed row from its restarting position ids: [0, end_1, end_2, ..., T]."""
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).reshape(-1)
+    total = torch.tensor([pos.numel()], device=pos.device)
+    return torch.cat([starts, total]).to(torch.int32)

@@ -1,0 +1,109 @@
+"""The `loratune` command: parses arguments, then calls the library. Every config field has a flag."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig, guide_warnings, resolve
+from .errors import UserError
+
+FIELD_GROUPS = {
+    "model": "Model", "train_data": "Data", "batch_size": "Training Guide: batch processing",
+    "learning_rate": "Training Guide: learning", "lora_r": "Training Guide: LoRA",
+    "lr_scheduler": "Optimizer and schedule", "precision": "Speed and memory",
+    "eval_every_steps": "Evaluation, stopping and outputs",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig field, with the field's description as help (values are validated by the config)."""
+    parser.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="start from an example configuration: "
+                        + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    group = parser
+    for name, field in TrainConfig.model_fields.items():
+        if name in FIELD_GROUPS:
+            group = parser.add_argument_group(FIELD_GROUPS[name])
+        flag = "--" + name.replace("_", "-")
+        default = field.default_factory() if field.default_factory else field.default
+        help_text = f"{field.description} (default: {default})"
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+
+
+def _resolve(args: argparse.Namespace, default_preset: str | None = None):
+    flags = _flags(args)
+    preset = args.preset or (default_preset if not args.config else None)
+    return resolve(args.config, preset, flags)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume and not args.config:
+        run = Path(args.resume if isinstance(args.resume, str) else args.output_dir or "")
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
+        args.config = str(run / "config.yaml")
+        args.output_dir = str(run)
+    quickstart = not args.config and not args.preset and not args.train_data
+    if quickstart:
+        print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
+    resolved = _resolve(args, default_preset="quickstart" if quickstart else None)
+    train(resolved.config, resume=bool(args.resume), overwrite=args.overwrite)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    resolved = _resolve(args)
+    rows = [(name, str(value), resolved.sources[name]) for name, value in resolved.config.model_dump().items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    print(f"# resolved config (preset {resolved.preset}); columns: setting, value, where it came from")
+    for name, value, source in rows:
+        print(f"{name:<{widths[0]}}  {value:<{widths[1]}}  {source}")
+    for warning in guide_warnings(resolved.config):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="fine-tune (with no arguments: the built-in quickstart)")
+    _add_config_flags(p)
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue a run from its latest whole checkpoint (default: the config's output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    config = commands.add_parser("config", help="inspect configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = config_commands.add_parser("show", help="print the resolved config and where each value came from")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nstopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Which examples go into which optimizer step and forward pass, and the tensors for each pass.
+
+An optimizer step always takes `batch_size x gradient_accumulation_steps` examples (x processes), in the same
+order whether or not we pack: the effective batch means what the Training Guide says. Inside a step the
+examples are regrouped for speed, which changes nothing in the update because the step's loss is normalised
+by the step's total target-token count:
+- packing: the step's examples are split into `gradient_accumulation_steps` forward passes of about equal token
+  count, each one packed row with no padding (so `batch_size` is the number of examples per pass on average);
+- no packing: sorted by length and cut into passes of `batch_size` examples, so padding stays small.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention import packed_boundaries
+from .encode import IGNORE
+
+
+def epoch_steps(n_examples: int, per_step: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's examples in a seeded random order, cut into optimizer steps (the last one may be smaller)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return [order[i : i + per_step] for i in range(0, n_examples, per_step)]
+
+
+def split_step(step: np.ndarray, lengths: np.ndarray, batch_size: int, n_passes: int, packing: bool) -> list[list[int]]:
+    """A step's examples as `n_passes` forward passes (some may be empty when the step is short)."""
+    if packing:
+        # Longest-first onto the lightest pass: the passes end up within one example's length of each other.
+        ordered = sorted(step.tolist(), key=lambda i: (-lengths[i], i))
+        heap = [(0, p) for p in range(n_passes)]
+        passes: list[list[int]] = [[] for _ in range(n_passes)]
+        for i in ordered:
+            tokens, p = heapq.heappop(heap)
+            passes[p].append(i)
+            heapq.heappush(heap, (tokens + int(lengths[i]), p))
+        return passes
+    ordered = sorted(step.tolist(), key=lambda i: (lengths[i], i))
+    passes = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return passes + [[] for _ in range(n_passes - len(passes))]
+
+
+def passes_per_step(n_examples: int, batch_size: int, world_size: int) -> int:
+    """Forward passes for a step of n examples, a multiple of the process count so each process does the same."""
+    return world_size * math.ceil(math.ceil(n_examples / batch_size) / world_size)
+
+
+@dataclass
+class Batch:
+    """One forward pass. `targets[t]` is the token position t must predict (IGNORE where none)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # padded batches only
+    cu_seqlens: torch.Tensor | None = None  # packed rows only
+    max_seqlen: int = 0
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
+                     move(self.cu_seqlens), self.max_seqlen)
+
+
+def _shifted(labels: np.ndarray) -> np.ndarray:
+    """Position t predicts token t+1, inside the example only: the last position predicts nothing."""
+    out = np.full_like(labels, IGNORE)
+    out[:-1] = labels[1:]
+    return out
+
+
+def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray]) -> Batch:
+    """One row of examples back to back; position ids restart at each example, which marks the boundaries."""
+    position_ids = torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None]
+    return Batch(
+        input_ids=torch.from_numpy(np.concatenate(ids))[None],
+        position_ids=position_ids,
+        targets=torch.from_numpy(np.concatenate([_shifted(y) for y in labels]))[None],
+        cu_seqlens=packed_boundaries(position_ids),
+        max_seqlen=max(len(x) for x in ids),
+    )
+
+
+def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int) -> Batch:
+    """Examples as rows padded on the right; padding never carries loss."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[row, : len(x)] = torch.from_numpy(x)
+        targets[row, : len(x)] = torch.from_numpy(_shifted(y))
+        mask[row, : len(x)] = 1
+    position_ids = torch.arange(width)[None].expand(len(ids), -1)
+    return Batch(input_ids, position_ids, targets, attention_mask=mask)

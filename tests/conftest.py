@@ -1,0 +1,50 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub, and keep their caches in a temporary folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["LORATUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random tiny Llama with a ChatML template (built once per test session)."""
+    from loratune.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> str:
+    """The same, without a chat template (a 'base' model)."""
+    from loratune.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_plain") / "model", chat=False))
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def varied_rows(n: int, seed: int = 0):
+    """Input/output rows whose lengths differ several-fold, as in real instruction data."""
+    import random
+
+    rng = random.Random(seed)
+    words = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.choice([3, 8, 20, 45])))
+        answer = " ".join(rng.choice(words) for _ in range(rng.choice([2, 6, 15, 30])))
+        rows.append({"input": f"{i}: {prompt}", "output": answer})
+    return rows

@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from loratune.config import GUIDE_FIELDS, PRESETS, TrainConfig, guide_warnings, resolve
+from loratune.errors import UserError
+
+GUIDE_DEFAULTS = {
+    "batch_size": 8, "gradient_accumulation_steps": 8, "max_length": 1024, "learning_rate": 2e-4, "epochs": 20,
+    "warmup_ratio": 0.05, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.05,
+}
+
+
+def test_defaults_are_the_training_guides():
+    cfg = TrainConfig()
+    assert {k: getattr(cfg, k) for k in GUIDE_FIELDS} == GUIDE_DEFAULTS
+    assert resolve(preset="balanced").config.model_dump() == resolve().config.model_dump()
+    assert PRESETS["balanced"].values == {}
+
+
+def test_precedence_default_preset_yaml_flags(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("preset: high_capacity\nlearning_rate: 5e-5\nlora_r: 16\nepochs: 3\n")
+    r = resolve(str(run), flags={"lora_r": "24"})
+    c, src = r.config, r.sources
+    assert (c.lora_r, src["lora_r"]) == (24, "--lora-r")  # flag beats YAML
+    assert (c.learning_rate, src["learning_rate"]) == (5e-5, str(run))  # YAML beats preset (PyYAML reads 5e-5 as text)
+    assert (c.lora_alpha, src["lora_alpha"]) == (64, "preset high_capacity")  # preset beats default
+    assert (c.batch_size, src["batch_size"]) == (8, "default")
+    assert c.output_dir == "runs/run"
+    # --preset on the command line beats the file's preset
+    assert resolve(str(run), preset="memory_saver").config.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"batch_size": "eight"}, "batch_size = 'eight' (from --batch-size): must be an integer > 0 or auto"),
+        ({"batch_size": "0"}, "batch_size = '0' (from --batch-size): must be an integer > 0 or auto"),
+        ({"learning_rate": "-1e-4"}, "learning_rate = '-1e-4' (from --learning-rate): must be a number > 0"),
+        ({"lora_dropout": "1"}, "lora_dropout = '1' (from --lora-dropout): must be a number >= 0 and < 1"),
+        ({"lr": "1"}, "unknown setting 'lr' (from --lr)"),
+        ({"train_data": "missing.jsonl"}, "train_data = 'missing.jsonl' (from --train-data): file not found"),
+        ({"precision": "int4"}, "precision = 'int4' (from --precision): must be one of: auto, bf16, fp16, fp32"),
+    ],
+)
+def test_bad_values_name_field_value_and_what_is_allowed(flags, expected):
+    with pytest.raises(UserError) as e:
+        resolve(flags=flags)
+    assert str(e.value) == expected
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("learning_rat: 1e-4\n")
+    with pytest.raises(UserError, match=r"unknown setting 'learning_rat' \(from .*run.yaml\); did you mean learning_rate\?"):
+        resolve(str(run))
+
+
+def test_guide_ranges_warn_and_quote_the_guide():
+    assert guide_warnings(TrainConfig()) == []
+    warnings = guide_warnings(TrainConfig(learning_rate=1e-3, lora_r=4, lora_alpha=32, batch_size=2))
+    assert len(warnings) == 4
+    assert any("learning_rate=0.001" in w and "risk instability" in w for w in warnings)
+    assert any("lora_alpha=32 is not 2x-4x lora_r=4" in w for w in warnings)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "loratune", *args], capture_output=True, text=True)
+
+
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
+    result = _cli("train", "--train-data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: train_data = '{tmp_path / 'nope.jsonl'}' (from --train-data): file not found"]
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_config_show_prints_the_guide_defaults_and_sources():
+    result = _cli("config", "show", "--lora-r", "16")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if not line.startswith("#")}
+    for name, value in GUIDE_DEFAULTS.items():
+        if name != "lora_r":
+            assert rows[name][0] == str(value) and rows[name][1] == "default"
+    assert rows["lora_r"] == ["16", "--lora-r"]

@@ -1,0 +1,119 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratune import TrainConfig
+from loratune.train import lr_factor, train
+
+from conftest import varied_rows, write_jsonl
+
+
+def _config(model, tmp_path, name, rows=24, **overrides):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    settings = dict(
+        model=model, train_data=write_jsonl(data / "train.jsonl", varied_rows(rows)),
+        val_data=write_jsonl(data / "val.jsonl", varied_rows(3, seed=1)), output_dir=str(tmp_path / name),
+        epochs=1, precision="fp32", device="cpu", lora_dropout=0.0, warmup_ratio=0.0, lr_scheduler="constant",
+        max_grad_norm=0.0, learning_rate=1e-3, max_length=256,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _metrics(run, event="train"):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def _adapter(run, folder="last"):
+    return load_file(run / folder / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_accumulation_does_not_change_the_update(tiny_model, tmp_path, packing):
+    """8 x 1 and 2 x 4 on the same examples of very different lengths: same gradients, same adapter."""
+    one = train(_config(tiny_model, tmp_path, "one", batch_size=8, gradient_accumulation_steps=1, packing=packing))
+    four = train(_config(tiny_model, tmp_path, "four", batch_size=2, gradient_accumulation_steps=4, packing=packing))
+    assert one["steps"] == four["steps"] == 3
+    m1, m4 = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
+    for a, b in zip(m1, m4):  # the step's mean loss and its raw gradient norm agree step by step
+        assert a["target_tokens"] == b["target_tokens"]
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+    _assert_same_adapter(_adapter(tmp_path / "one"), _adapter(tmp_path / "four"))
+
+
+def test_packed_and_padded_give_the_same_adapter(tiny_model, tmp_path):
+    train(_config(tiny_model, tmp_path, "packed", batch_size=4, gradient_accumulation_steps=2, packing=True))
+    train(_config(tiny_model, tmp_path, "padded", batch_size=4, gradient_accumulation_steps=2, packing=False))
+    assert _metrics(tmp_path / "packed")[0]["padding_share"] == 0
+    assert _metrics(tmp_path / "padded")[0]["padding_share"] > 0
+    _assert_same_adapter(_adapter(tmp_path / "packed"), _adapter(tmp_path / "padded"))
+
+
+def test_warmup_then_cosine_schedule(tiny_model, tmp_path):
+    cfg = _config(tiny_model, tmp_path, "sched", rows=40, batch_size=2, gradient_accumulation_steps=2,
+                  warmup_ratio=0.25, lr_scheduler="cosine", learning_rate=1e-3)
+    train(cfg)
+    lrs = [r["lr"] for r in _metrics(tmp_path / "sched")]
+    assert len(lrs) == 10  # 40 examples / 4 per step
+    warmup = math.ceil(0.25 * 10)  # = 3 steps rising linearly, then cosine down from the peak
+    expected = [1e-3 * (k + 1) / (warmup + 1) for k in range(warmup)]
+    expected += [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (10 - warmup))) for k in range(warmup, 10)]
+    assert lrs == pytest.approx(expected, rel=1e-4)
+    assert lr_factor("linear", 0, 4)(2) == 0.5
+
+
+def test_same_seed_same_adapter_bytes(tiny_model, tmp_path):
+    for name in ("a", "b"):
+        train(_config(tiny_model, tmp_path, name, batch_size=4, gradient_accumulation_steps=2, lora_dropout=0.1))
+    assert (tmp_path / "a/last/adapter_model.safetensors").read_bytes() == (tmp_path / "b/last/adapter_model.safetensors").read_bytes()
+
+
+def test_cli_end_to_end_adapter_reloads_in_peft(tiny_model, tmp_path):
+    """Train through the CLI, reload the adapter with plain PEFT, and find the trained model's validation loss."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratune.data.encode import Encoder
+    from loratune.data.prepare import prepare
+
+    cfg = _config(tiny_model, tmp_path, "cli", rows=32, epochs=2, batch_size=4, gradient_accumulation_steps=2)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.model_dump(exclude_defaults=True).items()]
+    result = subprocess.run([sys.executable, "-m", "loratune", "train", *flags], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "cli"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["stop_reason"] == "all epochs done"
+    assert {"step", "epoch", "loss", "lr", "tokens_per_s", "target_tokens_per_s"} <= set(_metrics(run)[0])
+    assert [r["step"] for r in _metrics(run, "eval")] == [4, 8]
+    assert (run / "config.yaml").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run / "last").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "last")
+    val = prepare(cfg, Encoder(tokenizer, tokenizer.chat_template)).val
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(val.input_ids, val.labels):
+            logits = model(input_ids=torch.tensor(ids)[None]).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+    assert math.isclose(total / count, summary["last_val_loss"], rel_tol=1e-5)
+    # and the untrained base is clearly different, so the comparison above is meaningful
+    with model.disable_adapter(), torch.no_grad():
+        ids, labels = val.input_ids[0], val.labels[0]
+        logits = model(input_ids=torch.tensor(ids)[None]).logits[0, :-1]
+        base_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100).item()
+    assert abs(base_loss - summary["last_val_loss"]) > 0.05
