@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .config import PRESETS, TrainConfig, guide_warnings, resolve
@@ -74,6 +75,35 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from .generate import generate_texts
+    from .inference import load_run, prompt_example, text_prompt
+
+    if (args.prompt is None) == (args.file is None):
+        raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    run = load_run(args.run_dir, adapter=args.adapter, use_adapter=not args.no_adapter)
+    if args.prompt is not None:
+        examples = [text_prompt(args.prompt, run.data_format)]
+    else:
+        from .data.load import BadRows, read_rows
+
+        rows = list(read_rows(args.file, BadRows(skip=False)))
+        examples = [prompt_example(row, run.data_format, run.config.columns) for _, row in rows]
+    outputs = generate_texts(
+        run.model, run.tokenizer, [run.encoder.prompt_ids(ex) for ex in examples], run.encoder.end_ids,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    )
+    for ex, text in zip(examples, outputs):
+        print(text if args.prompt is not None else json.dumps({"prompt": _prompt_text(ex), "generated": text}))
+    return 0
+
+
+def _prompt_text(ex) -> str:
+    return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,10 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_commands.add_parser("show", help="print the resolved config and where each value came from")
     _add_config_flags(p)
     p.set_defaults(func=cmd_config_show)
+
+    p = commands.add_parser("generate", help="generate with the base model plus a run's adapter")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--prompt", help="one prompt; the generated text is printed")
+    p.add_argument("--file", help="prompts, one per row (any training data shape; answers are ignored); "
+                   "prints one JSON object per line")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT still calls a transformers API that transformers 5 marks deprecated; the warning is noise for users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .lora import FusedLoraLinear
 
 
 @dataclass(frozen=True)
@@ -253,9 +254,10 @@ def add_lora(model, cfg):
         target_modules=cfg.lora_target_modules,
         task_type="CAUSAL_LM",
     )
+    config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's layer, fused training path
     torch.manual_seed(cfg.seed)  # the adapters' initial weights depend on the seed alone
     try:
-        return get_peft_model(model, config, autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as e:
         if "not found in the base model" not in str(e) and "Target modules" not in str(e):
             raise
@@ -264,3 +266,4 @@ def add_lora(model, cfg):
             f"lora_target_modules = {cfg.lora_target_modules}: not found in the model; its linear layers are "
             f"{', '.join(names)} (or use all-linear)"
         ) from None
+    return peft_model

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -119,6 +120,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         state, partial = _resume(run, cfg, fingerprint, model, optimizer, scheduler, console)
     elif main:
         ckpt.atomic_write(run / "config.yaml", dump_yaml(cfg))
+        ckpt.atomic_write(run / "data.json", json.dumps(asdict(data.report), indent=1))
         ckpt.atomic_write(run / "fingerprint.json", json.dumps(fingerprint, indent=1))
         (run / "metrics.jsonl").write_text("")
     metrics = _Metrics(run / "metrics.jsonl", state, enabled=main)

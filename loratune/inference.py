@@ -1,0 +1,104 @@
+"""Loading a finished run for inference: the base model, its adapter, and the training-time prompt format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import TrainConfig
+from .data.encode import Encoder
+from .data.formats import SHAPES, Example, RowError, to_example
+from .errors import UserError
+from .model import choose_dtype, load_model, load_tokenizer, resolve_model
+
+CHAT_FORMATS = ("input_output", "alpaca", "messages", "sharegpt")
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module  # base + adapter (PeftModel), or the base alone
+    tokenizer: object
+    encoder: Encoder
+    config: TrainConfig
+    data_format: str
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a loratune run folder (no config.yaml)")
+    return TrainConfig(**yaml.safe_load(path.read_text()))
+
+
+def adapter_path(run_dir: str | Path, adapter: str = "adapter") -> Path:
+    """`adapter` (best), `last`, or a path to any adapter folder (e.g. a checkpoint's adapter/)."""
+    path = Path(adapter) if Path(adapter).is_absolute() or "/" in adapter else Path(run_dir) / adapter
+    if (path / "adapter").is_dir() and not (path / "adapter_config.json").is_file():
+        path = path / "adapter"  # a checkpoint folder
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: no adapter here (expected adapter_config.json)")
+    return path
+
+
+def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = True, device: str | None = None) -> LoadedRun:
+    from peft import PeftModel
+
+    cfg = read_run_config(run_dir)
+    folder = adapter_path(run_dir, adapter)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(str(folder))  # saved with the adapter: the chat template used in training
+    base = load_model(model_path, choose_dtype("auto", device), device)
+    model = PeftModel.from_pretrained(base, folder) if use_adapter else base
+    model.eval()
+    eos = base.generation_config.eos_token_id
+    end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=end_ids)
+    data_format = _trained_format(run_dir, cfg)
+    return LoadedRun(model, tokenizer, encoder, cfg, data_format)
+
+
+def _trained_format(run_dir, cfg: TrainConfig) -> str:
+    """The data shape the run trained on (detected at training time and recorded in data.json)."""
+    record = Path(run_dir) / "data.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("data_format") or cfg.data_format
+    return cfg.data_format
+
+
+def prompt_example(row: dict, data_format: str, columns: dict[str, str]) -> Example:
+    """A row that may lack its answer, as an Example whose prompt is formatted as in training."""
+    fmt = data_format if data_format != "auto" else _detect_prompt_shape(row, columns)
+    row = dict(row)
+    answer = {"input_output": "output", "alpaca": "output", "prompt_completion": "completion"}.get(fmt)
+    if answer:
+        row.setdefault(columns.get(answer, answer), "")
+    if fmt in ("messages", "sharegpt"):
+        col = columns.get(SHAPES[fmt][0], SHAPES[fmt][0])
+        turns = list(row.get(col) or [])
+        turns.append({"role": "assistant", "content": ""} if fmt == "messages" else {"from": "gpt", "value": ""})
+        row[col] = turns
+    if fmt == "text":
+        return Example(prompt=row.get(columns.get("text", "text"), ""))
+    try:
+        return to_example(row, fmt, columns)
+    except RowError as e:
+        raise UserError(str(e)) from None
+
+
+def _detect_prompt_shape(row: dict, columns: dict[str, str]) -> str:
+    for fmt, needed in SHAPES.items():
+        if columns.get(needed[0], needed[0]) in row:
+            return fmt
+    raise UserError(f"cannot tell the prompt from the fields {sorted(row)}")
+
+
+def text_prompt(text: str, data_format: str) -> Example:
+    """A bare prompt string, wrapped the way the run's training data was."""
+    if data_format in ("prompt_completion", "text"):
+        return Example(prompt=text)
+    return Example(messages=[{"role": "user", "content": text}, {"role": "assistant", "content": ""}])

@@ -1,0 +1,64 @@
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loratune.lora import FusedLoraLinear, keep_mask
+
+
+def _layers(dropout: float, dtype=torch.float32):
+    """The same LoRA layer twice: PEFT's own and ours, with identical (non-zero) weights."""
+    out = []
+    for custom in (False, True):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=True).to(dtype))
+        config = LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, target_modules=["0"])
+        if custom:
+            config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+        layer = get_peft_model(base, config, autocast_adapter_dtype=True).base_model.model[0]
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        out.append(layer)
+    assert isinstance(out[1], FusedLoraLinear) and not isinstance(out[0], FusedLoraLinear)
+    return out
+
+
+def _run(layer, x, grad):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(grad)
+    return y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+
+def test_fused_layer_equals_peft_without_dropout():
+    peft, fused = _layers(0.0)
+    x, grad = torch.randn(3, 7, 24), torch.randn(3, 7, 40)
+    for a, b in zip(_run(peft, x, grad), _run(fused, x, grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_layer_with_dropout_equals_the_formula_with_the_same_mask():
+    _, fused = _layers(0.3)
+    x, grad = torch.randn(5, 24), torch.randn(5, 40)
+    torch.manual_seed(1)
+    y, gx, ga, gb = _run(fused, x, grad)
+    torch.manual_seed(1)  # the same random bits: rebuild the layer's output by hand
+    keep = keep_mask(x.shape, 0.3, x.device)
+    a, b, base = fused.lora_A["default"].weight, fused.lora_B["default"].weight, fused.base_layer
+    ref_x = x.detach().clone().requires_grad_()
+    ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = base(ref_x) + (torch.where(keep, ref_x, 0) / 0.7) @ ref_a.T @ ref_b.T * fused.scaling["default"]
+    ref.backward(grad)
+    for got, want in ((y, ref), (gx, ref_x.grad), (ga, ref_a.grad), (gb, ref_b.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert 0.2 < 1 - keep.float().mean() < 0.4
+
+
+def test_keep_mask_rate():
+    torch.manual_seed(0)
+    assert abs(keep_mask(torch.Size([400_000]), 0.05, "cpu").float().mean().item() - 0.95) < 0.002
+
+
+def test_eval_and_no_grad_use_peft_path():
+    peft, fused = _layers(0.5)
+    fused.eval(), peft.eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x), fused(x))
