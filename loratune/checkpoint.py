@@ -132,16 +132,23 @@ def _io_message(path: Path, e: OSError) -> str:
 # --- The run folder -----------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix two runs in one folder; make sure we can write there before any work starts."""
+def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix two runs in one folder, and to start a run that could not write its results. No side effects."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(
-                f"output_dir {path} already holds a run. Use --resume to continue it, --overwrite to replace it, "
-                "or --output-dir for a new folder"
-            )
+    if path.is_dir() and any(path.iterdir()) and not resume and not overwrite:
+        raise UserError(
+            f"output_dir {path} already holds a run. Use --resume to continue it, --overwrite to replace it, "
+            "or --output-dir for a new folder"
+        )
+    existing = next(p for p in [path, *path.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write {path}: permission denied (choose another output_dir)")
+
+
+def create_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    """Make the run folder (replacing an old run when asked), once everything before training has succeeded."""
+    if overwrite and not resume and path.is_dir():
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

