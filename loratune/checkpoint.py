@@ -33,6 +33,7 @@ class TrainState:
     """Where training stands; saved with every checkpoint so a resumed run continues exactly."""
 
     step: int = 0  # optimizer steps done
+    examples_per_step: int = 0  # batch_size x gradient_accumulation_steps x processes
     epoch: int = 0
     step_in_epoch: int = 0  # steps done in the current epoch
     pass_in_step: int = 0  # forward passes done in the current step (non-zero only for an interrupted step)

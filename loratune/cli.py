@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +51,9 @@ def _resolve(args: argparse.Namespace, default_preset: str | None = None):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.num_processes)
+
     if args.resume and not args.config:
         run = Path(args.resume if isinstance(args.resume, str) else args.output_dir or "")
         if not (run / "config.yaml").is_file():
@@ -61,6 +66,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolved = _resolve(args, default_preset="quickstart" if quickstart else None)
     train(resolved.config, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
+
+
+def _relaunch(processes: int) -> int:
+    """`--num-processes N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPUs)."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "loratune", *argv]
+    return subprocess.call(command)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -113,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue a run from its latest whole checkpoint (default: the config's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (effective batch x N); for several machines or "
+                   "FSDP/DeepSpeed use `accelerate launch -m loratune train ...`")
     p.set_defaults(func=cmd_train)
 
     config = commands.add_parser("config", help="inspect configuration")

@@ -34,7 +34,9 @@ from .loss import CausalLMLoss
 from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_model, supports_packing
 
 # Config fields that may change when resuming: they do not affect the result.
-RESUMABLE_CHANGES = {"output_dir", "report_to", "save_every_steps", "keep_checkpoints", "test_data", "skip_bad_rows"}
+# The split of a step into passes and processes may change too, as long as each step keeps the same examples.
+RESUMABLE_CHANGES = {"output_dir", "report_to", "save_every_steps", "keep_checkpoints", "test_data", "skip_bad_rows",
+                     "batch_size", "gradient_accumulation_steps"}
 
 
 class Interrupted(UserError):
@@ -119,11 +121,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     fingerprint = _fingerprint(cfg, model_path)
     if resume:
         state, partial = _resume(run, cfg, fingerprint, model, optimizer, scheduler, console)
+        _check_step_shape(state, partial, per_step, world)
     elif main:
         ckpt.atomic_write(run / "config.yaml", dump_yaml(cfg))
         ckpt.atomic_write(run / "data.json", json.dumps(asdict(data.report), indent=1))
         ckpt.atomic_write(run / "fingerprint.json", json.dumps(fingerprint, indent=1))
         (run / "metrics.jsonl").write_text("")
+    state.examples_per_step = per_step
     metrics = _Metrics(run / "metrics.jsonl", state, enabled=main)
     save_best = _BestAdapter(run, model, tokenizer, encoder.template, enabled=main)
 
@@ -483,6 +487,18 @@ def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
     state, partial = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler)
     console.info(f"resuming from {found[-1]} (step {state.step}, epoch {state.epoch})")
     return state, partial
+
+
+def _check_step_shape(state, partial, per_step: int, world: int) -> None:
+    """A run resumes exactly when each optimizer step still takes the same examples."""
+    if state.examples_per_step and state.examples_per_step != per_step:
+        raise UserError(
+            f"cannot resume: the checkpoint took {state.examples_per_step} examples per optimizer step, this launch "
+            f"would take {per_step} (batch_size x gradient_accumulation_steps x processes); choose values whose "
+            f"product is {state.examples_per_step}"
+        )
+    if partial is not None and world > 1:
+        raise UserError("cannot resume: this checkpoint was taken in the middle of a step by one process; resume it with one process")
 
 
 def _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main):
