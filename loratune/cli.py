@@ -6,7 +6,6 @@ import argparse
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 from .config import PRESETS, TrainConfig, guide_warnings, resolve
@@ -159,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # PEFT still calls a transformers API that transformers 5 marks deprecated; the warning is noise for users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
