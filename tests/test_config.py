@@ -85,3 +85,10 @@ def test_config_show_prints_the_guide_defaults_and_sources():
         if name != "lora_r":
             assert rows[name][0] == str(value) and rows[name][1] == "default"
     assert rows["lora_r"] == ["16", "--lora-r"]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("examples/*.yaml")))
+def test_example_configs_resolve_to_their_presets(path):
+    resolved = resolve(str(path))
+    assert resolved.preset == path.stem
+    assert resolved.config.train_data and __import__("pathlib").Path(resolved.config.train_data).is_file()
