@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,8 +88,8 @@ def test_config_show_prints_the_guide_defaults_and_sources():
     assert rows["lora_r"] == ["16", "--lora-r"]
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("examples/*.yaml")))
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
 def test_example_configs_resolve_to_their_presets(path):
     resolved = resolve(str(path))
     assert resolved.preset == path.stem
-    assert resolved.config.train_data and __import__("pathlib").Path(resolved.config.train_data).is_file()
+    assert resolved.config.train_data and Path(resolved.config.train_data).is_file()
