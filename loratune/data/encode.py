@@ -113,7 +113,8 @@ class Encoder:
             return self.tok.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        except (TemplateError, ValueError, IndexError, KeyError, TypeError) as e:  # a template's own checks, or its assumptions
+        # A template's own checks (raise_exception), or its assumptions about the turns, failing.
+        except (TemplateError, ValueError, IndexError, KeyError, TypeError) as e:
             raise RowError(f"the chat template refused this conversation: {e}") from None
 
     def pieces(self, ex: Example) -> list[tuple[str, bool]]:

@@ -143,7 +143,8 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
     if r.duplicates_train_val or r.duplicates_train:
         lines.append(f"duplicates: {r.duplicates_train_val} validation examples also in training, "
                      f"{r.duplicates_train} repeats within training")
-    head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in ("min", "mean", "p50", "p90", "p95", "p99", "max"))
+    columns = ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")
+    head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in columns)
     lines += ["", head]
     for label, s in (("prompt", ins.prompt), ("target (last answer)", ins.target), ("total", ins.total)):
         values = [s.min, f"{s.mean:.1f}", *(s.percentiles[p] for p in PERCENTILES), s.max]

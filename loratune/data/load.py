@@ -61,7 +61,9 @@ class FileSource:
                 raise UserError(f"{path}: folder has no data files ({', '.join(FILE_TYPES)})")
         else:
             if path.suffix.lower() not in FILE_TYPES:
-                raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(FILE_TYPES)}")
+                raise UserError(
+                    f"{path}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(FILE_TYPES)}"
+                )
             self.files = [path]
         self.root = path
 

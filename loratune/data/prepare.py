@@ -81,6 +81,8 @@ class DataReport:
     duplicates_train_val: int = 0
     duplicates_train: int = 0
     from_cache: bool = False  # every source's tokens came from the cache
+    train_examples: int = 0  # after max_length
+    val_examples: int = 0
     max_length: int = 0
     truncation: str = ""
     recommended_max_length: int | None = None  # keeps 99% of examples whole; None for plain text
@@ -102,7 +104,8 @@ class DataReport:
 
     def lines(self) -> list[tuple[bool, str]]:
         """(is_warning, message) for the console at the start of training."""
-        out = [(False, f"data: {self.rows} rows ({self.data_format})" + (", tokens from cache" if self.from_cache else ""))]
+        out = [(False, f"data: {self.rows} rows ({self.data_format}): {self.train_examples} training, "
+                       f"{self.val_examples} validation examples" + ("; tokens from cache" if self.from_cache else ""))]
         hint = (f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
                 if self.recommended_max_length and self.recommended_max_length > self.max_length else "")
         if self.bad_rows:
@@ -121,6 +124,9 @@ class DataReport:
             first = self.train_fit.first_no_target or self.val_fit.first_no_target
             out.append((True, f"{self.dropped_no_target} examples had no answer token left after truncation="
                               f"{self.truncation} at max_length={self.max_length} and were dropped (first: {first})"))
+        if self.val_fit.dropped_too_long + self.val_fit.dropped_no_target and not self.val_examples:
+            out.append((True, f"no validation example fits max_length={self.max_length}: validation loss (and early "
+                              "stopping) cannot be measured"))
         if self.duplicates_train_val:
             out.append((True, f"{self.duplicates_train_val} validation examples also appear in the training data, "
                               "so validation loss will look better than it is"))
@@ -141,8 +147,8 @@ class Prepared:
 # --- Rows -> Examples -----------------------------------------------------------------------------------------
 
 
-def _examples(source, cfg: TrainConfig, bad: BadRows, report: DataReport) -> Iterator[tuple[str, Example]]:
-    """The source's rows as Examples; the shape is detected (or checked) on the first row."""
+def _examples(source, cfg: TrainConfig, bad: BadRows) -> Iterator[tuple[str, Example, str]]:
+    """The source's rows as (origin, Example, shape); the shape is detected (or checked) on the first row."""
     fmt = None if cfg.data_format == "auto" else cfg.data_format
     rows = 0
     for where, row in source.rows(bad):
@@ -159,25 +165,30 @@ def _examples(source, cfg: TrainConfig, bad: BadRows, report: DataReport) -> Ite
         except RowError as e:
             bad(where, str(e))
             continue
-        yield where, example
+        yield where, example, fmt
     if rows == 0 and not bad.count:
         raise UserError(f"{source.name}: no rows (the file or folder is empty)")
-    report.data_format = report.data_format or fmt or ""
+
+
+def _no_usable(name: str, bad: BadRows) -> UserError:
+    return UserError(f"{name}: no usable examples (first problem: {bad.first})")
 
 
 def read_examples(spec: str, split: str, cfg: TrainConfig) -> list[Example]:
     """The Examples of a source, untokenized (for generation on held-out test data)."""
     bad = BadRows(cfg.skip_bad_rows)
-    out = [ex for _, ex in _examples(open_source(spec, split), cfg, bad, DataReport())]
+    out = [ex for _, ex, _ in _examples(open_source(spec, split), cfg, bad)]
     if not out:
-        raise UserError(f"{spec}: no usable examples (first problem: {bad.first})")
+        raise _no_usable(spec, bad)
     return out
 
 
 # --- Examples -> tokens, cached per source --------------------------------------------------------------------
 
 
-def encode_source(spec: str, split: str, cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[TokenizedSet, bool]:
+def encode_source(
+    spec: str, split: str, cfg: TrainConfig, encoder: Encoder, report: DataReport
+) -> tuple[TokenizedSet, bool]:
     """Full-length tokens of one source, and whether they came from the cache (tokenized the same way before)."""
     source = open_source(spec, split)
     settings = [CACHE_VERSION, source.digest(), encoder.fingerprint(), cfg.data_format, cfg.columns, cfg.skip_bad_rows]
@@ -188,7 +199,10 @@ def encode_source(spec: str, split: str, cfg: TrainConfig, encoder: Encoder, rep
     else:
         data, meta = _encode(source, cfg, encoder)
         if not folder.exists():  # another process may have written it meanwhile
-            _save(folder, data, meta)
+            try:
+                _save(folder, data, meta)
+            except UserError as e:  # a cache that cannot be written only costs the next run its time
+                report.notes.append(f"tokens not cached: {e}")
     report.data_format = report.data_format or meta["data_format"]
     report.rows += meta["rows"]
     report.bad_rows += meta["bad_rows"]
@@ -198,9 +212,8 @@ def encode_source(spec: str, split: str, cfg: TrainConfig, encoder: Encoder, rep
 
 def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, dict]:
     bad = BadRows(cfg.skip_bad_rows)
-    part = DataReport()
     ids_out, labels_out, starts, origins = [], [], [], []
-    for where, example in _examples(source, cfg, bad, part):
+    for where, example, fmt in _examples(source, cfg, bad):
         try:
             ids, labels, start = encoder.encode(example)
         except RowError as e:
@@ -211,9 +224,9 @@ def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, d
         starts.append(start)
         origins.append(where)
     if not ids_out:
-        raise UserError(f"{source.name}: no usable examples (first problem: {bad.first})")
+        raise _no_usable(source.name, bad)
     # Every row was either encoded or counted bad (unreadable, not an example, or refused by the template).
-    meta = {"source": source.name, "data_format": part.data_format, "rows": len(ids_out) + bad.count,
+    meta = {"source": source.name, "data_format": fmt, "rows": len(ids_out) + bad.count,
             "bad_rows": bad.count, "first_bad": bad.first}
     return TokenizedSet(ids_out, labels_out, origins, np.asarray(starts, dtype=np.int64)), meta
 
@@ -280,7 +293,9 @@ def split_validation(data: TokenizedSet, ratio: float, seed: int) -> tuple[Token
     if ratio == 0:
         return data, data.select([])
     if len(data) < 2:
-        raise UserError("train_data has a single example: nothing to hold out for validation; add val_data or set val_ratio: 0")
+        raise UserError(
+            "train_data has a single example: nothing to hold out for validation; add val_data or set val_ratio: 0"
+        )
     order = np.random.default_rng(seed).permutation(len(data))
     n_val = max(1, round(ratio * len(data)))
     return data.select(np.sort(order[n_val:])), data.select(np.sort(order[:n_val]))
@@ -364,7 +379,9 @@ def recommend_max_length(lengths: np.ndarray, percentile: float = 99.0, multiple
 def load_sets(cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[TokenizedSet, TokenizedSet]:
     """Full-length train and validation sets (before max_length), with the split and duplicates reported."""
     if not cfg.train_data:
-        raise UserError("train_data is not set: give a data file (--train-data FILE) or run `loratune train` alone for the quickstart")
+        raise UserError(
+            "train_data is not set: give a data file (--train-data FILE) or run `loratune train` alone for the quickstart"
+        )
     train, report.from_cache = encode_source(cfg.train_data, "train", cfg, encoder, report)
     if cfg.val_data:
         val, val_cached = encode_source(cfg.val_data, "validation", cfg, encoder, report)
@@ -383,6 +400,7 @@ def prepare(cfg: TrainConfig, encoder: Encoder) -> Prepared:
         report.recommended_max_length = recommend_max_length(np.concatenate([train_full.lengths, val_full.lengths]))
     train, report.train_fit = fit(train_full, cfg.max_length, cfg.truncation, split_long=text)
     val, report.val_fit = fit(val_full, cfg.max_length, cfg.truncation, split_long=text)
+    report.train_examples, report.val_examples = len(train), len(val)
     _refuse_empty_targets(train, report)
     test = read_examples(cfg.test_data, "test", cfg) if cfg.test_data else []
     return Prepared(train, val, test, report)
