@@ -9,7 +9,7 @@ import pytest
 
 from loratune import TrainConfig
 from loratune.config import resolve
-from loratune.data.formats import Example, RowError, detect_format, to_example
+from loratune.data.formats import Example, RowError, detect_format, require_answers, to_example
 from loratune.data.load import BadRows, open_source
 from loratune.data.prepare import read_examples
 from loratune.errors import UserError
@@ -82,7 +82,14 @@ def test_column_mapping():
 ])
 def test_bad_rows_say_what_is_wrong(row, fmt, message):
     with pytest.raises(RowError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        to_example(row, fmt, {})
+        require_answers(to_example(row, fmt, {}), fmt, {})
+
+
+def test_prompts_without_answers_are_examples_but_not_training_rows():
+    """Generation builds Examples from prompts alone; only training needs the answers."""
+    ex = to_example({"question": "hi", "answer": ""}, "input_output", {"input": "question", "output": "answer"})
+    with pytest.raises(RowError, match="field 'answer' is empty"):
+        require_answers(ex, "input_output", {"input": "question", "output": "answer"})
 
 
 def test_undetectable_columns_and_missing_named_columns(tmp_path):

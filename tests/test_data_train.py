@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loratune import TrainConfig
-from loratune.train import train
+# The package's train, imported as users do; importing the loratune.train module here would replace it for
+# test modules collected later (the package attribute and the submodule share the name).
+from loratune import TrainConfig, train
 
 from conftest import write_jsonl
 

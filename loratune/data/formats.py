@@ -18,10 +18,9 @@ SHAPES = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-# Role names seen in chat data (OpenAI, ShareGPT, Gemini style), and the three a chat template knows.
+# Role names seen in chat data (OpenAI, ShareGPT, Gemini style) -> the three a chat template knows.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
               "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
-ROLES = ("system", "user", "assistant")
 
 
 class RowError(ValueError):
@@ -62,7 +61,9 @@ def check_columns(columns: list[str], fmt: str, mapping: dict[str, str]) -> None
 
 
 def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Example:
-    """One row -> Example, or RowError saying which field is missing, empty or of the wrong type."""
+    """One row -> Example, or RowError saying which field is missing or of the wrong type.
+
+    Answers may be empty here (a prompt to generate from has none); `require_answers` checks training rows."""
 
     def get(role: str, required: bool = True) -> str:
         col = mapping.get(role, role)
@@ -75,28 +76,36 @@ def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Exampl
             raise RowError(f"field {col!r} must be text, got {type(value).__name__}")
         return value
 
-    def target(role: str) -> str:
-        value = get(role)
-        if not value.strip():  # an empty answer would train the model to stop at once
-            raise RowError(f"field {mapping.get(role, role)!r} is empty: nothing to learn from")
-        return value
-
     system = get("system", required=False)
     head = [_msg("system", system)] if system else []
     if fmt == "input_output":
-        return Example(messages=[*head, _msg("user", get("input")), _msg("assistant", target("output"))])
+        return Example(messages=[*head, _msg("user", get("input")), _msg("assistant", get("output"))])
     if fmt == "alpaca":
         instruction, extra = get("instruction"), get("input", required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example(messages=[*head, _msg("user", user), _msg("assistant", target("output"))])
+        return Example(messages=[*head, _msg("user", user), _msg("assistant", get("output"))])
     if fmt == "prompt_completion":
-        return Example(prompt=get("prompt"), completion=target("completion"))
+        return Example(prompt=get("prompt"), completion=get("completion"))
     if fmt == "text":
-        return Example(completion=target("text"), train_all=True)
+        return Example(completion=get("text"), train_all=True)
     if fmt in ("messages", "sharegpt"):
         col = mapping.get(SHAPES[fmt][0], SHAPES[fmt][0])
         return Example(messages=_chat(row.get(col), col))
     raise RowError(f"unknown data_format {fmt!r}")
+
+
+def require_answers(ex: Example, fmt: str, mapping: dict[str, str]) -> None:
+    """A training row needs every answer non-empty: an empty one would teach the model to stop at once."""
+    if fmt in ("messages", "sharegpt"):
+        col = mapping.get(SHAPES[fmt][0], SHAPES[fmt][0])
+        for i, m in enumerate(ex.messages):  # one message per turn, so i is the turn's index in the row
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise RowError(f"{col}[{i}] is an empty assistant turn: nothing to learn from")
+        return
+    answer = ex.messages[-1]["content"] if ex.messages else ex.completion
+    if not answer.strip():
+        role = {"prompt_completion": "completion", "text": "text"}.get(fmt, "output")
+        raise RowError(f"field {mapping.get(role, role)!r} is empty: nothing to learn from")
 
 
 def _msg(role: str, content: str) -> dict[str, str]:
@@ -118,8 +127,6 @@ def _chat(turns: Any, col: str) -> list[dict[str, str]]:
             raise RowError(f"{col}[{i}].{keys[0]} = {name!r}: expected one of {', '.join(ROLE_NAMES)}")
         if not isinstance(content, str):
             raise RowError(f"{col}[{i}].{keys[1]} must be text, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
-            raise RowError(f"{col}[{i}] is an empty assistant turn: nothing to learn from")
         messages.append(_msg(role, content))
     if not any(m["role"] == "assistant" for m in messages[1:]):  # an opening assistant turn answers nothing
         raise RowError(f"field {col!r} has no assistant turn after a user or system turn: nothing to learn from")

@@ -48,6 +48,11 @@ def open_source(spec: str, split: str):
     return HubSource(repo, subset or None, named_split or split)
 
 
+def read_rows(spec: str, bad: BadRows, split: str = "train") -> Rows:
+    """(origin, row) for every row of a source."""
+    return open_source(spec, split).rows(bad)
+
+
 class FileSource:
     def __init__(self, path: Path):
         self.name = str(path)

@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..model import cache_dir
 from .encode import IGNORE, Encoder
-from .formats import Example, RowError, check_columns, detect_format, to_example
+from .formats import Example, RowError, check_columns, detect_format, require_answers, to_example
 from .load import BadRows, open_source
 
 # Refuse to train when more than this share of examples would have no target token left.
@@ -162,6 +162,7 @@ def _examples(source, cfg: TrainConfig, bad: BadRows) -> Iterator[tuple[str, Exa
         rows += 1
         try:
             example = to_example(row, fmt, cfg.columns)
+            require_answers(example, fmt, cfg.columns)
         except RowError as e:
             bad(where, str(e))
             continue
