@@ -123,6 +123,19 @@ def _prompt_text(ex) -> str:
     return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from .data.encode import encoder_for
+    from .data.inspect import inspect_data, render
+    from .model import load_tokenizer, resolve_model
+
+    cfg = _resolve(args).config
+    if not cfg.train_data:
+        raise UserError("data inspect: give a run config (loratune data inspect run.yaml) or a data file (--data FILE)")
+    encoder = encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg)
+    print(render(inspect_data(cfg, encoder, args.percentile), cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -154,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
+
+    data = commands.add_parser("data", help="inspect training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_commands.add_parser(
+        "inspect", help="token lengths, what max_length truncates or drops, padding, and the max_length the data needs"
+    )
+    _add_config_flags(p)
+    p.add_argument("--data", dest="train_data", metavar="FILE", help="the data to inspect (same as --train-data)")
+    p.add_argument("--percentile", type=float, default=99.0,
+                   help="recommend the max_length that keeps this %% of examples whole (default: 99)")
+    p.set_defaults(func=cmd_data_inspect)
     return parser
 
 
