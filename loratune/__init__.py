@@ -14,7 +14,7 @@ __all__ = ["TrainConfig", "UserError", "train", "__version__"]
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune with `config` (same defaults as the CLI); returns the summary also written to summary.json."""
     from .config import resolve
-    from .train import train as _train
+    from .loop import train as _train
 
     if config.output_dir is None:  # same default folder as the CLI
         config = resolve(flags=config.model_dump(exclude_unset=True)).config

@@ -48,7 +48,7 @@ def _resolve(args: argparse.Namespace, default_preset: str | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .loop import train
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.num_processes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -92,10 +93,8 @@ def _convert_cached(gguf: Path, label: str) -> Path:
     out = cache_dir() / "models" / f"{label}-{key}"
     if (out / "loratune-source.json").is_file():
         return out
-    try:
-        import gguf as _  # noqa: F401  (transformers reads .gguf files through it)
-    except ImportError:
-        raise UserError(f"reading {gguf.name} needs the gguf package (once, to convert it): pip install gguf") from None
+    if importlib.util.find_spec("gguf") is None:  # transformers reads .gguf files through it
+        raise UserError(f"reading {gguf.name} needs the gguf package (once, to convert it): pip install gguf")
     print(f"Converting {gguf.name} to a safetensors model in {out} (once; later runs reuse it) ...", flush=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,8 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-# The package's train, imported as users do; importing the loratune.train module here would replace it for
-# test modules collected later (the package attribute and the submodule share the name).
 from loratune import TrainConfig, train
 
 from conftest import write_jsonl

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
-from loratune.train import lr_factor, train
+from loratune.loop import lr_factor, train
 
 from conftest import varied_rows, write_jsonl
 

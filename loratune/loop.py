@@ -24,8 +24,7 @@ from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig, dump_yaml, guide_warnings
 from .console import Console, format_seconds
 from .data.batching import collate_packed, collate_padded, epoch_steps, passes_per_step, split_step
-from .data.encode import Encoder, choose_template
-from .data.formats import RowError
+from .data.encode import encoder_for
 from .data.prepare import Prepared, prepare
 from .errors import UserError
 from .evaluate import dataset_loss, score
@@ -67,12 +66,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     # --- Data --------------------------------------------------------------------------------------------
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    try:
-        encoder = Encoder(tokenizer, choose_template(tokenizer, cfg.chat_template), cfg.train_on_inputs)
-    except RowError as e:
-        raise UserError(str(e)) from None
-    data = prepare(cfg, encoder)
-    _report_data(console, data, cfg)
+    encoder = encoder_for(tokenizer, cfg)
+    with accelerator.main_process_first():  # the others then read the tokenization cache the first one wrote
+        data = prepare(cfg, encoder)
+    for is_warning, line in data.report.lines():
+        (console.warn if is_warning else console.info)(line)
 
     # --- Model -------------------------------------------------------------------------------------------
     device = accelerator.device
@@ -434,21 +432,6 @@ def _require_finite(model) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
             raise UserError(f"the adapter has non-finite weights ({name}); refusing to save it", exit_code=1)
-
-
-def _report_data(console: Console, data: Prepared, cfg: TrainConfig) -> None:
-    r = data.report
-    console.info(f"data: {r.rows} rows ({r.data_format})")
-    if r.bad_rows:
-        console.warn(f"{r.bad_rows} malformed rows skipped; first: {r.first_bad}")
-    if r.truncated:
-        console.info(f"  {r.truncated} examples longer than max_length={cfg.max_length} were truncated ({cfg.truncation})")
-    if r.dropped_too_long:
-        console.warn(f"{r.dropped_too_long} examples longer than max_length={cfg.max_length} were dropped")
-    if r.dropped_no_target:
-        console.warn(f"{r.dropped_no_target} examples had no answer token left and were dropped")
-    if r.duplicates_train_val:
-        console.warn(f"{r.duplicates_train_val} validation examples also appear in the training data")
 
 
 def _fingerprint(cfg: TrainConfig, model_path: str) -> dict:
