@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (1 if args.quick else 3)
     trainers = args.trainers.split(",")
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest")
+    host = machine(device)  # first: its load average must not include our own measurements
     print(f"measuring the {device} matrix-product peak ...", flush=True)
     peaks = {name: matmul_peak(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    report = {"machine": machine(device), "device": device, "precision": precision, "reps": reps, "quick": args.quick,
+    report = {"machine": host, "device": device, "precision": precision, "reps": reps, "quick": args.quick,
               "peak_flops": peaks, "hyperparameters": HYPER, "models": {}}
 
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as tmp:
