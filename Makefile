@@ -22,3 +22,8 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The speed benchmark (bench/README.md): three trainers, two models, 3 repetitions; tens of minutes on 2 cores.
+bench: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[bench]"
+	$(BIN)/python -m bench

@@ -1,0 +1,184 @@
+"""Medians, ratios, fairness checks and the issue's targets, rendered as one markdown report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from statistics import median
+
+TRAINERS = {
+    "hf": "(a) HF Trainer + PEFT, dynamic padding",
+    "trl": "(b) TRL SFTTrainer + PEFT, padding-free",
+    "loratune": "(c) loratune",
+}
+# Issue 5's targets, stated for a 2-core CPU: (model, trainer compared with, minimum throughput ratio).
+SPEED_TARGETS = [("tiny", "hf", 4.0), ("tiny", "trl", 3.0), ("smollm2-135m", "hf", 2.5)]
+LOSS_TOLERANCE = 0.02
+
+
+def summarize(runs: dict, peaks: dict, precision: str) -> dict:
+    """Per trainer: medians over repetitions, and ratios to (a) when (a) ran."""
+    flops, tokens = runs["workload"]["flops"], runs["workload"]["tokens"]
+    rows = {}
+    for trainer, results in runs["results"].items():
+        seconds = median(r["seconds"] for r in results)
+        rows[trainer] = {
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+            "padding": 1 - results[0]["tokens"] / results[0]["processed_tokens"],
+            "peak_mib": median(r.get("peak_cuda_mib", r["peak_rss_mib"]) for r in results),
+            "first_loss": median(r["losses"][0] for r in results),
+            "final_loss": median(r["losses"][-1] for r in results),
+            "mfu": {name: flops / seconds / peak for name, peak in peaks.items()},
+            "attention": results[0]["attention"],
+        }
+    if "hf" in rows:
+        for row in rows.values():
+            row["speedup"] = row["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+            row["loss_change"] = row["final_loss"] / rows["hf"]["final_loss"] - 1
+    return {"trainers": rows, "checks": _checks(runs, precision)}
+
+
+def _checks(runs: dict, precision: str) -> dict:
+    """What makes the comparison fair, verified on the runs themselves."""
+    results = [r for rs in runs["results"].values() for r in rs]
+    lrs = [r["lrs"] for r in results]
+    firsts = [r["losses"][0] for r in results]
+    spread = (max(firsts) - min(firsts)) / min(firsts)
+    workload = runs["workload"]
+    return {
+        "same_tokens": all(r["tokens"] == workload["tokens"] and r["targets"] == workload["targets"] for r in results),
+        "same_lrs": all(len(x) == len(lrs[0]) and all(abs(a - b) <= 1e-9 + 1e-6 * abs(b) for a, b in zip(x, lrs[0]))
+                        for x in lrs),
+        "first_loss_spread": spread,
+        # fp32 agrees to rounding; bf16 bases differ by kernel (padded, packed, flash) at the percent level
+        "same_first_loss": spread <= (1e-4 if precision == "fp32" else 1e-2),
+    }
+
+
+def targets(report: dict) -> list[tuple[str, bool]]:
+    out = []
+    models = report["models"]
+    for model, other, minimum in SPEED_TARGETS:
+        rows = models.get(model, {}).get("trainers", {})
+        if "loratune" in rows and other in rows:
+            ratio = rows["loratune"]["tokens_per_s"] / rows[other]["tokens_per_s"]
+            out.append((f"{model}: loratune >= {minimum:g}x {TRAINERS[other][:3]} real tokens/s: {ratio:.2f}x",
+                        ratio >= minimum))
+    for model, summary in models.items():
+        rows = summary["trainers"]
+        if "loratune" in rows and "hf" in rows:
+            change = rows["loratune"]["loss_change"]
+            out.append((f"{model}: final loss within {LOSS_TOLERANCE:.0%} of (a): {change:+.2%}",
+                        abs(change) <= LOSS_TOLERANCE))
+            mine, theirs = rows["loratune"]["peak_mib"], rows["hf"]["peak_mib"]
+            out.append((f"{model}: peak memory no higher than (a): {mine:.0f} vs {theirs:.0f} MiB", mine <= theirs))
+    return out
+
+
+def render(report: dict) -> str:
+    m, peaks = report["machine"], report["peak_flops"]
+    h = report["hyperparameters"]
+    memory = "peak CUDA allocated (MiB)" if report["device"] == "cuda" else "peak RSS (MiB)"
+    lines = [
+        "## Benchmark: LoRA fine-tuning, same workload, three trainers",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m['versions']}; loratune {m['commit']}; {m['date']}.",
+        f"Device {report['device']}, frozen base in {report['precision']} for every trainer. Matrix-product peak "
+        f"measured here: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s. "
+        f"Medians of {report['reps']} repetition{'s' * (report['reps'] > 1)}"
+        + (" (--quick: a check of the harness, not a measurement)" if report["quick"] else "") + ".",
+        f"Every trainer: LoRA r={h['lora_r']}, alpha={h['lora_alpha']}, dropout={h['lora_dropout']} on all linear "
+        f"layers of the blocks; AdamW lr={h['learning_rate']:g}, weight decay 0, warmup {h['warmup_ratio']:g} then "
+        "cosine, gradient clipping 1.0; the same examples in every optimizer step; loss on answer tokens only.",
+    ]
+    if m["load_average"] >= 0.5:  # timings taken while other processes compete for the cores mean little
+        lines.append(f"Warning: the load average was {m['load_average']:.1f} at the start; other processes were "
+                     "using the CPU, so these timings are not a measurement of the trainers.")
+    for summary in report["models"].values():
+        s, rows, checks = summary["setting"], summary["trainers"], summary["checks"]
+        lines += [
+            "",
+            f"### {summary['label']}",
+            "",
+            f"{s['steps']} optimizer steps x {s['batch_size'] * s['grad_accum']} examples (batch_size {s['batch_size']}"
+            f" x gradient_accumulation_steps {s['grad_accum']}) = {summary['examples']} examples, "
+            f"{summary['tokens']:,} real tokens ({summary['targets']:,} answer tokens carry loss); example length "
+            f"median {summary['length_median']}, p90 {summary['length_p90']}, max {summary['length_max']} tokens. "
+            f"Model FLOPs {summary['flops'] / summary['tokens'] / 1e6:,.1f} M per real token.",
+            "",
+            f"| trainer | real tokens/s | vs (a) | padding | {memory} | loss step 1 | final loss | vs (a) "
+            "| MFU (fp32 peak) | MFU (bf16 peak) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for trainer, row in rows.items():
+            lines.append(
+                f"| {TRAINERS[trainer]} | {row['tokens_per_s']:,.0f} | {_ratio(row.get('speedup'))} | "
+                f"{row['padding']:.0%} | {row['peak_mib']:,.0f} | {row['first_loss']:.4f} | {row['final_loss']:.4f} | "
+                f"{_change(row.get('loss_change'))} | {row['mfu']['fp32']:.1%} | {row['mfu']['bf16']:.1%} |"
+            )
+        lines += [
+            "",
+            f"Checks: every run trained on exactly these {summary['tokens']:,} tokens with loss on the same "
+            f"{summary['targets']:,}: {_yes(checks['same_tokens'])}; same learning rate at every step: "
+            f"{_yes(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
+            f"{_yes(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
+            + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items()) + ".",
+        ]
+    checked = targets(report)
+    if checked:
+        lines += ["", "Issue 5 targets (stated for a 2-core CPU):", ""]
+        lines += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checked]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def _change(x) -> str:
+    return "" if x is None else f"{x:+.2%}"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else ["", "0"]
+    packages = ("torch", "transformers", "peft", "trl", "accelerate")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": int(meminfo[1]) / 2**20,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "versions": ", ".join(f"{p} {metadata.version(p)}" for p in packages),
+        "commit": _commit(),
+        "load_average": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "loratune"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    return commit + (" with uncommitted changes to loratune/" if dirty else "")

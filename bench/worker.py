@@ -1,0 +1,186 @@
+"""One training run of one trainer, in its own process so that its peak memory is its own.
+
+    python -m bench.worker SPEC.json RESULT.json
+
+Every worker imports the same libraries (those of all three trainers) before memory is measured, so the peak
+compares training, not import footprints. Time counts the training loop only: for the reference trainers from
+`on_train_begin` to `on_train_end` (data loading, forward, backward, optimizer, logging), for loratune the sum
+of its per-step times in metrics.jsonl (the same work; its final checkpoint save is left out).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import peft  # noqa: F401  (imported up front by every worker, see above)
+import torch
+import transformers
+import trl  # noqa: F401
+
+from loratune import TrainConfig, train  # before loratune.train is imported: the submodule shadows the function
+from loratune.train import lr_factor
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    memory = PeakMemory(spec["device"])
+    run = {"hf": run_reference, "trl": run_reference, "loratune": run_loratune}[spec["trainer"]]
+    result = run(spec)
+    result.update(memory.read())
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+class PeakMemory:
+    """Peak memory from construction on: the RSS high-water mark (reset here) on CPU, allocated bytes on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        if device == "cuda":
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        self.start_rss_mib = _status_mib("VmRSS")
+
+    def read(self) -> dict:
+        out = {"peak_rss_mib": _status_mib("VmHWM"), "start_rss_mib": self.start_rss_mib}
+        if self.device == "cuda":
+            out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
+def _status_mib(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+# --- (a) HF Trainer and (b) TRL SFTTrainer ----------------------------------------------------------------------
+
+
+def run_reference(spec: dict) -> dict:
+    """HF Trainer with dynamic padding, or TRL's SFTTrainer padding-free, on the pre-tokenized examples.
+
+    The examples arrive in loratune's training order and are read sequentially, so each optimizer step of every
+    trainer holds the same examples. Optimizer and schedule are built here, identical to loratune's (AdamW, linear
+    warmup over ceil(warmup_ratio x steps) steps from lr/(warmup+1), then cosine), because the Trainer's own
+    warmup starts from 0 and would spend the first step at learning rate 0.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from trl import SFTConfig, SFTTrainer
+
+    padding_free = spec["trainer"] == "trl"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["precision"]]
+    attention = _attention(spec["device"], padding_free)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype, attn_implementation=attention)
+    model.config.use_cache = False
+    torch.manual_seed(spec["seed"])  # as loratune does right before adding the adapters: same initial LoRA weights
+    lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True).to(spec["device"])
+
+    data = datasets.Dataset.from_dict(json.loads(Path(spec["tokens"]).read_text()))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"],
+                                  weight_decay=0.0)
+    warmup = math.ceil(spec["warmup_ratio"] * spec["steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", warmup, spec["steps"]))
+    common = dict(
+        output_dir=spec["out_dir"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=spec["learning_rate"],
+        max_grad_norm=1.0, seed=spec["seed"], bf16=dtype == torch.bfloat16, gradient_checkpointing=False,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
+    )
+    if padding_free:
+        # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
+        # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
+        args = SFTConfig(**common, padding_free=True, packing=False, max_length=None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             optimizers=(optimizer, scheduler))
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collator,
+                          optimizers=(optimizer, scheduler))
+    counter = _CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    clock = _Clock(spec["device"])
+    trainer.add_callback(clock)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    return {
+        "seconds": clock.seconds, "tokens": counter.real, "processed_tokens": counter.processed, "targets": counter.targets,
+        "losses": [e["loss"] for e in logs], "lrs": [e["learning_rate"] for e in logs], "attention": attention,
+    }
+
+
+def _attention(device: str, padding_free: bool) -> str:
+    """SDPA, as transformers defaults to. Padding-free rows without flash attention get SDPA with a block-diagonal
+    mask that transformers builds from the restarting position ids: correct, but dense over the whole row. On CUDA
+    TRL's padding-free mode is meant for flash attention, so it gets flash_attention_2 when installed."""
+    if device == "cuda" and padding_free and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class _CountingCollator:
+    """Counts real tokens (the examples' own), processed tokens (real + padding) and loss-carrying tokens."""
+
+    def __init__(self, collate):
+        self.collate, self.real, self.processed, self.targets = collate, 0, 0, 0
+
+    def __call__(self, features):
+        self.real += sum(len(f["input_ids"]) for f in features)
+        self.targets += sum(label != -100 for f in features for label in f["labels"][1:])
+        batch = self.collate(features)
+        self.processed += batch["input_ids"].numel()
+        return batch
+
+
+class _Clock(transformers.TrainerCallback):
+    def __init__(self, device: str):
+        self.device, self.start, self.seconds = device, 0.0, 0.0
+
+    def _now(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self._now()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = self._now() - self.start
+
+
+# --- (c) loratune, through its public API ----------------------------------------------------------------------
+
+
+def run_loratune(spec: dict) -> dict:
+    out = Path(spec["out_dir"])
+    config = TrainConfig(
+        model=spec["model_path"], train_data=spec["data"], val_ratio=0, batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"], max_length=spec["max_length"],
+        learning_rate=spec["learning_rate"], epochs=1, max_steps=spec["steps"], warmup_ratio=spec["warmup_ratio"],
+        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], seed=spec["seed"],
+        precision=spec["precision"], device=spec["device"], early_stopping_patience=0, output_dir=str(out),
+    )
+    summary = train(config, overwrite=True)
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "train"]
+    return {
+        "seconds": sum(r["seconds"] for r in steps), "tokens": summary["tokens"], "targets": summary["target_tokens"],
+        "processed_tokens": round(sum(r["tokens"] / (1 - r["padding_share"]) for r in steps)),
+        "losses": [r["loss"] for r in steps], "lrs": [r["lr"] for r in steps],
+        "attention": "packed" if summary["packing"] else "sdpa", "loop_seconds": summary["train_seconds"],
+    }
+
+
+if __name__ == "__main__":
+    main()
