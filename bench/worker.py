@@ -24,8 +24,8 @@ import torch
 import transformers
 import trl  # noqa: F401
 
-from loratune import TrainConfig, train  # before loratune.train is imported: the submodule shadows the function
-from loratune.train import lr_factor
+from loratune import TrainConfig, train
+from loratune.loop import lr_factor
 
 
 def main() -> None:
