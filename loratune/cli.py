@@ -136,6 +136,26 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import parse_bytes
+    from .memory import plan_run
+
+    device = None
+    if args.device and ":" in args.device:  # a device index (cuda:1) is the plan's, not a config value
+        device, args.device = args.device, args.device.split(":")[0]
+    resolved = _resolve(args)
+    try:
+        gpu_memory = None if args.gpu_memory is None else parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise UserError(f"--gpu-memory {args.gpu_memory!r}: {e}") from None
+    if args.tokens_per_second is not None and args.tokens_per_second <= 0:
+        raise UserError(f"--tokens-per-second {args.tokens_per_second}: must be > 0")
+    plan = plan_run(resolved.config, gpu_memory=gpu_memory, device=device or args.device,
+                    tokens_per_second=args.tokens_per_second)
+    print(plan.to_json() if args.json else plan.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes on this machine (effective batch x N); for several machines or "
                    "FSDP/DeepSpeed use `accelerate launch -m loratune train ...`")
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("plan", help="estimate peak memory and time before training (loads no weights)")
+    _add_config_flags(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="plan for a CUDA GPU with this much memory, e.g. 24GB "
+                   "(default: the memory of --device, or of the device training would use)")
+    p.add_argument("--tokens-per-second", type=float, metavar="N",
+                   help="training throughput for the time per epoch (default: a previous run's, else a quick benchmark)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -205,31 +205,55 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise UserError(_hub_hint(path, e)) from None
+        raise UserError(hub_hint(path, e)) from None
     if tokenizer.pad_token_id is None:
         # Padding positions never carry loss (labels mark targets by position), so any id is safe here.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device):
+def load_model(path: str, dtype: torch.dtype, device: torch.device, load_in_4bit: bool = False):
+    """The frozen base in `dtype` on `device`; with `load_in_4bit`, its blocks' linear layers in 4-bit NF4 (QLoRA)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    options = dict(dtype=dtype)
+    if load_in_4bit:
+        options.update(quantization_config=four_bit_config(device, dtype), device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **options)
     except OSError as e:
-        raise UserError(_hub_hint(path, e)) from None
+        raise UserError(hub_hint(path, e)) from None
     except ValueError as e:
         if "attn_implementation" not in str(e) and "sdpa" not in str(e).lower():
             raise
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
     model.config.use_cache = False
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)  # a quantised model is placed by device_map
 
 
-def _hub_hint(path: str, error: Exception) -> str:
+def four_bit_config(device: torch.device, dtype: torch.dtype):
+    """bitsandbytes NF4 with double-quantised scales (the QLoRA recipe), computing in the base dtype.
+
+    The output layer and embeddings stay in `dtype` (transformers keeps the output layer unquantised)."""
+    if torch.device(device).type != "cuda":
+        raise UserError(
+            f"load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU, and this run is on {torch.device(device).type}. "
+            "Set load_in_4bit: false (and gradient_checkpointing: true or a smaller batch_size if memory is short)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("load_in_4bit = true needs the bitsandbytes package: pip install 'loratune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def hub_hint(path: str, error: Exception) -> str:
     if Path(path).exists():
         return f"model {path}: cannot load it ({str(error).splitlines()[0]})"
     return (

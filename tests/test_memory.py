@@ -1,0 +1,180 @@
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loratune import TrainConfig
+from loratune.cli import main
+from loratune.errors import UserError
+from loratune.memory import (
+    NF4_BYTES, Budget, MemoryModel, choose_batch_size, estimate, fixes, largest_pass, measure_pass, measured_throughput,
+    read_shape, shape_from_config,
+)
+from loratune.model import add_lora, load_model
+
+from conftest import varied_rows, write_jsonl
+
+ACCURACY = 0.10  # the issue asks 25% on CPU; the estimate is within 5% here (docs/memory-accuracy.md), so 10% catches drift
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests count bytes, not speed: one thread spares them OpenMP's waits on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _llama(hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, vocab=1000, tied=False):
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+
+
+def test_parameter_gradient_and_optimizer_bytes_are_exact():
+    """A known config, counted by hand, and the same model built for real after one AdamW step."""
+    config = _llama(intermediate=256, vocab=512)
+    cfg = TrainConfig(lora_r=8)
+    mm = MemoryModel.for_run(cfg, shape_from_config(config, cfg), "cpu", torch.float32)
+    # LoRA per block, r x in + out x r: q 64->64, k 64->32, v 64->32, o 64->64, gate/up 64->256, down 256->64
+    lora = 2 * sum(8 * i + o * 8 for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 256), (64, 256), (256, 64)])
+    assert lora == 22528
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 256)
+    other = 2 * 512 * 64 + 2 * 2 * 64 + 64  # embeddings, output layer, two norms per block, final norm
+    assert mm.static_bytes() == {
+        "frozen weights (fp32)": 4 * (linear + other), "LoRA weights (fp32)": 4 * lora,
+        "LoRA gradients (fp32)": 4 * lora, "AdamW state (2 x fp32)": 8 * lora,
+    }
+    four_bit = MemoryModel.for_run(cfg.model_copy(update={"load_in_4bit": True}), mm.shape, "cuda", torch.bfloat16)
+    assert four_bit.static_bytes()["frozen weights (4-bit NF4 linear layers + bf16)"] == int(linear * NF4_BYTES + 2 * other)
+
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(config), cfg)
+    ids = torch.randint(0, 512, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    optimizer.step()
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(s[k].numel() * s[k].element_size() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    assert (frozen, grads, moments) == (4 * (linear + other), 4 * lora, 8 * lora)
+
+
+def test_tied_embeddings_are_counted_once():
+    cfg = TrainConfig()
+    untied, tied = (shape_from_config(_llama(tied=t), cfg) for t in (False, True))
+    assert untied.other_params - tied.other_params == 1000 * 64
+    assert untied.block_linear_params == tied.block_linear_params
+
+
+CASES = {  # name: (model config, lengths, share of each example's tokens with loss, settings)
+    "tiny packed": (_llama(), [100, 200, 50], 1.0, {}),
+    "long answers: two loss chunks": (_llama(vocab=8000), [1500, 1500, 1200], 1.0, {}),
+    "short answers, no dropout": (_llama(hidden=128, intermediate=512, vocab=200), [600, 300], 0.3, {"lora_dropout": 0.0}),
+    "LoRA on q and v only": (_llama(), [200, 150], 1.0, {"lora_target_modules": "q_proj,v_proj"}),
+    "checkpointing": (_llama(layers=3), [300, 200], 1.0, {"gradient_checkpointing": True}),
+    "padded": (_llama(), [300, 250, 10, 100], 1.0, {"packing": False}),
+    "bf16 base": (_llama(), [200, 150], 1.0, {"precision": "bf16"}),
+    "smollm2-135m shape, 2 blocks": (
+        _llama(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True), [300, 212], 0.5, {}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_estimate_matches_measured_peak_on_cpu(name):
+    """One pass's estimated activations + working memory against the CPU allocator's measured peak increase."""
+    config, lengths, answer_share, settings = CASES[name]
+    cfg = TrainConfig(**settings)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(dtype)
+    base.config.use_cache = False
+    measured, batch = measure_pass(base, cfg, lengths, answer_share)
+    estimated = MemoryModel.for_run(cfg, shape_from_config(config, cfg), "cpu", dtype).batch_bytes(batch)
+    assert abs(estimated - measured) <= ACCURACY * measured, (estimated, measured)
+
+
+def _tiny_data(tiny_model, tmp_path, rows=64):
+    from loratune.data.encode import Encoder, choose_template
+    from loratune.data.prepare import prepare
+    from loratune.model import load_tokenizer
+
+    cfg = TrainConfig(model=tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(rows)),
+                      val_ratio=0.1, max_length=256, precision="fp32", device="cpu")
+    tokenizer = load_tokenizer(tiny_model)
+    train = prepare(cfg, Encoder(tokenizer, choose_template(tokenizer, None), False)).train
+    return cfg, train.lengths, train.target_counts
+
+
+def test_auto_batch_size_keeps_the_effective_batch_under_a_cap(tiny_model, tmp_path):
+    cfg, lengths, targets = _tiny_data(tiny_model, tmp_path)
+    cfg = cfg.model_copy(update={"batch_size": "auto", "gradient_accumulation_steps": 8})
+    mm = MemoryModel.for_run(cfg, read_shape(tiny_model, cfg), "cpu", torch.float32)
+    static = sum(mm.static_bytes().values())
+
+    def peak(b):
+        size = largest_pass(mm, cfg, b, 64 // b, lengths, targets)
+        return static + mm.pass_bytes(size.tokens, size.targets).total
+
+    cap = (peak(8) + peak(16)) // 2  # 8 fits, 16 does not
+    choice = choose_batch_size(mm, cfg, Budget(cap, "test cap"), lengths, targets)
+    assert (choice.batch_size, choice.gradient_accumulation_steps) == (8, 8)
+    assert choice.peak <= cap and "effective batch 64" in choice.reason and "batch_size 16 would need" in choice.reason
+    assert set(choice.largest.examples) <= set(range(len(lengths)))
+    with pytest.raises(UserError, match="even batch_size 1 needs.*gradient_checkpointing: true"):
+        choose_batch_size(mm, cfg, Budget(static + 1000, "test cap"), lengths, targets)
+
+
+def test_fixes_make_a_plan_fit(tiny_model, tmp_path):
+    cfg, lengths, targets = _tiny_data(tiny_model, tmp_path)
+    shape = read_shape(tiny_model, cfg)
+    mm = MemoryModel.for_run(cfg, shape, "cpu", torch.float32)
+    fits = estimate(cfg, shape, "cpu", torch.float32, Budget(2**40, "plenty"), lengths=lengths, targets=targets)
+    assert fits.fits and not fits.fixes and fits.total == sum(fits.items.values())
+    with_checkpointing = fits.total_by_checkpointing["on"]
+    assert with_checkpointing < fits.total_by_checkpointing["off"] == fits.total
+    budget = Budget((with_checkpointing + fits.total) // 2, "test cap")
+    tight = estimate(cfg, shape, "cpu", torch.float32, budget, lengths=lengths, targets=targets)
+    assert not tight.fits
+    assert tight.fixes[0].startswith("gradient_checkpointing: true") and "fits" in tight.fixes[0]
+    assert any(f.startswith("batch_size ") and "same effective batch 64" in f for f in tight.fixes)
+    assert tight.fixes == fixes(mm, cfg, budget, 8, 8, lengths, targets)
+
+
+def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", varied_rows(40))
+    args = ["plan", "--model", tiny_model, "--train-data", data, "--device", "cpu", "--precision", "fp32",
+            "--max-length", "256", "--output-dir", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"event": "train", "step": s, "tokens_per_s": r}) + "\n" for s, r in [(1, 5.0), (2, 100.0), (3, 120.0), (4, 110.0)])
+    )
+    assert main([*args, "--max-memory", "1MB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is False and plan["budget"] == 2**20 and plan["fixes"]
+    assert plan["tokens_per_second"] == 110.0 and plan["epoch_seconds"] == pytest.approx(plan["epoch_tokens"] / 110.0)
+    assert main([*args, "--tokens-per-second", "1000"]) == 0
+    text = capsys.readouterr().out
+    for item in ("frozen weights (fp32)", "LoRA gradients", "AdamW state", "activations, largest pass", "total",
+                 "fits", "with gradient checkpointing", "trainable:", "time per epoch: about"):
+        assert item in text
+
+
+def test_measured_throughput_skips_the_first_step(tmp_path):
+    assert measured_throughput(TrainConfig(output_dir=str(tmp_path))) is None
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens_per_s": 1.0}\n'
+                                            '{"event": "eval", "step": 1, "val_loss": 1.0}\n'
+                                            '{"event": "train", "step": 2, "tokens_per_s": 50.0}\n')
+    assert measured_throughput(TrainConfig(output_dir=str(tmp_path))) == 50.0
+
+
+def test_four_bit_is_refused_on_cpu(tiny_model, capsys):
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        load_model(tiny_model, torch.float32, torch.device("cpu"), load_in_4bit=True)
+    assert main(["plan", "--model", tiny_model, "--device", "cpu", "--load-in-4bit"]) == 2
+    assert "4-bit loading (QLoRA) needs a CUDA GPU" in capsys.readouterr().err
+    # planning for a GPU that is not here is allowed, and counts the 4-bit base
+    assert main(["plan", "--model", tiny_model, "--gpu-memory", "8GB", "--load-in-4bit"]) == 0
+    assert "4-bit NF4" in capsys.readouterr().out
