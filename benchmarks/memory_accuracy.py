@@ -31,6 +31,8 @@ CASES = {
     "tiny, 2 blocks, padded": ((TINY, 2), [300, 250, 10, 100], 1.0, {"packing": False}),
     "tiny, 2 blocks, LoRA on q and v only": ((TINY, 2), [200, 150], 1.0, {"lora_target_modules": "q_proj,v_proj"}),
     "tiny, 3 blocks, checkpointing": ((TINY, 3), [300, 200], 1.0, {"gradient_checkpointing": True}),
+    "wider, vocab 100: the backward pass sets the peak": (({**TINY, "hidden_size": 128, "intermediate_size": 512,
+                                                           "vocab_size": 100}, 2), [1000], 1.0, {}),
     "tiny, vocab 8000, two loss chunks": (({**TINY, "vocab_size": 8000}, 2), [1500, 1500, 1200], 1.0, {}),
     "SmolLM2 sizes, 2 blocks, 30% answers, no dropout": ((SMOLLM2, 2), [600, 424], 0.3, {"lora_dropout": 0.0}),
     "SmolLM2 sizes, 2 blocks, bf16 base": ((SMOLLM2, 2), [300, 212], 1.0, {"precision": "bf16"}),

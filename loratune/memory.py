@@ -5,7 +5,7 @@ The estimate models what this trainer keeps alive at its peak, item by item:
 - LoRA weights, their gradients and AdamW's two moments, all fp32 (exact counts from the model built on the meta
   device from its config.json);
 - one forward pass: the tensors autograd saves for the backward pass, counted op by op for a Llama block as
-  loratune runs it (PEFT LoRA with fp32 adapters, per-example attention), plus the larger of two working sets:
+  loratune runs it (fused fp32 LoRA layers, per-example attention), plus the larger of two working sets:
   the loss's chunks of fp32 logits (loss.py) or the backward pass's gradients;
 - framework overhead on CUDA: the context and the caching allocator's spare blocks.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,8 +94,7 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
 
     from .model import add_lora, supports_packing
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices, met by PEFT's wrapping
+    with torch.device("meta"):
         model = add_lora(AutoModelForCausalLM.from_config(config), cfg)
     head = model.get_output_embeddings()
     frozen = {id(p): p.numel() for p in model.parameters() if not p.requires_grad}
@@ -197,7 +195,7 @@ class MemoryModel:
         else:
             saved = tokens * (s.layers * block - first_block_saving) + model_level
             recompute = 0
-        backward = recompute + self._backward_working(tokens)
+        backward = recompute + self._backward_working(tokens, targets)
         loss = _loss_working(tokens, targets, s.hidden, s.vocab, e)
         return PassBytes(int(saved), int(max(loss, backward)), loss >= backward)
 
@@ -218,14 +216,13 @@ class MemoryModel:
         Llama block: two RMSNorms keep their fp32 input and 1/rms; attention keeps q, k (after rotary), v and its
         output in the base dtype and an fp32 log-sum-exp per head (padded rows carry a mask, so k and v are first
         repeated to every query head, and the mask is kept per block: see pass_bytes); the gated MLP keeps gate,
-        act(gate) and up. Each LoRA layer keeps lora_A's fp32 output (rank wide) and its fp32 input: with dropout, the dropped-out
-        copy plus the dropout mask (fp32 on CPU, bool on CUDA); without, PEFT's fp32 cast of the input (the input
-        itself in an fp32 base, shared by the layers that read it). Frozen weights need no saved inputs, except
-        in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
-        The first block's input needs no gradient: its first norm keeps nothing, nor do its q/k/v dropout masks.
+        act(gate) and up. Each LoRA layer (loratune.lora) keeps lora_A's fp32 output (rank wide) and its fp32 input:
+        with dropout, the dropped-out copy plus the boolean keep mask; without, the fp32 cast of the input (the
+        input itself in an fp32 base, shared by the layers that read it). Frozen weights need no saved inputs,
+        except in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
+        The first block's input needs no gradient, so its first norm keeps nothing.
         """
         s, e = self.shape, self.base_bytes
-        mask = 1 if self.device == "cuda" else ADAPTER
         norm = 4 * s.hidden + 4
         kv_heads = s.heads if padded else s.kv_heads
         attention = (2 * s.heads + 2 * kv_heads) * s.head_dim * e + 4 * s.heads
@@ -237,8 +234,7 @@ class MemoryModel:
             lora += ADAPTER * s.rank
             group = SIBLINGS.get(name, name)
             if self.lora_dropout > 0:
-                lora += width * (ADAPTER + mask)
-                first_saving += width * mask if group == "attention" else 0
+                lora += width * (ADAPTER + 1)
             elif e != ADAPTER or group not in shared:
                 lora += width * ADAPTER
                 shared.add(group)
@@ -248,16 +244,24 @@ class MemoryModel:
             first_saving += e * inputs.get("attention", 0)
         return 2 * norm + attention + mlp + lora, first_saving
 
-    def _backward_working(self, tokens: int) -> float:
-        """Gradients alive at the backward pass's peak, in the last block's MLP (measured): one fp32
-        [tokens, intermediate] and three fp32 [tokens, hidden] gradients; a 16-bit base adds a 16-bit copy of the
-        first and a fourth fp32 [tokens, hidden]. A 4-bit base also dequantises its largest weight (not measured)."""
+    def _backward_working(self, tokens: int, targets: int) -> float:
+        """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
+
+        The largest of: down_proj's backward (the incoming gradient, its fp32 copy in a 16-bit base, the input
+        gradient, and with dropout two fp32 [tokens, intermediate] temporaries); the gated product's backward
+        (three [tokens, intermediate] gradients, after down_proj's saved input is freed); an RMSNorm's backward
+        (six fp32 [tokens, hidden], measured). By then the final norm's input and the loss's hidden-state
+        gradient are freed. A 4-bit base also dequantises its largest weight (not measured).
+        """
         s, e = self.shape, self.base_bytes
-        per_token = ADAPTER * (s.intermediate + 3 * s.hidden)
-        if e != ADAPTER:
-            per_token += e * s.intermediate + ADAPTER * s.hidden
-        dequantised = max(i * o for _, i, o, _ in s.linears) * e if self.load_in_4bit and s.linears else 0
-        return tokens * per_token + dequantised
+        d, i = s.hidden, s.intermediate
+        incoming = d * e + (0 if e == ADAPTER else ADAPTER * d)
+        down_proj = incoming + i * e + (2 * ADAPTER * i if self.lora_dropout > 0 else 0)
+        product = d * e + 3 * i * e - i * (ADAPTER + (1 if self.lora_dropout > 0 else 0))
+        norm = 6 * ADAPTER * d
+        freed = tokens * ADAPTER * d + targets * d * e
+        dequantised = max(n * m for _, n, m, _ in s.linears) * e if self.load_in_4bit and s.linears else 0
+        return tokens * max(down_proj, product, norm) - freed + dequantised
 
 
 def _loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) -> float:
@@ -748,10 +752,12 @@ def plan_run(
 
 
 def _device(name: str) -> torch.device:
-    from .train import _device_kind
-
-    kind = _device_kind(name.split(":")[0])
-    return torch.device(name) if ":" in name else kind
+    """The device training would use for a `device` setting, or a named one such as cuda:1."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device = {name!r}: no CUDA GPU is visible to PyTorch")
+    return torch.device(name)
 
 
 def _training_set(cfg: TrainConfig, model_path: str):

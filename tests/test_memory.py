@@ -15,7 +15,7 @@ from loratune.model import add_lora, load_model
 
 from conftest import varied_rows, write_jsonl
 
-ACCURACY = 0.10  # the issue asks 25% on CPU; the estimate is within 5% here (docs/memory-accuracy.md), so 10% catches drift
+ACCURACY = 0.05  # the issue asks 25% on CPU; the estimate is within 2% here (docs/memory-accuracy.md), so 5% catches drift
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +71,7 @@ def test_tied_embeddings_are_counted_once():
 CASES = {  # name: (model config, lengths, share of each example's tokens with loss, settings)
     "tiny packed": (_llama(), [100, 200, 50], 1.0, {}),
     "long answers: two loss chunks": (_llama(vocab=8000), [1500, 1500, 1200], 1.0, {}),
+    "small vocabulary: the backward pass sets the peak": (_llama(hidden=128, intermediate=512, vocab=100), [1000], 1.0, {}),
     "short answers, no dropout": (_llama(hidden=128, intermediate=512, vocab=200), [600, 300], 0.3, {"lora_dropout": 0.0}),
     "LoRA on q and v only": (_llama(), [200, 150], 1.0, {"lora_target_modules": "q_proj,v_proj"}),
     "checkpointing": (_llama(layers=3), [300, 200], 1.0, {"gradient_checkpointing": True}),
