@@ -39,7 +39,9 @@ CASES = {
 }
 DEFAULT_MODEL = {  # the real default model, all 30 blocks; --default-model adds them (minutes on a CPU)
     "smollm2-135m, quickstart pass (4 x 256)": ("smollm2-135m", [256, 256, 256, 256], 0.35, {}),
-    "smollm2-135m, quickstart pass, checkpointing": ("smollm2-135m", [256, 256, 256, 256], 0.35, {"gradient_checkpointing": True}),
+    "smollm2-135m, quickstart pass, checkpointing": (
+        "smollm2-135m", [256, 256, 256, 256], 0.35, {"gradient_checkpointing": True}
+    ),
 }
 CUDA_CASES = {  # the Guide's default pass, 8 x 1024 tokens, on a GPU
     "smollm2-135m, 8 x 1024": ("smollm2-135m", [1024] * 8, 0.5, {}),

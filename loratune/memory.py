@@ -16,7 +16,7 @@ Use in the training loop (`plan_run` does the same for `loratune plan`):
     shape = read_shape(model_path, cfg)                  # config.json on the meta device, no weights
     budget = device_budget(cfg, device)                  # free device memory, capped by max_memory
     plan = estimate(cfg, shape, device, dtype, budget, lengths=..., targets=..., packing=...)
-    plan.fits, plan.fixes, plan.text()                   # the check before training, with its fixes
+    require_fit(plan)                                    # the check before training: UserError with the fixes
     choice = choose_batch_size(mm, cfg, budget, ...)     # batch_size: auto (mm = MemoryModel.for_run(...))
     pass_fits(mm, batch, budget)                         # one pass against max_memory (simulated OOM on CPU)
 """
@@ -167,8 +167,9 @@ class MemoryModel:
         s = self.shape
         per_linear = NF4_BYTES if self.load_in_4bit else self.base_bytes
         kind = "4-bit NF4 linear layers + " if self.load_in_4bit else ""
+        frozen = s.block_linear_params * per_linear + s.other_params * self.base_bytes
         return {
-            f"frozen weights ({kind}{_dtype_name(self.dtype)})": int(s.block_linear_params * per_linear + s.other_params * self.base_bytes),
+            f"frozen weights ({kind}{_dtype_name(self.dtype)})": int(frozen),
             "LoRA weights (fp32)": s.lora_params * ADAPTER,
             "LoRA gradients (fp32)": s.lora_params * ADAPTER,
             "AdamW state (2 x fp32)": 2 * s.lora_params * ADAPTER,
@@ -430,7 +431,8 @@ def largest_pass(
                 continue
             rows = 1 if packing else len(examples)
             tokens = int(lengths[examples].sum()) if packing else rows * int(lengths[examples].max())
-            size = PassSize(tokens, int(targets[examples].sum()), rows, tuple(examples), "largest pass of the data's first epoch")
+            size = PassSize(tokens, int(targets[examples].sum()), rows, tuple(examples),
+                            "largest pass of the data's first epoch")
             total = mm.pass_bytes(size.tokens, size.targets, size.rows).total
             if total > best_bytes:
                 best, best_bytes = size, total
@@ -548,7 +550,8 @@ def estimate(
         total_by_checkpointing=by_checkpointing, trainable_params=shape.lora_params, total_params=shape.total_params,
     )
     if shape.model_type not in MEASURED_TYPES:
-        plan.notes.append(f"{shape.model_type} blocks are estimated as Llama blocks of the same sizes; its own layers may keep more")
+        plan.notes.append(f"{shape.model_type} blocks are estimated as Llama blocks of the same sizes; "
+                          "its own layers may keep more")
     if lengths is not None and len(lengths):
         plan.epoch_tokens = int(lengths.sum())
     if tokens_per_second:
@@ -558,6 +561,15 @@ def estimate(
     if not plan.fits:
         plan.fixes = fixes(mm, cfg, budget, batch_size, accumulation, lengths, targets, packing)
     return plan
+
+
+def require_fit(plan: Plan) -> None:
+    """The check before training: stop with the fixes, rather than start a run that would run out of memory."""
+    if not plan.fits:
+        raise UserError(
+            f"this run needs about {_size(plan.total)} at its peak, more than {plan.budget_source} "
+            f"(`loratune plan` itemises it). To make it fit, change one of: " + "; ".join(plan.fixes)
+        )
 
 
 def _with(mm: MemoryModel, **changes) -> MemoryModel:
@@ -658,7 +670,8 @@ def fixes(
         least = _with(mm, checkpointing=True, load_in_4bit=mm.load_in_4bit or mm.device == "cuda")
         n = peak(m=least, b=1, a=effective)
         remark = "" if n <= budget.bytes else "a smaller model or a device with more memory is needed"
-        options.append(("all of gradient checkpointing, batch_size 1" + (", 4-bit base" if least.load_in_4bit else ""), n, remark))
+        change = "all of gradient checkpointing, batch_size 1" + (", 4-bit base" if least.load_in_4bit else "")
+        options.append((change, n, remark))
     return [
         f"{change}: about {_size(n)}, {'fits' if n <= budget.bytes else 'not enough alone'}" + (f" ({remark})" if remark else "")
         for change, n, remark in options

@@ -9,7 +9,7 @@ from loratune.cli import main
 from loratune.errors import UserError
 from loratune.memory import (
     NF4_BYTES, Budget, MemoryModel, choose_batch_size, estimate, fixes, largest_pass, measure_pass, measured_throughput,
-    read_shape, shape_from_config,
+    read_shape, require_fit, shape_from_config,
 )
 from loratune.model import add_lora, load_model
 
@@ -142,6 +142,9 @@ def test_fixes_make_a_plan_fit(tiny_model, tmp_path):
     assert tight.fixes[0].startswith("gradient_checkpointing: true") and "fits" in tight.fixes[0]
     assert any(f.startswith("batch_size ") and "same effective batch 64" in f for f in tight.fixes)
     assert tight.fixes == fixes(mm, cfg, budget, 8, 8, lengths, targets)
+    require_fit(fits)
+    with pytest.raises(UserError, match="more than test cap.*change one of: gradient_checkpointing: true"):
+        require_fit(tight)
 
 
 def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
@@ -150,7 +153,8 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
             "--max-length", "256", "--output-dir", str(tmp_path / "run")]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"event": "train", "step": s, "tokens_per_s": r}) + "\n" for s, r in [(1, 5.0), (2, 100.0), (3, 120.0), (4, 110.0)])
+        "".join(json.dumps({"event": "train", "step": s, "tokens_per_s": r}) + "\n"
+                for s, r in [(1, 5.0), (2, 100.0), (3, 120.0), (4, 110.0)])
     )
     assert main([*args, "--max-memory", "1MB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
