@@ -505,7 +505,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def peak_bytes(mm: MemoryModel, size: PassSize, budget: Budget) -> tuple[dict[str, int], int]:
+def peak_items(mm: MemoryModel, size: PassSize, budget: Budget) -> tuple[dict[str, int], int]:
     """The itemised peak of a run with this model and largest pass, and its total."""
     b = mm.pass_bytes(size.tokens, size.targets, size.rows)
     items = dict(mm.static_bytes())
@@ -522,7 +522,7 @@ def peak_bytes(mm: MemoryModel, size: PassSize, budget: Budget) -> tuple[dict[st
 def pass_fits(mm: MemoryModel, batch, budget: Budget) -> bool:
     """Whether the run's peak with this pass stays within the budget; under max_memory on CPU, where nothing
     runs out, a pass that does not fit stands for an out-of-memory error."""
-    return peak_bytes(mm, PassSize.of(batch), budget)[1] <= budget.bytes
+    return peak_items(mm, PassSize.of(batch), budget)[1] <= budget.bytes
 
 
 def estimate(
@@ -538,9 +538,9 @@ def estimate(
     else:
         batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
     size = largest_pass(mm, cfg, batch_size, accumulation, lengths, targets, packing)
-    items, total = peak_bytes(mm, size, budget)
+    items, total = peak_items(mm, size, budget)
     by_checkpointing = {
-        on: peak_bytes(_with(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
+        on: peak_items(_with(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
     }
     plan = Plan(
         model=cfg.model, device=f"{torch.device(device).type} ({_dtype_name(dtype)} base)", batch_size=batch_size,
@@ -625,7 +625,7 @@ def _largest_fitting(mm, cfg, budget, effective, lengths, targets, packing):
     too_big = None
     for b in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
         size = largest_pass(mm, cfg, b, effective // b, lengths, targets, packing)
-        peak = peak_bytes(mm, size, budget)[1]
+        peak = peak_items(mm, size, budget)[1]
         if peak <= budget.bytes:
             return (b, peak, size), too_big
         too_big = (b, peak)
@@ -639,7 +639,7 @@ def fixes(
     """Changes that would make a run fit, each with the peak it would have; the first ones change the result least."""
 
     def peak(m=mm, b=batch_size, a=accumulation, c=cfg, lens=lengths, tgts=targets) -> int:
-        return peak_bytes(m, largest_pass(m, c, b, a, lens, tgts, packing), budget)[1]
+        return peak_items(m, largest_pass(m, c, b, a, lens, tgts, packing), budget)[1]
 
     options: list[tuple[str, int, str]] = []  # (change, its peak, remark)
     if not mm.checkpointing:
@@ -733,6 +733,41 @@ def plan_run(
 ) -> Plan:
     """Plan cfg's run without loading weights: the model's config, the tokenized training data (when given), the
     device's memory (`gpu_memory`: a GPU of that size, not this machine's), and the throughput for the time."""
+    target, dtype, model_path, shape = _setup(cfg, gpu_memory, device)
+    lengths = targets = None
+    if cfg.train_data:
+        from .data.encode import encoder_for
+        from .data.prepare import prepare
+        from .model import load_tokenizer
+
+        data = prepare(cfg, encoder_for(load_tokenizer(model_path), cfg)).train  # tokenizer only, no weights
+        lengths, targets = data.lengths, data.target_counts
+    budget = device_budget(cfg, target, gpu_memory)
+    source = "given"
+    if tokens_per_second is None:
+        tokens_per_second, source = measured_throughput(cfg), f"measured in {cfg.output_dir}/metrics.jsonl"
+    mm = MemoryModel.for_run(cfg, shape, target, dtype)
+    if tokens_per_second is None and (gpu_memory is None or device is not None):
+        mean = float(lengths.mean()) if lengths is not None and len(lengths) else cfg.max_length
+        share = float(targets.sum() / lengths.sum()) if lengths is not None and len(lengths) else 1.0
+        tokens_per_second = benchmark_throughput(mm, mean, share)
+        source = f"rough: a matrix-product benchmark on this {target.type}"
+    return estimate(cfg, shape, target, dtype, budget, lengths=lengths, targets=targets,
+                    packing=cfg.packing and shape.packs, tokens_per_second=tokens_per_second, throughput_source=source)
+
+
+def peak_bytes(cfg: TrainConfig) -> int:
+    """Estimated peak memory of training with cfg on the device it would use, for a pass of batch_size x
+    max_length tokens (the default batch size when auto). `loratune data inspect` shows it per max_length."""
+    target, dtype, _, shape = _setup(cfg)
+    mm = MemoryModel.for_run(cfg, shape, target, dtype)
+    batch_size = DEFAULT_BATCH_SIZE if cfg.batch_size == "auto" else cfg.batch_size
+    size = largest_pass(mm, cfg, batch_size, cfg.gradient_accumulation_steps, packing=cfg.packing and shape.packs)
+    return peak_items(mm, size, device_budget(cfg, target))[1]
+
+
+def _setup(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None):
+    """The device, base dtype, model folder and shape a plan is for (refusing 4-bit loading off CUDA)."""
     from .model import DTYPES, choose_dtype, four_bit_config, resolve_model
 
     if gpu_memory is not None and device is None:  # a GPU that may not be here: plan as training would pick
@@ -744,24 +779,7 @@ def plan_run(
     if cfg.load_in_4bit and target.type != "cuda":
         four_bit_config(target, dtype)  # raises the refusal training would give
     model_path = resolve_model(cfg.model)
-    shape = read_shape(model_path, cfg)
-    lengths = targets = None
-    if cfg.train_data:
-        data = _training_set(cfg, model_path)
-        lengths, targets = data.lengths, data.target_counts
-    packing = cfg.packing and shape.packs
-    budget = device_budget(cfg, target, gpu_memory)
-    source = "given"
-    if tokens_per_second is None:
-        tokens_per_second, source = measured_throughput(cfg), f"measured in {cfg.output_dir}/metrics.jsonl"
-    mm = MemoryModel.for_run(cfg, shape, target, dtype)
-    if tokens_per_second is None and (gpu_memory is None or device is not None):
-        mean = float(lengths.mean()) if lengths is not None and len(lengths) else cfg.max_length
-        share = float(targets.sum() / lengths.sum()) if lengths is not None and len(lengths) else 1.0
-        tokens_per_second = benchmark_throughput(mm, mean, share)
-        source = f"rough: a matrix-product benchmark on this {target.type}"
-    return estimate(cfg, shape, target, dtype, budget, lengths=lengths, targets=targets, packing=packing,
-                    tokens_per_second=tokens_per_second, throughput_source=source)
+    return target, dtype, model_path, read_shape(model_path, cfg)
 
 
 def _device(name: str) -> torch.device:
@@ -771,18 +789,3 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device = {name!r}: no CUDA GPU is visible to PyTorch")
     return torch.device(name)
-
-
-def _training_set(cfg: TrainConfig, model_path: str):
-    """The tokenized training examples, as training prepares them (tokenizer only, no weights)."""
-    from .data.encode import Encoder, choose_template
-    from .data.formats import RowError
-    from .data.prepare import prepare
-    from .model import load_tokenizer
-
-    tokenizer = load_tokenizer(model_path)
-    try:
-        encoder = Encoder(tokenizer, choose_template(tokenizer, cfg.chat_template), cfg.train_on_inputs)
-    except RowError as e:
-        raise UserError(str(e)) from None
-    return prepare(cfg, encoder).train

@@ -167,6 +167,17 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
         assert item in text
 
 
+def test_data_inspect_shows_the_peak_per_max_length(tiny_model):
+    from loratune.data.inspect import memory_lines
+
+    cfg = TrainConfig(model=tiny_model, device="cpu", precision="fp32")
+    short, long = memory_lines(cfg, [128, 1024])
+    assert short.startswith("estimated peak training memory at max_length=128: ")
+    assert float(long.split(": ")[1].split()[0]) > float(short.split(": ")[1].split()[0])
+    assert memory_lines(cfg.model_copy(update={"load_in_4bit": True}), [128])[0].startswith(
+        "memory estimate unavailable: load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU")
+
+
 def test_measured_throughput_skips_the_first_step(tmp_path):
     assert measured_throughput(TrainConfig(output_dir=str(tmp_path))) is None
     (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens_per_s": 1.0}\n'

@@ -1,7 +1,7 @@
 """Estimated against measured peak memory of one training pass, as a markdown table for docs/memory-accuracy.md.
 
-    python benchmarks/memory_accuracy.py                 # this machine's device (CUDA when there is one)
-    python benchmarks/memory_accuracy.py --device cpu --default-model
+    python -m bench.memory_accuracy                 # this machine's device (CUDA when there is one)
+    python -m bench.memory_accuracy --device cpu --default-model
 
 Measured: the peak increase of allocated memory during one forward + backward pass set up as training sets it up
 (`loratune.memory.measure_pass`): torch.cuda.max_memory_allocated on CUDA, the CPU allocator's running total on CPU.
