@@ -124,6 +124,14 @@ def _prompt_text(ex) -> str:
     return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .export import merge
+
+    out = merge(args.run_dir, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -155,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("merge", help="merge base + adapter into one standard transformers model folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="number format of the merged weights "
+                   "(default: the base model's)")
+    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
