@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import UserError
-from .inference import adapter_path, read_run_config
+from .inference import locate_run, read_run_config
 from .model import DTYPES, load_model, resolve_model
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
@@ -33,12 +33,14 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    run_dir, folder = locate_run(run_dir, adapter)
     cfg = read_run_config(run_dir)
-    folder = adapter_path(run_dir, adapter)
     model_path = resolve_model(cfg.model)
     target = DTYPES[dtype] if dtype else stored_dtype(model_path)
-    base = _quantized_base_dequantised(model_path, target) if cfg.load_in_4bit or _stored_quantized(model_path) else None
-    base = base if base is not None else load_model(model_path, target, torch.device("cpu"))
+    if cfg.load_in_4bit or _stored_quantized(model_path):
+        base = _dequantised_base(model_path, target)
+    else:
+        base = load_model(model_path, target, torch.device("cpu"))
     model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
     _stop_at_training_end_tokens(model, folder)
@@ -48,7 +50,7 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
             if f.is_file() and f.name not in ADAPTER_FILES:
                 shutil.copy2(f, tmp / f.name)
         (tmp / "loratune-merge.json").write_text(json.dumps(
-            {"run": str(Path(run_dir).resolve()), "adapter": str(folder.resolve()), "base": model_path,
+            {"run": str(run_dir.resolve()), "adapter": str(folder.resolve()), "base": model_path,
              "dtype": str(target).removeprefix("torch.")}, indent=1))
     return out
 
@@ -68,7 +70,7 @@ def _stored_quantized(model_path: str) -> bool:
     return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
-def _quantized_base_dequantised(model_path: str, dtype: torch.dtype):
+def _dequantised_base(model_path: str, dtype: torch.dtype):
     """The quantized base the adapter was trained on, dequantised: adding LoRA to 4-bit weights would round the
     update away, and merging into the original weights would not be the model that was trained."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
