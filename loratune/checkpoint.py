@@ -108,6 +108,17 @@ def recover_replaced(final: Path) -> None:
             os.replace(olds[-1], final)
 
 
+def clean_leftovers(run: Path) -> None:
+    """Remove what interrupted saves left behind (temporary folders and files), after recovering replacements."""
+    for name in ("adapter", "last"):
+        recover_replaced(run / name)
+    for folder in (run, run / CHECKPOINTS):
+        for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in folder.glob(".*.old-*") if folder.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -6,7 +6,6 @@ import argparse
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 from .config import PRESETS, TrainConfig, guide_warnings, resolve
@@ -166,6 +165,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from .data.encode import encoder_for
+    from .data.inspect import inspect_data, render
+    from .model import load_tokenizer, resolve_model
+
+    cfg = _resolve(args).config
+    if not cfg.train_data:
+        raise UserError("data inspect: give a run config (loratune data inspect run.yaml) or a data file (--data FILE)")
+    encoder = encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg)
+    print(render(inspect_data(cfg, encoder, args.percentile), cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,12 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     p.set_defaults(func=cmd_merge)
+
+    data = commands.add_parser("data", help="inspect training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_commands.add_parser(
+        "inspect", help="token lengths, what max_length truncates or drops, padding, and the max_length the data needs"
+    )
+    _add_config_flags(p)
+    p.add_argument("--data", dest="train_data", metavar="FILE", help="the data to inspect (same as --train-data)")
+    p.add_argument("--percentile", type=float, default=99.0,
+                   help="recommend the max_length that keeps this %% of examples whole (default: 99)")
+    p.set_defaults(func=cmd_data_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # PEFT still calls a transformers API that transformers 5 marks deprecated; the warning is noise for users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

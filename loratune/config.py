@@ -34,7 +34,9 @@ class TrainConfig(BaseModel):
 
     # --- Data --------------------------------------------------------------------------------------
     train_data: str | None = Field(
-        None, description="Training examples: a .jsonl/.json/.csv/.parquet file, a folder of them, or a hub dataset."
+        None,
+        description="Training examples: a .jsonl/.json/.csv/.tsv/.parquet file, a folder of them, or a hub dataset "
+        "org/name[:subset][@split] (split default: train; validation for val_data, test for test_data).",
     )
     val_data: str | None = Field(None, description="Validation examples; when absent, val_ratio of train_data is held out.")
     test_data: str | None = Field(
@@ -53,7 +55,8 @@ class TrainConfig(BaseModel):
     )
     chat_template: str | None = Field(
         None,
-        description="Chat template: the model's own when absent; a built-in name (chatml, plain) or a .jinja file.",
+        description="Chat template: the model's own when absent (plain for models without one); a built-in name "
+        "(chatml, plain, alpaca) or a .jinja file.",
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: loss on the answers only).")
     truncation: Literal["truncate_prompt_left", "truncate_end", "drop"] = Field(
@@ -391,7 +394,9 @@ def _check_paths(cfg: TrainConfig, sources: dict[str, str]) -> None:
 
 
 def _looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not Path(value).suffix
+    """org/name, optionally :subset and @split (a split may be sliced: train[:90%])."""
+    m = re.fullmatch(r"([\w.-]+/[\w.-]+)(:[\w.-]+)?(@[\w.:%\[\]+-]+)?", value)
+    return bool(m) and not Path(m.group(1)).suffix
 
 
 def _explain(error: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:

@@ -13,7 +13,7 @@ from .config import TrainConfig
 from .data.encode import Encoder
 from .data.formats import SHAPES, Example, RowError, to_example
 from .errors import UserError
-from .model import choose_dtype, load_model, load_tokenizer, resolve_model
+from .model import choose_dtype, load_model, load_tokenizer, quiet_peft, resolve_model
 
 CHAT_FORMATS = ("input_output", "alpaca", "messages", "sharegpt")
 
@@ -64,7 +64,8 @@ def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(folder))  # saved with the adapter: the chat template used in training
     base = load_model(model_path, choose_dtype("auto", device), device)
-    model = PeftModel.from_pretrained(base, folder) if use_adapter else base
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()
     eos = base.generation_config.eos_token_id
     end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

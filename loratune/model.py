@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -243,6 +245,14 @@ def supports_packing(model) -> bool:
     return bool(getattr(model, "_supports_attention_backend", False))
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT calls a transformers API that transformers 5 marks deprecated; that warning is noise for our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model, cfg):
     """Wrap the frozen base with PEFT LoRA adapters; adapter weights are fp32 whatever the base dtype."""
     from peft import LoraConfig, get_peft_model
@@ -257,7 +267,8 @@ def add_lora(model, cfg):
     config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's layer, fused training path
     torch.manual_seed(cfg.seed)  # the adapters' initial weights depend on the seed alone
     try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        with quiet_peft():
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as e:
         if "not found in the base model" not in str(e) and "Target modules" not in str(e):
             raise

@@ -199,14 +199,14 @@ def _test_examples(run: Path, config: dict, n: int) -> list[tuple[str, str]]:
     """(prompt, reference) of the first test examples, the ones training generated its samples for."""
     from .config import TrainConfig
     from .data.encode import Encoder
-    from .data.prepare import DataReport, read_examples
+    from .data.prepare import read_examples
     from .inference import prompt_text
 
     if not config.get("test_data") or not Path(config["test_data"]).exists():
         return []
     try:
         cfg = TrainConfig(**config)
-        examples = [ex for _, ex in read_examples(cfg.test_data, cfg, DataReport())][:n]
+        examples = read_examples(cfg.test_data, "test", cfg)[:n]
     except UserError:  # the file changed since training: show the generations alone
         return []
     return [(prompt_text(ex), Encoder.reference(ex)) for ex in examples]
@@ -218,23 +218,20 @@ def _block(text: str) -> list[str]:
 
 
 def _data_section(run: Path, summary) -> list[str]:
-    data = _read_json(run / "data.json")
-    lines = ["## Data", ""]
-    if data:
-        lines += [f"- {data['rows']} rows read ({data['data_format']})" + (f", {data['bad_rows']} malformed rows skipped" if data["bad_rows"] else "")]
-        for key, what in (("truncated", "truncated to max_length"), ("dropped_too_long", "dropped: longer than max_length"),
-                          ("dropped_no_target", "dropped: no answer token"),
-                          ("duplicates_train_val", "validation examples also in the training data")):
-            if data.get(key):
-                lines.append(f"- {data[key]} {what}")
-        lines += [f"- note: {note}" for note in data.get("notes", [])]
-    if summary and "train_examples" in summary:
-        lines.append(f"- {summary['train_examples']} training and {summary['val_examples']} validation examples "
-                     "after tokenization")
+    """The data lines training printed at its start (from data.json), and the tokens it went through."""
+    from .data.prepare import DataReport, Fit
+
+    lines = []
+    raw = _read_json(run / "data.json")
+    try:
+        report = DataReport(**{**raw, "train_fit": Fit(**raw["train_fit"]), "val_fit": Fit(**raw["val_fit"])})
+        lines += [f"- {'warning: ' if warn else ''}{message}" for warn, message in report.lines()]
+    except (TypeError, KeyError):  # no data.json, or one written by another version of loratune
+        pass
     if summary:
         lines.append(f"- {summary['tokens']:,} tokens processed, {summary['target_tokens']:,} of them answer tokens "
                      "(the ones with loss)")
-    return lines + [""] if len(lines) > 2 else []
+    return ["## Data", "", *lines, ""] if lines else []
 
 
 def _speed_section(train: list[dict], summary) -> list[str]:

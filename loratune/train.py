@@ -478,15 +478,20 @@ def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
     moved = [k for k in old if old[k] != fingerprint.get(k)]
     if moved:
         raise UserError(f"cannot resume {run}: {', '.join(moved)} changed since the run started (content hash differs)")
-    for name in ("adapter", "last"):
-        ckpt.recover_replaced(run / name)
+    ckpt.clean_leftovers(run)
     found = ckpt.list_checkpoints(run)
     if not found:
         console.info(f"{run} has no checkpoint yet: starting from the beginning")
         return ckpt.TrainState(), None
-    state, partial = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler)
-    console.info(f"resuming from {found[-1]} (step {state.step}, epoch {state.epoch})")
-    return state, partial
+    for path in reversed(found):
+        try:
+            state, partial = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:  # damaged by hand: fall back to an older one
+            console.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); trying an older one")
+            continue
+        console.info(f"resuming from {path} (step {state.step}, epoch {state.epoch})")
+        return state, partial
+    raise UserError(f"cannot resume {run}: no readable checkpoint; use --overwrite to start over")
 
 
 def _check_step_shape(state, partial, per_step: int, world: int) -> None:

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,10 @@ def test_config_show_prints_the_guide_defaults_and_sources():
         if name != "lora_r":
             assert rows[name][0] == str(value) and rows[name][1] == "default"
     assert rows["lora_r"] == ["16", "--lora-r"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
+def test_example_configs_resolve_to_their_presets(path):
+    resolved = resolve(str(path))
+    assert resolved.preset == path.stem
+    assert resolved.config.train_data and Path(resolved.config.train_data).is_file()

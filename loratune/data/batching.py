@@ -95,14 +95,15 @@ def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray]) -> Batch:
 
 
 def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int) -> Batch:
-    """Examples as rows padded on the right; padding never carries loss."""
+    """Examples as rows padded on the right; padding never carries loss (targets mark it, not the pad id)."""
     width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(ids), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, (x, y) in enumerate(zip(ids, labels)):
-        input_ids[row, : len(x)] = torch.from_numpy(x)
-        targets[row, : len(x)] = torch.from_numpy(_shifted(y))
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    targets = np.full((len(ids), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, (x, y) in enumerate(zip(ids, labels)):  # rows may be read-only views of the memory-mapped cache
+        input_ids[row, : len(x)] = x
+        targets[row, : len(x)] = _shifted(y)
         mask[row, : len(x)] = 1
     position_ids = torch.arange(width)[None].expand(len(ids), -1)
-    return Batch(input_ids, position_ids, targets, attention_mask=mask)
+    return Batch(torch.from_numpy(input_ids), position_ids, torch.from_numpy(targets),
+                 attention_mask=torch.from_numpy(mask))

@@ -2,18 +2,24 @@
 
 The chat template renders the conversation; each assistant turn's character span is found by rendering the
 conversation up to that turn (with and without it), never by searching for marker strings. The text is then
-tokenized piece by piece, so a prompt's tokens during training are exactly the tokens generation will see.
+tokenized piece by piece, each piece in the context of the one before it, so a prompt's tokens during training
+are the tokens generation will see, and an answer's tokens are the ones the model would produce after it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from jinja2 import TemplateError
 
+from ..errors import UserError
 from .formats import Example, RowError
 
 IGNORE = -100
+# Bump when a change here changes the tokens produced for the same data, tokenizer and settings.
+ENCODING_VERSION = 2
 
 BUILTIN_TEMPLATES = {
     # For base models without a template: the user's text on its own line, then the answer and the end token.
@@ -29,6 +35,14 @@ BUILTIN_TEMPLATES = {
         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    ),
+    # The Alpaca layout, a common choice for base models: instruction and response under headings.
+    "alpaca": (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ message['content'] + '\n\n' }}"
+        "{%- elif message['role'] == 'user' -%}{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
+        "{%- else -%}{{ message['content'] + eos_token + '\n\n' }}{%- endif -%}"
+        "{%- endfor -%}"
     ),
 }
 
@@ -47,6 +61,14 @@ def choose_template(tokenizer, setting: str | None) -> str:
     return tokenizer.chat_template or BUILTIN_TEMPLATES["plain"]
 
 
+def encoder_for(tokenizer, cfg) -> Encoder:
+    """The encoder a run uses: the configured template (or the model's own), labels as configured."""
+    try:
+        return Encoder(tokenizer, choose_template(tokenizer, cfg.chat_template), cfg.train_on_inputs)
+    except RowError as e:
+        raise UserError(str(e)) from None
+
+
 class Encoder:
     """Turns `Example`s into (input_ids, labels); also formats generation prompts the same way."""
 
@@ -57,10 +79,32 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise RowError("the tokenizer has no end-of-sequence token; set one before training")
-        self.end_ids = {self.eos_id} | (end_ids or set())
+        self.end_ids = {self.eos_id} | (end_ids or set()) | self._turn_end()
         bos = tokenizer.bos_token_id
         # Prepend BOS only where the tokenizer itself would (Llama 2 style), and only once.
         self.bos_id = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+    def _turn_end(self) -> set[int]:
+        """The special token that closes an assistant turn in this template (ChatML's <|im_end|>, Gemma's
+        <end_of_turn>), found at the end of a rendered probe turn: it ends answers, and generation stops there."""
+        try:
+            answer = [p for p, is_answer in self.pieces(Example(messages=[
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])) if is_answer][-1]
+        except RowError:
+            return set()
+        last = self._ids(answer)[-1:]
+        special = {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
+        return set(last) & special
+
+    def fingerprint(self) -> str:
+        """A digest of everything that decides the tokens: vocabulary and rules, template, labels, end tokens."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        rules = backend.to_str() if backend is not None else json.dumps(sorted(self.tok.get_vocab().items()))
+        import transformers
+
+        settings = [type(self.tok).__name__, str(self.tok.special_tokens_map), self.template, self.train_on_inputs,
+                    sorted(self.end_ids), self.bos_id, transformers.__version__, ENCODING_VERSION]
+        return hashlib.sha256((rules + json.dumps(settings)).encode()).hexdigest()
 
     # --- rendering ---
 
@@ -69,7 +113,8 @@ class Encoder:
             return self.tok.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        except TemplateError as e:
+        # A template's own checks (raise_exception), or its assumptions about the turns, failing.
+        except (TemplateError, ValueError, IndexError, KeyError, TypeError) as e:
             raise RowError(f"the chat template refused this conversation: {e}") from None
 
     def pieces(self, ex: Example) -> list[tuple[str, bool]]:
@@ -79,9 +124,9 @@ class Encoder:
         full = self.render(ex.messages)
         pieces, pos = [], 0
         for i, message in enumerate(ex.messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i == 0:  # an opening assistant turn answers nothing: context
                 continue
-            before = self.render(ex.messages[:i], add_generation_prompt=True) if i else ""
+            before = self.render(ex.messages[:i], add_generation_prompt=True)
             upto = self.render(ex.messages[: i + 1])
             if not (full.startswith(upto) and upto.startswith(before) and len(before) >= pos):
                 raise RowError(
@@ -95,16 +140,30 @@ class Encoder:
 
     # --- tokens ---
 
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids if text else []
+
     def encode(self, ex: Example) -> tuple[list[int], list[int], int]:
         """Token ids, labels (IGNORE where no loss), and where the last answer starts."""
-        ids: list[int] = [] if self.bos_id is None else [self.bos_id]
-        labels: list[int] = [IGNORE] * len(ids)
+        ids: list[int] = []
+        labels: list[int] = []
         answer_start = 0
+        previous: tuple[str, list[int]] | None = None
         for text, is_answer in self.pieces(ex):
-            piece = self.tok(text, add_special_tokens=False).input_ids if text else []
-            if not ids and self.bos_id is not None and piece[:1] == [self.bos_id]:
-                piece = piece[1:]
-            if is_answer and (not piece or piece[-1] not in self.end_ids):
+            if not text:
+                continue
+            alone = self._ids(text)
+            piece = alone
+            if previous is not None:
+                # The piece's tokens as they come after the previous piece: a tokenizer that marks the start of
+                # its input (SentencePiece's leading "▁") would otherwise put a start mark mid-sequence.
+                pair = self._ids(previous[0] + text)
+                if pair[: len(previous[1])] == previous[1]:
+                    piece = pair[len(previous[1]) :]
+            previous = (text, alone)
+            if not ids and self.bos_id is not None and piece[:1] != [self.bos_id]:
+                piece = [self.bos_id] + piece
+            if is_answer and piece[-1] not in self.end_ids:
                 piece = piece + [self.eos_id]  # every answer ends with an end token, so the model learns to stop
             if is_answer:
                 answer_start = len(ids)
@@ -119,7 +178,7 @@ class Encoder:
         else:
             last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
             text = self.render(ex.messages[:last], add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=False).input_ids
+        ids = self._ids(text)
         if self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids

@@ -18,9 +18,9 @@ SHAPES = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
-ROLES = ("system", "user", "assistant")
+# Role names seen in chat data (OpenAI, ShareGPT, Gemini style) -> the three a chat template knows.
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+              "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
 
 
 class RowError(ValueError):
@@ -50,12 +50,20 @@ def detect_format(columns: list[str], mapping: dict[str, str]) -> str:
     )
 
 
-def required_columns(fmt: str, mapping: dict[str, str]) -> list[str]:
-    return [mapping.get(c, c) for c in SHAPES[fmt]]
+def check_columns(columns: list[str], fmt: str, mapping: dict[str, str]) -> None:
+    """A data_format named by the user: its columns must be there (checked once, on the first row)."""
+    missing = [c for c in (mapping.get(c, c) for c in SHAPES[fmt]) if c not in columns]
+    if missing:
+        raise RowError(
+            f"data_format {fmt} needs column {missing[0]!r}, which is missing (columns: {sorted(columns)}); "
+            "map yours with `columns: {...}`"
+        )
 
 
 def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Example:
-    """One row -> Example, or RowError saying which field is missing or of the wrong type."""
+    """One row -> Example, or RowError saying which field is missing or of the wrong type.
+
+    Answers may be empty here (a prompt to generate from has none); `require_answers` checks training rows."""
 
     def get(role: str, required: bool = True) -> str:
         col = mapping.get(role, role)
@@ -69,7 +77,7 @@ def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Exampl
         return value
 
     system = get("system", required=False)
-    head = [{"role": "system", "content": system}] if system else []
+    head = [_msg("system", system)] if system else []
     if fmt == "input_output":
         return Example(messages=[*head, _msg("user", get("input")), _msg("assistant", get("output"))])
     if fmt == "alpaca":
@@ -82,28 +90,44 @@ def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Exampl
         return Example(completion=get("text"), train_all=True)
     if fmt in ("messages", "sharegpt"):
         col = mapping.get(SHAPES[fmt][0], SHAPES[fmt][0])
-        return Example(messages=_chat(row.get(col), col, sharegpt=fmt == "sharegpt"))
+        return Example(messages=_chat(row.get(col), col))
     raise RowError(f"unknown data_format {fmt!r}")
+
+
+def require_answers(ex: Example, fmt: str, mapping: dict[str, str]) -> None:
+    """A training row needs every answer non-empty: an empty one would teach the model to stop at once."""
+    if fmt in ("messages", "sharegpt"):
+        col = mapping.get(SHAPES[fmt][0], SHAPES[fmt][0])
+        for i, m in enumerate(ex.messages):  # one message per turn, so i is the turn's index in the row
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise RowError(f"{col}[{i}] is an empty assistant turn: nothing to learn from")
+        return
+    answer = ex.messages[-1]["content"] if ex.messages else ex.completion
+    if not answer.strip():
+        role = {"prompt_completion": "completion", "text": "text"}.get(fmt, "output")
+        raise RowError(f"field {mapping.get(role, role)!r} is empty: nothing to learn from")
 
 
 def _msg(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _chat(turns: Any, col: str, sharegpt: bool) -> list[dict[str, str]]:
+def _chat(turns: Any, col: str) -> list[dict[str, str]]:
+    """A list of turns, each {role, content} or ShareGPT's {from, value}, as canonical messages."""
     if not isinstance(turns, list) or not turns:
         raise RowError(f"field {col!r} must be a non-empty list of turns")
-    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            raise RowError(f"{col}[{i}] must be an object with {role_key!r} and {text_key!r}")
-        role = SHAREGPT_ROLES.get(str(turn[role_key]).lower()) if sharegpt else turn[role_key]
-        if role not in ROLES:
-            raise RowError(f"{col}[{i}].{role_key} = {turn[role_key]!r}: expected one of {', '.join(ROLES)}")
-        if not isinstance(turn[text_key], str):
-            raise RowError(f"{col}[{i}].{text_key} must be text, got {type(turn[text_key]).__name__}")
-        messages.append(_msg(role, turn[text_key]))
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError(f"field {col!r} has no assistant turn to learn from")
+        keys = ("role", "content") if isinstance(turn, dict) and "role" in turn else ("from", "value")
+        if not isinstance(turn, dict) or not all(k in turn for k in keys):
+            raise RowError(f"{col}[{i}] must be an object with 'role' and 'content' (or 'from' and 'value')")
+        name, content = turn[keys[0]], turn[keys[1]]
+        role = ROLE_NAMES.get(str(name).lower())
+        if role is None:
+            raise RowError(f"{col}[{i}].{keys[0]} = {name!r}: expected one of {', '.join(ROLE_NAMES)}")
+        if not isinstance(content, str):
+            raise RowError(f"{col}[{i}].{keys[1]} must be text, got {type(content).__name__}")
+        messages.append(_msg(role, content))
+    if not any(m["role"] == "assistant" for m in messages[1:]):  # an opening assistant turn answers nothing
+        raise RowError(f"field {col!r} has no assistant turn after a user or system turn: nothing to learn from")
     return messages

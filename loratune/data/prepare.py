@@ -1,21 +1,34 @@
-"""From the config's data sources to tokenized train / validation sets, with every count the user should see."""
+"""From the config's data sources to tokenized train / validation sets, with every count the user should see.
+
+    source -> rows -> Examples -> tokens (cached) -> validation split -> max_length policy -> report
+
+Each source's full-length tokens are cached as an Arrow dataset under the loratune cache, keyed by the source's
+content, the tokenizer and template, and the settings that change tokens. A second run (or `data inspect`, or a
+run with another max_length) memory-maps them instead of tokenizing again.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import random
+import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checkpoint import atomic_dir
 from ..config import TrainConfig
 from ..errors import UserError
+from ..model import cache_dir
 from .encode import IGNORE, Encoder
-from .formats import Example, RowError, detect_format, to_example
-from .load import BadRows, read_rows
+from .formats import Example, RowError, check_columns, detect_format, require_answers, to_example
+from .load import BadRows, open_source
 
 # Refuse to train when more than this share of examples would have no target token left.
 MAX_EMPTY_SHARE = 0.05
+# Part of every cache key: bump when the cached content or its layout changes.
+CACHE_VERSION = 1
 
 
 @dataclass
@@ -25,6 +38,7 @@ class TokenizedSet:
     input_ids: list[np.ndarray]
     labels: list[np.ndarray]
     origins: list[str]
+    answer_starts: np.ndarray | None = None  # where each last answer starts; kept before max_length is applied
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -38,6 +52,23 @@ class TokenizedSet:
         """Tokens that carry loss, per example (the first token is never predicted)."""
         return np.array([int((y[1:] != IGNORE).sum()) for y in self.labels], dtype=np.int64)
 
+    def select(self, indices) -> TokenizedSet:
+        starts = None if self.answer_starts is None else self.answer_starts[np.asarray(indices, dtype=np.int64)]
+        return TokenizedSet([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
+                            [self.origins[i] for i in indices], starts)
+
+
+@dataclass
+class Fit:
+    """What max_length did to one set of examples."""
+
+    truncated: int = 0
+    windows: int = 0  # windows added by splitting long plain text
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    first_too_long: str | None = None
+    first_no_target: str | None = None
+
 
 @dataclass
 class DataReport:
@@ -47,11 +78,62 @@ class DataReport:
     rows: int = 0
     bad_rows: int = 0
     first_bad: str | None = None
-    truncated: int = 0
-    dropped_too_long: int = 0
-    dropped_no_target: int = 0
     duplicates_train_val: int = 0
+    duplicates_train: int = 0
+    from_cache: bool = False  # every source's tokens came from the cache
+    train_examples: int = 0  # after max_length
+    val_examples: int = 0
+    max_length: int = 0
+    truncation: str = ""
+    recommended_max_length: int | None = None  # keeps 99% of examples whole; None for plain text
+    train_fit: Fit = field(default_factory=Fit)
+    val_fit: Fit = field(default_factory=Fit)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> int:
+        return self.train_fit.truncated + self.val_fit.truncated
+
+    @property
+    def dropped_too_long(self) -> int:
+        return self.train_fit.dropped_too_long + self.val_fit.dropped_too_long
+
+    @property
+    def dropped_no_target(self) -> int:
+        return self.train_fit.dropped_no_target + self.val_fit.dropped_no_target
+
+    def lines(self) -> list[tuple[bool, str]]:
+        """(is_warning, message) for the console at the start of training."""
+        out = [(False, f"data: {self.rows} rows ({self.data_format}): {self.train_examples} training, "
+                       f"{self.val_examples} validation examples" + ("; tokens from cache" if self.from_cache else ""))]
+        hint = (f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
+                if self.recommended_max_length and self.recommended_max_length > self.max_length else "")
+        if self.bad_rows:
+            out.append((True, f"{self.bad_rows} malformed rows skipped; first: {self.first_bad}"))
+        if self.truncated:
+            out.append((False, f"{self.truncated} examples longer than max_length={self.max_length} were truncated "
+                               f"({self.truncation}){hint}"))
+        if self.train_fit.windows + self.val_fit.windows:
+            out.append((False, f"long texts were split into {self.train_fit.windows + self.val_fit.windows} extra "
+                               f"windows of max_length={self.max_length}"))
+        if self.dropped_too_long:
+            first = self.train_fit.first_too_long or self.val_fit.first_too_long
+            out.append((True, f"{self.dropped_too_long} examples longer than max_length={self.max_length} were "
+                              f"dropped (truncation={self.truncation}; first: {first}){hint}"))
+        if self.dropped_no_target:
+            first = self.train_fit.first_no_target or self.val_fit.first_no_target
+            out.append((True, f"{self.dropped_no_target} examples had no answer token left after truncation="
+                              f"{self.truncation} at max_length={self.max_length} and were dropped (first: {first})"))
+        if self.val_fit.dropped_too_long + self.val_fit.dropped_no_target and not self.val_examples:
+            out.append((True, f"no validation example fits max_length={self.max_length}: validation loss (and early "
+                              "stopping) cannot be measured"))
+        if self.duplicates_train_val:
+            out.append((True, f"{self.duplicates_train_val} validation examples also appear in the training data, "
+                              "so validation loss will look better than it is"))
+        if self.duplicates_train:
+            out.append((False, f"{self.duplicates_train} training examples are exact repeats of another"))
+        out += [(False, note) for note in self.notes]
+        return out
 
 
 @dataclass
@@ -62,31 +144,180 @@ class Prepared:
     report: DataReport
 
 
-def read_examples(source: str, cfg: TrainConfig, report: DataReport) -> list[tuple[str, Example]]:
-    """Rows of one source as canonical Examples, with bad rows stopped or counted."""
-    bad = BadRows(cfg.skip_bad_rows)
+# --- Rows -> Examples -----------------------------------------------------------------------------------------
+
+
+def _examples(source, cfg: TrainConfig, bad: BadRows) -> Iterator[tuple[str, Example, str]]:
+    """The source's rows as (origin, Example, shape); the shape is detected (or checked) on the first row."""
     fmt = None if cfg.data_format == "auto" else cfg.data_format
-    out = []
-    for where, row in read_rows(source, bad):
-        if fmt is None:
-            try:
-                fmt = detect_format(list(row), cfg.columns)
-            except RowError as e:
-                raise UserError(f"{where}: {e}") from None
+    rows = 0
+    for where, row in source.rows(bad):
         try:
-            out.append((where, to_example(row, fmt, cfg.columns)))
+            if fmt is None:
+                fmt = detect_format(list(row), cfg.columns)
+            elif rows == 0:
+                check_columns(list(row), fmt, cfg.columns)
+        except RowError as e:
+            raise UserError(f"{where}: {e}") from None
+        rows += 1
+        try:
+            example = to_example(row, fmt, cfg.columns)
+            require_answers(example, fmt, cfg.columns)
         except RowError as e:
             bad(where, str(e))
-    report.data_format = report.data_format or fmt or ""
-    report.rows += len(out) + bad.count
-    report.bad_rows += bad.count
-    report.first_bad = report.first_bad or bad.first
+            continue
+        yield where, example, fmt
+    if rows == 0 and not bad.count:
+        raise UserError(f"{source.name}: no rows (the file or folder is empty)")
+
+
+def _no_usable(name: str, bad: BadRows) -> UserError:
+    return UserError(f"{name}: no usable examples (first problem: {bad.first})")
+
+
+def read_examples(spec: str, split: str, cfg: TrainConfig) -> list[Example]:
+    """The Examples of a source, untokenized (for generation on held-out test data)."""
+    bad = BadRows(cfg.skip_bad_rows)
+    out = [ex for _, ex, _ in _examples(open_source(spec, split), cfg, bad)]
     if not out:
-        raise UserError(f"{source}: no usable examples" + (f" (first problem: {bad.first})" if bad.first else ""))
+        raise _no_usable(spec, bad)
     return out
 
 
-def fit_length(ids: list[int], labels: list[int], answer_start: int, max_length: int, policy: str):
+# --- Examples -> tokens, cached per source --------------------------------------------------------------------
+
+
+def encode_source(
+    spec: str, split: str, cfg: TrainConfig, encoder: Encoder, report: DataReport
+) -> tuple[TokenizedSet, bool]:
+    """Full-length tokens of one source, and whether they came from the cache (tokenized the same way before)."""
+    source = open_source(spec, split)
+    settings = [CACHE_VERSION, source.digest(), encoder.fingerprint(), cfg.data_format, cfg.columns, cfg.skip_bad_rows]
+    folder = cache_dir() / "data" / hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
+    cached = _load(folder)
+    if cached is not None:
+        data, meta = cached
+    else:
+        data, meta = _encode(source, cfg, encoder)
+        if not folder.exists():  # another process may have written it meanwhile
+            try:
+                _save(folder, data, meta)
+            except UserError as e:  # a cache that cannot be written only costs the next run its time
+                report.notes.append(f"tokens not cached: {e}")
+    report.data_format = report.data_format or meta["data_format"]
+    report.rows += meta["rows"]
+    report.bad_rows += meta["bad_rows"]
+    report.first_bad = report.first_bad or meta["first_bad"]
+    return data, cached is not None
+
+
+def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, dict]:
+    bad = BadRows(cfg.skip_bad_rows)
+    ids_out, labels_out, starts, origins = [], [], [], []
+    for where, example, fmt in _examples(source, cfg, bad):
+        try:
+            ids, labels, start = encoder.encode(example)
+        except RowError as e:
+            bad(where, str(e))
+            continue
+        ids_out.append(np.asarray(ids, dtype=np.int64))
+        labels_out.append(np.asarray(labels, dtype=np.int64))
+        starts.append(start)
+        origins.append(where)
+    if not ids_out:
+        raise _no_usable(source.name, bad)
+    # Every row was either encoded or counted bad (unreadable, not an example, or refused by the template).
+    meta = {"source": source.name, "data_format": fmt, "rows": len(ids_out) + bad.count,
+            "bad_rows": bad.count, "first_bad": bad.first}
+    return TokenizedSet(ids_out, labels_out, origins, np.asarray(starts, dtype=np.int64)), meta
+
+
+def _save(folder, data: TokenizedSet, meta: dict) -> None:
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({
+        "input_ids": _list_array(data.input_ids),
+        "labels": _list_array(data.labels),
+        "answer_start": pa.array(data.answer_starts, pa.int64()),
+        "origin": pa.array(data.origins, pa.string()),
+    })
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with atomic_dir(folder) as tmp:
+            datasets.Dataset(table).save_to_disk(str(tmp / "tokens"))
+            (tmp / "meta.json").write_text(json.dumps(meta))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _list_array(arrays: list[np.ndarray]):
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+
+
+def _load(folder) -> tuple[TokenizedSet, dict] | None:
+    """A cached source, memory-mapped: each example's arrays are views into the Arrow file, not copies."""
+    if not (folder / "meta.json").is_file():
+        return None
+    import datasets
+
+    try:
+        table = datasets.load_from_disk(str(folder / "tokens")).data.table
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):  # a damaged cache entry is rebuilt, never trusted
+        return None
+
+    def lists(name: str) -> list[np.ndarray]:
+        out = []
+        for chunk in table.column(name).chunks:
+            values, offsets = chunk.values.to_numpy(zero_copy_only=True), chunk.offsets.to_numpy()
+            out += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return out
+
+    data = TokenizedSet(lists("input_ids"), lists("labels"), table.column("origin").to_pylist(),
+                        table.column("answer_start").to_numpy())
+    return data, meta
+
+
+# --- Validation split and duplicates --------------------------------------------------------------------------
+
+
+def split_validation(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
+    """Hold out `ratio` of the examples (at least one) with a fixed seed."""
+    if ratio == 0:
+        return data, data.select([])
+    if len(data) < 2:
+        raise UserError(
+            "train_data has a single example: nothing to hold out for validation; add val_data or set val_ratio: 0"
+        )
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_val = max(1, round(ratio * len(data)))
+    return data.select(np.sort(order[n_val:])), data.select(np.sort(order[:n_val]))
+
+
+def _digests(data: TokenizedSet) -> list[bytes]:
+    """Identity of an example: its exact tokens and labels (the same text formatted the same way)."""
+    return [hashlib.sha1(x.tobytes() + y.tobytes()).digest() for x, y in zip(data.input_ids, data.labels)]
+
+
+def count_duplicates(train: TokenizedSet, val: TokenizedSet) -> tuple[int, int]:
+    """(validation examples also in train, training examples repeating an earlier one)."""
+    train_digests = _digests(train)
+    seen = set(train_digests)
+    return sum(d in seen for d in _digests(val)), len(train_digests) - len(seen)
+
+
+# --- max_length -----------------------------------------------------------------------------------------------
+
+
+def fit_length(ids, labels, answer_start: int, max_length: int, policy: str):
     """Apply the truncation policy to one example; None means it is dropped."""
     if len(ids) <= max_length:
         return ids, labels
@@ -102,86 +333,93 @@ def fit_length(ids: list[int], labels: list[int], answer_start: int, max_length:
     return ids[cut:], labels[cut:]
 
 
-def tokenize(examples: list[tuple[str, Example]], encoder: Encoder, cfg: TrainConfig, report: DataReport) -> TokenizedSet:
+def windows(ids, labels, max_length: int) -> list[tuple]:
+    """Plain text longer than max_length, as windows overlapping by one token: each window's first token is the
+    previous window's last, so every token after the first is predicted exactly once."""
+    step = max_length - 1
+    return [(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, max(1, len(ids) - 1), step)]
+
+
+def fit(data: TokenizedSet, max_length: int, policy: str, split_long: bool) -> tuple[TokenizedSet, Fit]:
+    """Examples that fit in max_length (plain text: windows of it), and what that took."""
+    counts = Fit()
     ids_out, labels_out, origins = [], [], []
-    bad = BadRows(cfg.skip_bad_rows)
-    for where, ex in examples:
-        try:
-            ids, labels, answer_start = encoder.encode(ex)
-        except RowError as e:
-            bad(where, str(e))
-            continue
-        windows = _windows(ids, labels, cfg.max_length) if ex.train_all else [(ids, labels)]
-        for ids, labels in windows:
-            fitted = fit_length(ids, labels, answer_start, cfg.max_length, cfg.truncation)
+    for ids, labels, start, where in zip(data.input_ids, data.labels, data.answer_starts, data.origins):
+        if split_long:
+            parts = windows(ids, labels, max_length)
+            counts.windows += len(parts) - 1
+        else:
+            fitted = fit_length(ids, labels, int(start), max_length, policy)
             if fitted is None:
-                report.dropped_too_long += 1
+                counts.dropped_too_long += 1
+                counts.first_too_long = counts.first_too_long or where
                 continue
-            report.truncated += len(fitted[0]) < len(ids)
-            ids, labels = fitted
-            if not any(label != IGNORE for label in labels[1:]):
-                report.dropped_no_target += 1
+            parts = [fitted]
+        for part_ids, part_labels in parts:
+            if not (np.asarray(part_labels[1:]) != IGNORE).any():
+                counts.dropped_no_target += 1
+                counts.first_no_target = counts.first_no_target or where
                 continue
-            ids_out.append(np.asarray(ids, dtype=np.int64))
-            labels_out.append(np.asarray(labels, dtype=np.int64))
+            counts.truncated += not split_long and len(part_ids) < len(ids)
+            ids_out.append(part_ids)
+            labels_out.append(part_labels)
             origins.append(where)
-    report.bad_rows += bad.count
-    report.first_bad = report.first_bad or bad.first
-    return TokenizedSet(ids_out, labels_out, origins)
+    return TokenizedSet(ids_out, labels_out, origins), counts
 
 
-def _windows(ids, labels, max_length):
-    """Plain text longer than max_length is split into consecutive windows rather than cut off."""
-    return [(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)]
+def recommend_max_length(lengths: np.ndarray, percentile: float = 99.0, multiple: int = 64) -> int:
+    """The smallest multiple of `multiple` that keeps at least `percentile`% of the examples whole."""
+    ordered = np.sort(lengths)
+    keep = max(1, math.ceil(round(percentile * len(ordered) / 100, 9)))  # examples that must fit
+    return max(multiple, math.ceil(int(ordered[keep - 1]) / multiple) * multiple)
 
 
-def split_validation(examples: list, ratio: float, seed: int) -> tuple[list, list]:
-    """Hold out `ratio` of the examples (at least one) with a fixed seed."""
-    if ratio == 0:
-        return examples, []
-    if len(examples) < 2:
-        raise UserError("train_data has a single example: nothing to hold out for validation; add val_data or set val_ratio: 0")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(ratio * len(examples)))
-    held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+# --- The whole preparation ------------------------------------------------------------------------------------
 
 
-def _fingerprint(ex: Example) -> str:
-    text = repr(ex.messages) if ex.messages is not None else ex.prompt + "\x00" + ex.completion
-    return hashlib.sha1(text.encode()).hexdigest()
+def load_sets(cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[TokenizedSet, TokenizedSet]:
+    """Full-length train and validation sets (before max_length), with the split and duplicates reported."""
+    if not cfg.train_data:
+        raise UserError(
+            "train_data is not set: give a data file (--train-data FILE) or run `loratune train` alone for the quickstart"
+        )
+    train, report.from_cache = encode_source(cfg.train_data, "train", cfg, encoder, report)
+    if cfg.val_data:
+        val, val_cached = encode_source(cfg.val_data, "validation", cfg, encoder, report)
+        report.from_cache = report.from_cache and val_cached
+    else:
+        train, val = split_validation(train, cfg.val_ratio, cfg.seed)
+    report.duplicates_train_val, report.duplicates_train = count_duplicates(train, val)
+    return train, val
 
 
 def prepare(cfg: TrainConfig, encoder: Encoder) -> Prepared:
-    if not cfg.train_data:
-        raise UserError("train_data is not set: give a data file (--train-data FILE) or run `loratune train` alone for the quickstart")
-    report = DataReport()
-    train_rows = read_examples(cfg.train_data, cfg, report)
-    if cfg.val_data:
-        val_rows = read_examples(cfg.val_data, cfg, report)
-    else:
-        train_rows, val_rows = split_validation(train_rows, cfg.val_ratio, cfg.seed)
-    seen = {_fingerprint(ex) for _, ex in train_rows}
-    report.duplicates_train_val = sum(_fingerprint(ex) in seen for _, ex in val_rows)
-
-    train = tokenize(train_rows, encoder, cfg, report)
-    val = tokenize(val_rows, encoder, cfg, report)
-    _refuse_empty_targets(train, report, cfg)
-    test = [ex for _, ex in read_examples(cfg.test_data, cfg, DataReport())] if cfg.test_data else []
+    report = DataReport(max_length=cfg.max_length, truncation=cfg.truncation)
+    train_full, val_full = load_sets(cfg, encoder, report)
+    text = report.data_format == "text"
+    if not text:
+        report.recommended_max_length = recommend_max_length(np.concatenate([train_full.lengths, val_full.lengths]))
+    train, report.train_fit = fit(train_full, cfg.max_length, cfg.truncation, split_long=text)
+    val, report.val_fit = fit(val_full, cfg.max_length, cfg.truncation, split_long=text)
+    report.train_examples, report.val_examples = len(train), len(val)
+    _refuse_empty_targets(train, report)
+    test = read_examples(cfg.test_data, "test", cfg) if cfg.test_data else []
     return Prepared(train, val, test, report)
 
 
-def _refuse_empty_targets(train: TokenizedSet, report: DataReport, cfg: TrainConfig) -> None:
+def _refuse_empty_targets(train: TokenizedSet, report: DataReport) -> None:
+    f = report.train_fit
+    where = f"max_length={report.max_length} with truncation={report.truncation}"
     if len(train) == 0:
         raise UserError(
-            f"no training example is left after tokenization ({report.dropped_too_long} longer than max_length="
-            f"{cfg.max_length}, {report.dropped_no_target} without any answer token)"
+            f"no training example is left at {where}: {f.dropped_too_long} are longer (first: {f.first_too_long}), "
+            f"{f.dropped_no_target} have no answer token left (first: {f.first_no_target}). "
+            f"max_length={report.recommended_max_length} would keep 99% whole; see `loratune data inspect`"
         )
-    share = report.dropped_no_target / (len(train) + report.dropped_no_target)
+    share = f.dropped_no_target / (len(train) + f.dropped_no_target)
     if share > MAX_EMPTY_SHARE:
         raise UserError(
-            f"{share:.0%} of the training examples have no answer token to learn from (empty answers, or answers "
-            f"cut off by max_length={cfg.max_length} with truncation={cfg.truncation}); check the data's columns "
-            "and `loratune data inspect` before training"
+            f"{share:.0%} of the training examples would train on no answer token at {where} (their answers are "
+            f"cut off; first: {f.first_no_target}). Refusing to train on them: raise max_length (to "
+            f"{report.recommended_max_length} to keep 99% whole) or use truncation=truncate_prompt_left"
         )

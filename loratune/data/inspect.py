@@ -1,0 +1,188 @@
+"""`loratune data inspect`: the data's token lengths as the model will see them, and the max_length they need.
+
+The Training Guide says max_length should be the minimum the data requires; this measures it. Lengths are those
+of the fully formatted examples (chat template, end tokens), from the same cached tokens training uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import UserError
+from .batching import epoch_steps, passes_per_step, split_step
+from .encode import Encoder
+from .prepare import DataReport, Fit, TokenizedSet, fit, load_sets, recommend_max_length
+
+PERCENTILES = (50, 90, 95, 99)
+MULTIPLE = 64  # recommended lengths are multiples of this: tensor-core and kernel friendly
+FALLBACK_BATCH = 8  # padding is estimated at this batch size when batch_size is auto
+
+
+@dataclass
+class Stats:
+    """Distribution of one length; a percentile is the smallest length that many % of examples do not exceed."""
+
+    min: int
+    mean: float
+    max: int
+    percentiles: dict[int, int]
+
+    @classmethod
+    def of(cls, lengths: np.ndarray) -> Stats:
+        pct = {p: int(np.percentile(lengths, p, method="inverted_cdf")) for p in PERCENTILES}
+        return cls(int(lengths.min()), float(lengths.mean()), int(lengths.max()), pct)
+
+
+@dataclass
+class Effect:
+    """What one max_length does: examples kept whole, truncated, dropped; and padding in padded batches."""
+
+    max_length: int
+    fit: Fit
+    whole: int
+    padding_share: float
+
+
+@dataclass
+class Inspection:
+    report: DataReport
+    n_train: int
+    n_val: int
+    prompt: Stats  # tokens before the last answer
+    target: Stats  # the last answer and its end token
+    total: Stats
+    histogram: list[tuple[int, int, int]]  # (from, to, examples) of total lengths
+    percentile: float
+    recommended: int | None  # None for plain text, which is split into windows rather than truncated
+    current: Effect
+    at_recommended: Effect | None
+    batch_size: int
+    memory: list[str] = field(default_factory=list)
+
+
+def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -> Inspection:
+    if not 0 < percentile <= 100:
+        raise UserError(f"--percentile {percentile:g}: must be above 0 and at most 100")
+    report = DataReport(max_length=cfg.max_length, truncation=cfg.truncation)
+    train, val = load_sets(cfg, encoder, report)
+    both = TokenizedSet(train.input_ids + val.input_ids, train.labels + val.labels, train.origins + val.origins,
+                        np.concatenate([train.answer_starts, val.answer_starts]))
+    total = both.lengths
+    text = report.data_format == "text"
+    batch_size = cfg.batch_size if isinstance(cfg.batch_size, int) else FALLBACK_BATCH
+
+    def effect(max_length: int) -> Effect:
+        _, counts = fit(both, max_length, cfg.truncation, split_long=text)
+        kept, _ = fit(train, max_length, cfg.truncation, split_long=text)
+        padding = padding_share(kept.lengths, batch_size, cfg.gradient_accumulation_steps, cfg.seed)
+        return Effect(max_length, counts, int((total <= max_length).sum()), padding)
+
+    recommended = None if text else recommend_max_length(total, percentile, MULTIPLE)
+    ins = Inspection(
+        report=report, n_train=len(train), n_val=len(val),
+        prompt=Stats.of(both.answer_starts), target=Stats.of(total - both.answer_starts), total=Stats.of(total),
+        histogram=histogram(total), percentile=percentile, recommended=recommended,
+        current=effect(cfg.max_length),
+        at_recommended=effect(recommended) if recommended and recommended != cfg.max_length else None,
+        batch_size=batch_size,
+    )
+    ins.memory = memory_lines(cfg, [e.max_length for e in (ins.current, ins.at_recommended) if e])
+    return ins
+
+
+def padding_share(lengths: np.ndarray, batch_size: int, accumulation: int, seed: int) -> float:
+    """Share of padded-batch tokens that would be padding, with the trainer's own grouping of an epoch."""
+    real = padded = 0
+    for step in epoch_steps(len(lengths), batch_size * accumulation, seed, 0):
+        for batch in split_step(step, lengths, batch_size, passes_per_step(len(step), batch_size, 1), packing=False):
+            if batch:
+                real += int(lengths[batch].sum())
+                padded += len(batch) * int(lengths[batch].max())
+    return 1 - real / padded if padded else 0.0
+
+
+def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]:
+    """Counts of lengths in bins (lo, hi] whose width is a multiple of MULTIPLE, so each hi is a max_length."""
+    width = MULTIPLE * max(1, math.ceil(int(lengths.max()) / (MULTIPLE * bins)))
+    counts = np.bincount((lengths - 1) // width)
+    return [(k * width, (k + 1) * width, int(c)) for k, c in enumerate(counts)]
+
+
+def memory_lines(cfg: TrainConfig, max_lengths: list[int]) -> list[str]:
+    """Peak training memory at each max_length, where the memory planner (loratune.memory) is available.
+
+    Hook: `loratune.memory.peak_bytes(cfg) -> int`, the estimated peak device memory of training with `cfg`.
+    """
+    try:
+        from ..memory import peak_bytes  # type: ignore[attr-defined]
+    except ImportError:
+        return []
+    out = []
+    for max_length in max_lengths:
+        try:
+            peak = peak_bytes(cfg.model_copy(update={"max_length": max_length}))
+        except UserError as e:
+            return [f"memory estimate unavailable: {e}"]
+        out.append(f"estimated peak training memory at max_length={max_length}: {peak / 2**30:.2f} GiB")
+    return out
+
+
+# --- The terminal view ----------------------------------------------------------------------------------------
+
+
+def render(ins: Inspection, cfg: TrainConfig) -> str:
+    r = ins.report
+    lines = [
+        f"data: {r.rows:,} rows ({r.data_format}): {ins.n_train:,} training + {ins.n_val:,} validation examples"
+        + (f"; {r.bad_rows:,} malformed rows skipped (first: {r.first_bad})" if r.bad_rows else ""),
+    ]
+    if r.duplicates_train_val or r.duplicates_train:
+        lines.append(f"duplicates: {r.duplicates_train_val} validation examples also in training, "
+                     f"{r.duplicates_train} repeats within training")
+    columns = ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")
+    head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in columns)
+    lines += ["", head]
+    for label, s in (("prompt", ins.prompt), ("target (last answer)", ins.target), ("total", ins.total)):
+        values = [s.min, f"{s.mean:.1f}", *(s.percentiles[p] for p in PERCENTILES), s.max]
+        lines.append(f"  {label:<20}" + "".join(f"{v:>8}" for v in values))
+    lines += ["", "total length (tokens)   examples"]
+    peak = max(c for _, _, c in ins.histogram) or 1
+    for lo, hi, count in ins.histogram:
+        lines.append(f"  {lo + 1:>6}-{hi:<6}  {'#' * math.ceil(40 * count / peak):<40} {count:,}")
+    lines.append("")
+    n = ins.n_train + ins.n_val
+    lines += _effect_lines(f"max_length={cfg.max_length} (current)", ins.current, n, cfg)
+    if ins.recommended is None:
+        lines.append("recommended max_length: none needed; plain text is split into windows of max_length "
+                     "(longer windows: more context per example, more memory)")
+    else:
+        lines.append(f"recommended max_length: {ins.recommended}, the smallest multiple of {MULTIPLE} that keeps "
+                     f"{ins.percentile:g}% of examples whole")
+        if ins.at_recommended:
+            lines += _effect_lines(f"max_length={ins.recommended}", ins.at_recommended, n, cfg)
+    lines += ins.memory
+    return "\n".join(lines)
+
+
+def _effect_lines(label: str, e: Effect, n: int, cfg: TrainConfig) -> list[str]:
+    f = e.fit
+    parts = [f"{e.whole:,} of {n:,} examples whole ({e.whole / n:.1%})"]
+    if f.windows:
+        parts.append(f"{f.windows:,} extra windows from long texts")
+    if f.truncated:
+        parts.append(f"{f.truncated:,} truncated")
+    if f.dropped_too_long:
+        parts.append(f"{f.dropped_too_long:,} dropped as too long")
+    if f.dropped_no_target:
+        parts.append(f"{f.dropped_no_target:,} dropped with no answer token left")
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else FALLBACK_BATCH
+    padded = f"padded batches of {batch} would be {e.padding_share:.0%} padding"
+    return [
+        f"at {label}, truncation={cfg.truncation}:",
+        "  " + ", ".join(parts),
+        "  padding: " + (f"none (packing is on); {padded}" if cfg.packing else padded),
+    ]
