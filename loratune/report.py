@@ -48,7 +48,8 @@ def peak_memory(device) -> dict:
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024, "peak_memory_of": "process (RSS)"}
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            "peak_memory_of": "process resident memory"}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -114,7 +115,8 @@ def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: P
 
     # Tokens processed on the top axis: cumulative tokens at the end of each step, interpolated between steps.
     at_step = np.concatenate([[0.0], steps]), np.concatenate([[0.0], tokens])
-    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, *at_step), lambda t: np.interp(t, at_step[1], at_step[0])))
+    to_tokens, to_steps = (lambda s: np.interp(s, *at_step)), (lambda t: np.interp(t, at_step[1], at_step[0]))
+    top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
     top.set_xlabel("tokens processed (prompts + answers)")
     top.xaxis.set_major_formatter(EngFormatter(sep=""))
 
@@ -161,7 +163,9 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
     if evals:
         lines += [f"| last validation loss | {evals[-1]['val_loss']:.4f} (step {evals[-1]['step']}) |"]
     if train:
-        lines += [f"| training loss | {train[0]['loss']:.4f} at step 1, {train[-1]['loss']:.4f} at step {train[-1]['step']} |"]
+        first, last = train[0], train[-1]
+        lines += [f"| training loss | {first['loss']:.4f} at step {first['step']}, "
+                  f"{last['loss']:.4f} at step {last['step']} |"]
     lines.append("")
 
     lines += _test_section(run, summary, config)
@@ -177,7 +181,8 @@ def _test_section(run: Path, summary, config: dict) -> list[str]:
     before, after = (summary or {}).get("test_before"), (summary or {}).get("test_after")
     if not after:
         return ["## Sample generations", "",
-                "No held-out test set in this run (set `test_data`, or run `loratune eval RUN_DIR --data FILE --generate`).", ""]
+                "No held-out test set in this run (set `test_data`, or run "
+                "`loratune eval RUN_DIR --data FILE --generate`).", ""]
     metrics = [k for k in after if k != "samples"]
     lines = [f"## Held-out test (`{config.get('test_data')}`, greedy generation)", "",
              "| | base model | fine-tuned |", "|---|---|---|"]
@@ -238,7 +243,8 @@ def _speed_section(train: list[dict], summary) -> list[str]:
     lines = ["## Throughput and memory", "", "| | |", "|---|---|"]
     if summary:
         seconds = max(summary["train_seconds"], 1e-9)
-        lines += [f"| tokens per second | {summary['tokens_per_s']:,.0f} ({summary['target_tokens'] / seconds:,.0f} answer tokens) |",
+        answers_per_s = summary["target_tokens"] / seconds
+        lines += [f"| tokens per second | {summary['tokens_per_s']:,.0f} ({answers_per_s:,.0f} answer tokens) |",
                   f"| base precision | {summary['precision']} (LoRA weights fp32) |",
                   f"| batches | {'packed rows' if summary['packing'] else 'padded'}, "
                   f"{summary['processes']} process{'es' if summary['processes'] > 1 else ''} |"]
