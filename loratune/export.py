@@ -15,8 +15,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import UserError
-from .inference import locate_run, read_run_config
-from .model import DTYPES, load_model, resolve_model
+from .inference import generation_end_ids, locate_run, read_run_config
+from .model import DTYPES, load_model, load_tokenizer, resolve_model
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
@@ -94,14 +94,13 @@ def _dequantised_base(model_path: str, dtype: torch.dtype):
 
 
 def _stop_at_training_end_tokens(model, folder: Path) -> None:
-    """Generation stops where training taught the model to stop: the tokenizer's end token and the base's."""
-    from transformers import AutoTokenizer
+    """Generation stops where training taught the model to stop: the end tokens of the run's encoder (end of
+    sequence, the template's end of turn) and the base's own."""
+    from .data.encode import Encoder
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(str(folder))
     gen = model.generation_config
-    eos = gen.eos_token_id
-    ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ends.add(tokenizer.eos_token_id)
+    ends = Encoder(tokenizer, tokenizer.chat_template, end_ids=generation_end_ids(model)).end_ids
     gen.eos_token_id = sorted(ends)[0] if len(ends) == 1 else sorted(ends)
     if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id

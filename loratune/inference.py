@@ -67,11 +67,15 @@ def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = 
     with quiet_peft():
         model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()
-    eos = base.generation_config.eos_token_id
-    end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=end_ids)
+    encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=generation_end_ids(base))
     data_format = _trained_format(run_dir, cfg)
     return LoadedRun(model, tokenizer, encoder, cfg, data_format, run_dir, folder)
+
+
+def generation_end_ids(model) -> set[int]:
+    """The end tokens in the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 def _trained_format(run_dir, cfg: TrainConfig) -> str:
