@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from .generate import generate_texts
-    from .inference import load_run, prompt_example, text_prompt
+    from .inference import load_run, prompt_example, prompt_text, text_prompt
 
     if (args.prompt is None) == (args.file is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
@@ -115,12 +115,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
     )
     for ex, text in zip(examples, outputs):
-        print(text if args.prompt is not None else json.dumps({"prompt": _prompt_text(ex), "generated": text}))
+        print(text if args.prompt is not None else json.dumps({"prompt": prompt_text(ex), "generated": text}))
     return 0
 
 
-def _prompt_text(ex) -> str:
-    return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate_run
+
+    summary = evaluate_run(args.run_dir, args.data, report=args.report, adapter=args.adapter, generate=args.generate,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"{args.data}: {summary['scored_examples']} examples, {summary['target_tokens']:,} answer tokens")
+    table = Table()
+    for column in ("", "base model", "fine-tuned"):
+        table.add_column(column, justify="right" if column else "left")
+    for metric in summary["fine_tuned"]:
+        fmt = "{:.1%}" if metric not in ("loss", "perplexity") else "{:.4f}" if metric == "loss" else "{:.2f}"
+        table.add_row(metric.replace("_", " "), *(fmt.format(summary[m][metric]) for m in ("base", "fine_tuned")))
+    Console(highlight=False).print(table)
+    if summary["dropped_too_long"]:
+        print(f"{summary['dropped_too_long']} examples longer than max_length were left out of the loss")
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat
+
+    chat(args.run_dir, adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    plot, report = write_report(args.run_dir)
+    print(f"wrote {report}" + (f" and {plot}" if plot.is_file() else ""))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .export import merge
+
+    out = merge(args.run_dir, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -196,6 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("eval", help="loss and perplexity of base and fine-tuned model on a dataset")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    p.add_argument("--data", required=True, help="examples with reference answers, in any training data shape")
+    p.add_argument("--generate", action="store_true", help="also generate answers (greedy) and score them against "
+                   "the references: exact match, word-overlap F1, JSON field accuracy")
+    p.add_argument("--max-new-tokens", type=int, help="longest generated answer (default: longest reference + 16)")
+    p.add_argument("--batch-size", type=int, help="examples per forward pass (default: the run's batch_size)")
+    p.add_argument("--report", metavar="FILE", help="JSONL report: a summary line, then one line per example "
+                   "with --generate (default: RUN_DIR/eval-<data name>.jsonl)")
+    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("chat", help="talk to the fine-tuned model (from a script: one message per input line)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    p.add_argument("--system", help="a system message to start every conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("report", help="write a run's loss.png and report.md (done at the end of training too)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("merge", help="merge base + adapter into one standard transformers model folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="number format of the merged weights "
+                   "(default: the base model's)")
+    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
+    p.set_defaults(func=cmd_merge)
 
     data = commands.add_parser("data", help="inspect training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -15,8 +15,10 @@ def generate_texts(
     batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    streamer=None,
 ) -> list[str]:
-    """Completions of tokenized prompts, in order. Greedy unless temperature > 0."""
+    """Completions of tokenized prompts, in order. Greedy unless temperature > 0. A transformers streamer
+    (one prompt only) receives the tokens as they come."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -34,7 +36,7 @@ def generate_texts(
             mask[row, width - len(prompts[i]) :] = 1
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(end_ids), pad_token_id=pad, use_cache=True, top_k=None,
+            eos_token_id=sorted(end_ids), pad_token_id=pad, use_cache=True, top_k=None, streamer=streamer,
             **({"temperature": None, "top_p": None} if not sampling["do_sample"] else {}), **sampling,
         )
         for row, i in enumerate(chunk):

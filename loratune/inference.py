@@ -25,6 +25,17 @@ class LoadedRun:
     encoder: Encoder
     config: TrainConfig
     data_format: str
+    run_dir: Path
+    adapter: Path  # the adapter folder used
+
+
+def locate_run(path: str | Path, adapter: str = "adapter") -> tuple[Path, Path]:
+    """(run folder, adapter folder) for a run folder, or for an adapter or checkpoint folder inside a run."""
+    path = Path(path)
+    root = next((p for p in (path, *path.parents) if (p / "config.yaml").is_file()), None)
+    if root is None:
+        raise UserError(f"{path}: not a loratune run folder (no config.yaml here or above it)")
+    return root, adapter_path(root, adapter if root == path else str(path.resolve()))
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -47,8 +58,8 @@ def adapter_path(run_dir: str | Path, adapter: str = "adapter") -> Path:
 def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = True, device: str | None = None) -> LoadedRun:
     from peft import PeftModel
 
+    run_dir, folder = locate_run(run_dir, adapter)
     cfg = read_run_config(run_dir)
-    folder = adapter_path(run_dir, adapter)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(folder))  # saved with the adapter: the chat template used in training
@@ -56,11 +67,15 @@ def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = 
     with quiet_peft():
         model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()
-    eos = base.generation_config.eos_token_id
-    end_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=end_ids)
+    encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=generation_end_ids(base))
     data_format = _trained_format(run_dir, cfg)
-    return LoadedRun(model, tokenizer, encoder, cfg, data_format)
+    return LoadedRun(model, tokenizer, encoder, cfg, data_format, run_dir, folder)
+
+
+def generation_end_ids(model) -> set[int]:
+    """The end tokens in the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 def _trained_format(run_dir, cfg: TrainConfig) -> str:
@@ -103,3 +118,8 @@ def text_prompt(text: str, data_format: str) -> Example:
     if data_format in ("prompt_completion", "text"):
         return Example(prompt=text)
     return Example(messages=[{"role": "user", "content": text}, {"role": "assistant", "content": ""}])
+
+
+def prompt_text(ex: Example) -> str:
+    """The user's part of an example, for showing next to an answer."""
+    return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]

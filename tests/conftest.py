@@ -48,3 +48,20 @@ def varied_rows(n: int, seed: int = 0):
         answer = " ".join(rng.choice(words) for _ in range(rng.choice([2, 6, 15, 30])))
         rows.append({"input": f"{i}: {prompt}", "output": answer})
     return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished 6-step run of the tiny model with validation and test data (read-only: copy it to change it)."""
+    from loratune import TrainConfig
+    from loratune.train import train  # the loop itself: the package's `train` is shadowed once this module loads
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig(
+        model=tiny_model, train_data=write_jsonl(root / "train.jsonl", varied_rows(24)),
+        val_data=write_jsonl(root / "val.jsonl", varied_rows(4, seed=1)),
+        test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2)), output_dir=str(root / "run"),
+        epochs=2, batch_size=4, gradient_accumulation_steps=2, eval_every_steps=2, early_stopping_patience=0,
+        precision="fp32", device="cpu", learning_rate=1e-3, max_length=256,
+    ))
+    return root / "run"

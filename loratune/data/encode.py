@@ -183,7 +183,8 @@ class Encoder:
             ids = [self.bos_id] + ids
         return ids
 
-    def reference(self, ex: Example) -> str:
+    @staticmethod
+    def reference(ex: Example) -> str:
         """The expected answer of an example (its last assistant turn or completion)."""
         if ex.messages is None:
             return ex.completion

@@ -1,0 +1,84 @@
+"""`loratune chat`: a conversation with the fine-tuned model, formatted exactly as its training data was.
+
+Interactive in a terminal; from a script (stdin not a terminal) each input line is one message and each reply is
+written as it is generated, followed by a newline. `/reset` starts a new conversation, `/exit` (or end of input)
+quits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from .data.formats import Example
+from .generate import generate_texts
+from .inference import load_run, text_prompt
+
+
+def _streamer(tokenizer, out):
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text)
+            out.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def chat(run_dir, adapter: str = "adapter", system: str | None = None, max_new_tokens: int = 256,
+         temperature: float = 0.0, top_p: float = 1.0, stdin=None, stdout=None) -> None:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    run = load_run(run_dir, adapter)
+    interactive = stdin.isatty() and stdout.isatty()
+    # Raw-text runs never saw a conversation: one prompt at a time, as `text_prompt` formats it.
+    multi_turn = run.data_format not in ("prompt_completion", "text")
+    head = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        print(f"{run.config.model} + {run.adapter} ({'conversation' if multi_turn else 'one prompt at a time'}). "
+              "/reset starts over, /exit quits.", file=stdout)
+    while True:
+        try:
+            line = input("you> ") if interactive else stdin.readline()
+        except EOFError:
+            line = ""
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history.clear()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        user = {"role": "user", "content": text}
+        prompt = _prompt(run, head, history, user, multi_turn)
+        while history and len(prompt) + max_new_tokens > run.config.max_length:
+            history = history[2:]  # the oldest exchange goes first, to stay within the length trained on
+            print("(oldest turn dropped to fit max_length)", file=sys.stderr)
+            prompt = _prompt(run, head, history, user, multi_turn)
+        if interactive:
+            stdout.write("model> ")
+        try:
+            (reply,) = generate_texts(run.model, run.tokenizer, [prompt], run.encoder.end_ids, max_new_tokens,
+                                      temperature=temperature, top_p=top_p, streamer=_streamer(run.tokenizer, stdout))
+        except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
+            stdout.write("\n(stopped)\n")
+            continue
+        stdout.write("\n")
+        stdout.flush()
+        if multi_turn:
+            history += [user, {"role": "assistant", "content": reply}]
+
+
+def _prompt(run, head: list[dict], history: list[dict], user: dict, multi_turn: bool) -> list[int]:
+    if multi_turn:
+        example = Example(messages=[*head, *history, user, {"role": "assistant", "content": ""}])
+    else:
+        example = text_prompt(user["content"], run.data_format)
+    return run.encoder.prompt_ids(example)

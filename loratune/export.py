@@ -1,0 +1,106 @@
+"""`loratune merge`: base + adapter as one ordinary transformers model folder.
+
+The folder holds safetensors shards, config, generation config (stopping at the end tokens used in training),
+and the tokenizer files saved with the adapter, so the chat template is the one the run trained with.
+`AutoModelForCausalLM.from_pretrained(folder)` loads it with no loratune or PEFT installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .inference import generation_end_ids, locate_run, read_run_config
+from .model import DTYPES, load_model, load_tokenizer, resolve_model
+
+# Files of the adapter folder that are PEFT's, not the tokenizer's.
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
+SHARD_SIZE = "5GB"  # the hub's usual shard size
+
+
+def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype: str | None = None,
+          overwrite: bool = False) -> Path:
+    """Write base + adapter, merged, to `out`; `dtype` (bf16, fp16, fp32) defaults to the base's stored dtype."""
+    from peft import PeftModel
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    run_dir, folder = locate_run(run_dir, adapter)
+    cfg = read_run_config(run_dir)
+    model_path = resolve_model(cfg.model)
+    target = DTYPES[dtype] if dtype else stored_dtype(model_path)
+    if cfg.load_in_4bit or _stored_quantized(model_path):
+        base = _dequantised_base(model_path, target)
+    else:
+        base = load_model(model_path, target, torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
+    _stop_at_training_end_tokens(model, folder)
+    with ckpt.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+        for f in folder.iterdir():  # the tokenizer and chat template exactly as saved with the adapter
+            if f.is_file() and f.name not in ADAPTER_FILES:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "loratune-merge.json").write_text(json.dumps(
+            {"run": str(run_dir.resolve()), "adapter": str(folder.resolve()), "base": model_path,
+             "dtype": str(target).removeprefix("torch.")}, indent=1))
+    return out
+
+
+def stored_dtype(model_path: str) -> torch.dtype:
+    """The dtype the base's weights are stored in (its config's `dtype`); fp32 when it does not say."""
+    from transformers import AutoConfig
+
+    value = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def _stored_quantized(model_path: str) -> bool:
+    config = Path(model_path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def _dequantised_base(model_path: str, dtype: torch.dtype):
+    """The quantized base the adapter was trained on, dequantised: adding LoRA to 4-bit weights would round the
+    update away, and merging into the original weights would not be the model that was trained."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    stored = _stored_quantized(model_path)
+    try:
+        quantization = None if stored else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization,
+                                                    device_map="cuda" if torch.cuda.is_available() else None)
+        base = base.dequantize(dtype=dtype)
+    except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
+        what = "is stored quantized" if stored else "was trained in 4-bit (load_in_4bit)"
+        raise UserError(
+            f"the base model {what}: merging needs it dequantised, which failed here "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Dequantising 4-bit weights needs a CUDA GPU "
+            "with bitsandbytes; or keep using the adapter on the base (loratune generate / chat)"
+        ) from None
+    return base.to("cpu")
+
+
+def _stop_at_training_end_tokens(model, folder: Path) -> None:
+    """Generation stops where training taught the model to stop: the end tokens of the run's encoder (end of
+    sequence, the template's end of turn) and the base's own."""
+    from .data.encode import Encoder
+
+    tokenizer = load_tokenizer(str(folder))
+    gen = model.generation_config
+    ends = Encoder(tokenizer, tokenizer.chat_template, end_ids=generation_end_ids(model)).end_ids
+    gen.eos_token_id = sorted(ends)[0] if len(ends) == 1 else sorted(ends)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,259 @@
+"""The run's report: `loss.png` (losses against steps and tokens, learning rate, best step) and `report.md`.
+
+Written at the end of training and by `loratune report RUN_DIR`, from what the run folder already holds
+(metrics.jsonl, summary.json, config.yaml, data.json): no model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write
+from .console import format_seconds
+from .errors import UserError
+
+SAMPLE_CHARS = 600  # longer prompts and answers are cut in the report
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write loss.png and report.md into the run folder; returns their paths."""
+    run = Path(run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise UserError(f"{run}: not a loratune run folder (no metrics.jsonl)")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    summary = _read_json(run / "summary.json")
+    best = _best(summary, evals)
+    plot = run / "loss.png"
+    if train:
+        plot_losses(train, evals, best, plot, title=run.resolve().name)
+    report = run / "report.md"
+    atomic_write(report, _markdown(run, train, evals, summary, best, plot if train else None))
+    return plot, report
+
+
+def peak_memory(device) -> dict:
+    """The run's peak memory, for summary.json: tensors on a CUDA device, else the process's resident memory."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA tensors"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            "peak_memory_of": "process resident memory"}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _best(summary: dict | None, evals: list[dict]) -> dict | None:
+    """The best evaluation: as training chose it, or (for a run that did not finish) the lowest validation loss."""
+    step = summary.get("best_step") if summary else None
+    chosen = [r for r in evals if r["step"] == step] if step is not None else []
+    if not chosen and evals and not summary:
+        chosen = [min(evals, key=lambda r: r["val_loss"])]
+    return chosen[-1] if chosen else None
+
+
+# --- The plot ----------------------------------------------------------------------------------------------
+
+
+def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, works on servers
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    steps = np.array([r["step"] for r in train], dtype=float)
+    losses = np.array([r["loss"] for r in train], dtype=float)
+    lrs = np.array([r["lr"] for r in train], dtype=float)
+    tokens = np.cumsum([r["tokens"] for r in train]).astype(float)
+
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
+    many = len(steps) > 40
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, lw=1,
+            marker=None if many else ".", label="training loss (per step)" if many else "training loss")
+    if many:  # a running mean shows the trend through step-to-step noise
+        ax.plot(steps, _smooth(losses, max(5, len(steps) // 25)), color="tab:blue", lw=2, label="training loss (smoothed)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], color="tab:orange", lw=2, marker="o",
+                ms=5, label="validation loss")
+    if best:
+        ax.axvline(best["step"], color="tab:green", ls=":", lw=1.2)
+        ax.plot(best["step"], best["val_loss"], marker="*", ms=16, color="tab:green", ls="none",
+                label=f"best: step {best['step']}, validation loss {best['val_loss']:.4f}")
+    shown = np.concatenate([losses[np.isfinite(losses)], [r["val_loss"] for r in evals]])
+    if len(shown) and shown.min() > 0 and shown.max() / shown.min() > 10:
+        ax.set_yscale("log")  # losses that fall by orders of magnitude stay readable at the end
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean cross-entropy per answer token)")
+    ax.set_xlim(0, steps.max() * 1.02)
+    ax.grid(alpha=0.3)
+
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, lrs, color="tab:gray", ls="--", lw=1.2, label="learning rate (right axis)")
+    lr_ax.set_ylabel("learning rate", color="tab:gray")
+    lr_ax.tick_params(axis="y", colors="tab:gray")
+    lr_ax.set_ylim(0, lrs.max() * 1.1 if lrs.max() > 0 else 1)
+    lr_ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}".replace("e-0", "e-") if v else "0"))
+
+    # Tokens processed on the top axis: cumulative tokens at the end of each step, interpolated between steps.
+    at_step = np.concatenate([[0.0], steps]), np.concatenate([[0.0], tokens])
+    to_tokens, to_steps = (lambda s: np.interp(s, *at_step)), (lambda t: np.interp(t, at_step[1], at_step[0]))
+    top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
+    top.set_xlabel("tokens processed (prompts + answers)")
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    # Below the axes, so it never hides a curve.
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=9, frameon=False)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
+    fig.tight_layout(rect=(0, 0.06 if len(handles) <= 3 else 0.1, 1, 1))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _smooth(values, window: int):
+    import numpy as np
+
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+
+
+# --- The markdown -----------------------------------------------------------------------------------------
+
+
+def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    lines = [f"# {run.resolve().name}", ""]
+    target = config.get("lora_target_modules")
+    lines += [f"LoRA fine-tune of `{config.get('model')}` on `{config.get('train_data')}`: rank {config.get('lora_r')}, "
+              f"alpha {config.get('lora_alpha')}, on {target if isinstance(target, str) else ', '.join(target or [])}.", ""]
+    if plot:
+        lines += [f"![training and validation loss]({plot.name})", ""]
+
+    lines += ["## Outcome", "", "| | |", "|---|---|"]
+    if summary:
+        lines += [f"| stopped | {summary['stop_reason']} |",
+                  f"| steps | {summary['steps']} ({summary['epochs']} epochs) |",
+                  f"| training time | {format_seconds(summary['train_seconds'])} |"]
+    else:
+        last = train[-1] if train else {"step": 0, "epoch": 0}
+        lines += [f"| stopped | not finished (no summary.json); last logged step {last['step']}, epoch {last['epoch']} |"]
+    if best:
+        lines += [f"| best step | {best['step']} (epoch {best['epoch']}), validation loss {best['val_loss']:.4f} |"]
+    if evals:
+        lines += [f"| last validation loss | {evals[-1]['val_loss']:.4f} (step {evals[-1]['step']}) |"]
+    if train:
+        first, last = train[0], train[-1]
+        lines += [f"| training loss | {first['loss']:.4f} at step {first['step']}, "
+                  f"{last['loss']:.4f} at step {last['step']} |"]
+    lines.append("")
+
+    lines += _test_section(run, summary, config)
+    lines += _data_section(run, summary)
+    lines += _speed_section(train, summary)
+    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    lines += ["## Config", "", "<details><summary>config.yaml (the resolved settings of this run)</summary>", "",
+              "```yaml", config_text.rstrip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _test_section(run: Path, summary, config: dict) -> list[str]:
+    before, after = (summary or {}).get("test_before"), (summary or {}).get("test_after")
+    if not after:
+        return ["## Sample generations", "",
+                "No held-out test set in this run (set `test_data`, or run "
+                "`loratune eval RUN_DIR --data FILE --generate`).", ""]
+    metrics = [k for k in after if k != "samples"]
+    lines = [f"## Held-out test (`{config.get('test_data')}`, greedy generation)", "",
+             "| | base model | fine-tuned |", "|---|---|---|"]
+    for k in metrics:
+        lines.append(f"| {k.replace('_', ' ')} | {(before or {}).get(k, float('nan')):.1%} | {after[k]:.1%} |")
+    lines += ["", "## Sample generations", ""]
+    examples = _test_examples(run, config, len(after["samples"]))
+    for i, generated in enumerate(after["samples"]):
+        lines.append(f"### Example {i + 1}")
+        if i < len(examples):
+            lines += ["", "Prompt:", "", *_block(examples[i][0]), "", "Reference:", "", *_block(examples[i][1])]
+        if before and i < len(before["samples"]):
+            lines += ["", "Base model:", "", *_block(before["samples"][i])]
+        lines += ["", "Fine-tuned:", "", *_block(generated), ""]
+    return lines
+
+
+def _test_examples(run: Path, config: dict, n: int) -> list[tuple[str, str]]:
+    """(prompt, reference) of the first test examples, the ones training generated its samples for."""
+    from .config import TrainConfig
+    from .data.encode import Encoder
+    from .data.prepare import read_examples
+    from .inference import prompt_text
+
+    if not config.get("test_data") or not Path(config["test_data"]).exists():
+        return []
+    try:
+        cfg = TrainConfig(**config)
+        examples = read_examples(cfg.test_data, "test", cfg)[:n]
+    except UserError:  # the file changed since training: show the generations alone
+        return []
+    return [(prompt_text(ex), Encoder.reference(ex)) for ex in examples]
+
+
+def _block(text: str) -> list[str]:
+    text = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " [...]"
+    return ["```text", text.replace("```", "'''"), "```"]
+
+
+def _data_section(run: Path, summary) -> list[str]:
+    """The data lines training printed at its start (from data.json), and the tokens it went through."""
+    from .data.prepare import DataReport, Fit
+
+    lines = []
+    raw = _read_json(run / "data.json")
+    try:
+        report = DataReport(**{**raw, "train_fit": Fit(**raw["train_fit"]), "val_fit": Fit(**raw["val_fit"])})
+        lines += [f"- {'warning: ' if warn else ''}{message}" for warn, message in report.lines()]
+    except (TypeError, KeyError):  # no data.json, or one written by another version of loratune
+        pass
+    if summary:
+        lines.append(f"- {summary['tokens']:,} tokens processed, {summary['target_tokens']:,} of them answer tokens "
+                     "(the ones with loss)")
+    return ["## Data", "", *lines, ""] if lines else []
+
+
+def _speed_section(train: list[dict], summary) -> list[str]:
+    lines = ["## Throughput and memory", "", "| | |", "|---|---|"]
+    if summary:
+        seconds = max(summary["train_seconds"], 1e-9)
+        answers_per_s = summary["target_tokens"] / seconds
+        lines += [f"| tokens per second | {summary['tokens_per_s']:,.0f} ({answers_per_s:,.0f} answer tokens) |",
+                  f"| base precision | {summary['precision']} (LoRA weights fp32) |",
+                  f"| batches | {'packed rows' if summary['packing'] else 'padded'}, "
+                  f"{summary['processes']} process{'es' if summary['processes'] > 1 else ''} |"]
+        if summary.get("peak_memory_bytes"):
+            lines.append(f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_of']}) |")
+        else:
+            lines.append("| peak memory | not recorded by this run |")
+    if train:
+        lines.append(f"| seconds per step | {statistics.median(r['seconds'] for r in train):.2f} (median) |")
+        padding = statistics.mean(r.get("padding_share", 0) for r in train)
+        lines.append(f"| padding | {padding:.1%} of the tokens in batches |")
+    return lines + [""]

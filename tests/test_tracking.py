@@ -1,0 +1,45 @@
+import importlib.util
+
+import pytest
+
+from loratune import TrainConfig
+from loratune.errors import UserError
+from loratune.tracking import Trackers
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_metrics_config_and_summary_and_a_resume_replaces_replayed_steps(tmp_path):
+    config = TrainConfig(train_data="data.jsonl").model_dump()
+    trackers = Trackers(["tensorboard"])
+    trackers.start(tmp_path, config)
+    for step in (1, 2, 3):
+        trackers.log({"event": "train", "step": step, "epoch": step / 3, "loss": 1.0 / step, "lr": 1e-4})
+    trackers.log({"event": "eval", "step": 3, "val_loss": 0.5, "best_val_loss": 0.5})
+    trackers.finish()
+
+    resumed = Trackers(["tensorboard"])  # resumed from the checkpoint at step 1: steps 2 and 3 run again
+    resumed.start(tmp_path, config, step=1)
+    for step in (2, 3):
+        resumed.log({"event": "train", "step": step, "epoch": step / 3, "loss": 2.0 / step, "lr": 1e-4})
+    resumed.log({"event": "eval", "step": 3, "val_loss": 0.25, "best_val_loss": 0.25})
+    resumed.finish({"steps": 3, "best_val_loss": 0.25, "test_after": {"exact_match": 0.5, "samples": ["x"]}})
+
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(1, 1.0), (2, 1.0), (3, 0.666667)]
+    assert scalars["eval/val_loss"] == [(3, 0.25)]
+    assert scalars["summary/best_val_loss"] == [(3, 0.25)] and scalars["summary/test_after/exact_match"] == [(3, 0.5)]
+    assert list(tmp_path.glob("tensorboard/*/hparams.yml"))  # the config, as TensorBoard hyperparameters
+
+
+def test_a_missing_tracker_package_is_one_clear_error_before_anything_starts(tmp_path):
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match=r"report_to: wandb needs the wandb package.*pip install 'loratune\[wandb\]'"):
+        Trackers(["tensorboard", "wandb"])
+    assert not list(tmp_path.iterdir())
