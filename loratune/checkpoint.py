@@ -49,6 +49,7 @@ class TrainState:
     metrics_lines: int = 0  # lines of metrics.jsonl that belong to the run so far
     step_loss_sum: float = 0.0  # partial sums of an interrupted step
     step_targets: int = 0
+    micro_batch: int = 0  # examples per forward pass in the current step (halved after running out of memory)
     stop_reason: str | None = None
     history: list[dict] = field(default_factory=list)  # validation losses so far
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import memory
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig, dump_yaml, guide_warnings
 from .console import Console, format_seconds
@@ -29,8 +30,11 @@ from .data.prepare import Prepared, prepare
 from .errors import UserError
 from .evaluate import dataset_loss, score
 from .generate import generate_texts
+from .inference import generation_end_ids
 from .loss import CausalLMLoss
 from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_model, supports_packing
+from .report import peak_memory, write_report
+from .tracking import Trackers
 
 # Config fields that may change when resuming: they do not affect the result.
 # The split of a step into passes and processes may change too, as long as each step keeps the same examples.
@@ -59,6 +63,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     main = accelerator.is_main_process
     console = console or Console(enabled=main)
     ckpt.check_output_dir(run, overwrite=overwrite, resume=resume)
+    trackers = Trackers(cfg.report_to, enabled=main)  # a missing tracker package stops here, before any loading
     for warning in guide_warnings(cfg):
         console.warn(warning)
     set_seed(cfg.seed)
@@ -72,10 +77,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for is_warning, line in data.report.lines():
         (console.warn if is_warning else console.info)(line)
 
-    # --- Model -------------------------------------------------------------------------------------------
+    # --- Memory: choose batch_size auto, and stop now if even the smallest micro-batch cannot fit ----------
     device = accelerator.device
-    base = load_model(model_path, dtype, device)
-    encoder.end_ids |= _generation_end_ids(base)
+    mem = memory.RunMemory(cfg, model_path, data.train.lengths, data.train.target_counts, device, dtype)
+    auto_batch = cfg.batch_size == "auto"
+    if auto_batch:
+        choice = mem.choose_batch_size()
+        cfg.batch_size, cfg.gradient_accumulation_steps = choice.batch_size, choice.gradient_accumulation_steps
+        console.info(choice.reason)
+    if warning := mem.check(cfg):
+        console.warn(warning)
+
+    # --- Model -------------------------------------------------------------------------------------------
+    base = load_model(model_path, dtype, device, load_in_4bit=cfg.load_in_4bit)
+    encoder.end_ids |= generation_end_ids(base)
     packing = cfg.packing and supports_packing(base)
     if cfg.packing and not packing:
         console.warn(f"{type(base).__name__} does not support packed attention; using padded batches instead")
@@ -86,6 +101,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model = add_lora(base, cfg)
     loss_module = CausalLMLoss(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if auto_batch and device.type == "cuda":  # confirm the estimate's choice on the largest pass of real data
+        cfg.batch_size, cfg.gradient_accumulation_steps = _confirm_batch_size(
+            loss_module, data.train, cfg, mem, packing, tokenizer.pad_token_id, device, console)
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
@@ -126,7 +144,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         ckpt.atomic_write(run / "fingerprint.json", json.dumps(fingerprint, indent=1))
         (run / "metrics.jsonl").write_text("")
     state.examples_per_step = per_step
-    metrics = _Metrics(run / "metrics.jsonl", state, enabled=main)
+    # The micro-batch of an interrupted step must stay the same for its passes to line up; else the config's.
+    batch_size = state.micro_batch if partial is not None and state.micro_batch else cfg.batch_size
+    metrics = _Metrics(run / "metrics.jsonl", state, trackers, enabled=main)
+    trackers.start(run, cfg.model_dump(), state.step)
     save_best = _BestAdapter(run, model, tokenizer, encoder.template, enabled=main)
 
     test_before = None
@@ -152,8 +173,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                     continue
                 examples = steps[state.step_in_epoch]
-                n_passes = passes_per_step(len(examples), cfg.batch_size, world)
-                passes = split_step(examples, lengths, cfg.batch_size, n_passes, packing)
+                state.micro_batch = batch_size
+                n_passes = passes_per_step(len(examples), batch_size, world)
+                passes = split_step(examples, lengths, batch_size, n_passes, packing)
                 mine = passes[accelerator.process_index :: world]
                 step_targets = int(target_counts[examples].sum())  # the whole step, all processes
                 step_start = time.perf_counter()
@@ -164,21 +186,34 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         p.grad = g.to(p.device)
                     partial = None
 
-                for i in range(state.pass_in_step, len(mine)):
-                    batch = _collate(data.train, mine[i], packing, tokenizer.pad_token_id).to(device)
-                    sync = i == len(mine) - 1
-                    with nullcontext() if sync else accelerator.no_sync(loss_module):
-                        loss_sum = loss_module(batch)
-                        # Divide by the step's target count (x processes, since DDP averages): the step's update is
-                        # the mean over all its target tokens whatever the split into passes and processes.
-                        accelerator.backward(loss_sum * (world / step_targets))
-                    state.step_loss_sum += float(loss_sum.detach())
-                    step_tokens += batch.n_tokens
-                    padded_tokens += batch.input_ids.numel()
-                    state.pass_in_step = i + 1
-                    if stop.requested and not sync and world == 1:  # mid-step saves hold one process's gradients
-                        _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main)
-                        raise Interrupted(_resume_hint(run, stop.signal_name))
+                try:
+                    for i in range(state.pass_in_step, len(mine)):
+                        batch = _collate(data.train, mine[i], packing, tokenizer.pad_token_id).to(device)
+                        mem.raise_if_over(batch)
+                        sync = i == len(mine) - 1
+                        with nullcontext() if sync else accelerator.no_sync(loss_module):
+                            loss_sum = loss_module(batch)
+                            # Divide by the step's target count (x processes, since DDP averages): the update is the
+                            # mean over all the step's target tokens whatever the split into passes and processes.
+                            accelerator.backward(loss_sum * (world / step_targets))
+                        state.step_loss_sum += float(loss_sum.detach())
+                        step_tokens += batch.n_tokens
+                        padded_tokens += batch.input_ids.numel()
+                        state.pass_in_step = i + 1
+                        if stop.requested and not sync and world == 1:  # mid-step saves hold one process's gradients
+                            _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main)
+                            raise Interrupted(_resume_hint(run, stop.signal_name))
+                except torch.OutOfMemoryError:
+                    out_of_memory = True
+                else:
+                    out_of_memory = False
+                if out_of_memory:  # outside the except block, so the failed pass's tensors can be freed
+                    batch = loss_sum = partial = None
+                    batch_size = _halve_after_oom(batch_size, world, mem, optimizer, state, device)
+                    progress.note(f"step {state.step + 1}: out of memory; replaying it with batch_size {batch_size} "
+                                  f"x {math.ceil(per_step / world / batch_size)} passes (same effective batch)")
+                    metrics.write(event="out_of_memory", step=state.step + 1, batch_size=batch_size)
+                    continue
 
                 # --- the optimizer step -------------------------------------------------------------------
                 step_loss = _all_sum(accelerator, state.step_loss_sum) / step_targets
@@ -285,15 +320,21 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "precision": str(dtype).removeprefix("torch."),
         "packing": packing,
         "processes": world,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "adapter": str(run / "adapter"),
         "test_before": test_before,
         "test_after": test_after,
     }
+    summary |= peak_memory(device)
+    trackers.finish(summary)
     if main:
         ckpt.atomic_write(run / "summary.json", json.dumps(summary, indent=1))
+        write_report(run)
         console.info(
             f"done in {format_seconds(state.elapsed)}: {state.stop_reason}. Best validation loss "
-            f"{_fmt(state.best_val_loss)} at step {state.best_step}; adapter in {run / 'adapter'}"
+            f"{_fmt(state.best_val_loss)} at step {state.best_step}; adapter in {run / 'adapter'}; "
+            f"report in {run / 'report.md'}"
         )
     return summary
 
@@ -358,9 +399,40 @@ def _val_loss(loss_module, data: Prepared, cfg, packing, tokenizer, device, acce
     return _all_sum(accelerator, total) / _all_sum(accelerator, count)
 
 
-def _generation_end_ids(model) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+def _halve_after_oom(batch_size: int, world: int, mem, optimizer, state, device) -> int:
+    """Free the failed step's gradients and return the halved micro-batch that replays it; the step keeps its
+    examples, so the update is the same (the loss is normalised by the step's target count)."""
+    if batch_size == 1 or world > 1:  # other processes would wait for this one forever: stop all with the fixes
+        raise UserError(mem.out_of_memory(batch_size) + (f" (halving is not tried with {world} processes)" if world > 1 else ""),
+                        exit_code=1)
+    optimizer.zero_grad(set_to_none=True)
+    state.pass_in_step, state.step_loss_sum = 0, 0.0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return batch_size // 2
+
+
+def _confirm_batch_size(loss_module, train, cfg, mem, packing, pad_id, device, console) -> tuple[int, int]:
+    """batch_size auto on a GPU: run the largest pass of real data at the chosen size, halving until it fits."""
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    batch_size = cfg.batch_size
+    while True:
+        size = memory.largest_pass(mem.mm, cfg, batch_size, effective // batch_size, train.lengths, train.target_counts, packing)
+        try:
+            batch = _collate(train, list(size.examples), packing, pad_id).to(device)
+            loss_module(batch).backward()
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        loss_module.zero_grad(set_to_none=True)
+        batch = None
+        torch.cuda.empty_cache()
+        if ok:
+            return batch_size, effective // batch_size
+        if batch_size == 1:
+            raise UserError(mem.out_of_memory(1), exit_code=1)
+        batch_size = max(d for d in range(1, batch_size) if effective % d == 0)
+        console.warn(f"batch_size auto: the trial pass ran out of memory; trying batch_size {batch_size}")
 
 
 def _test_scores(model, tokenizer, encoder, examples, console, label, before=None) -> dict:
@@ -391,10 +463,11 @@ def _show_samples(console, examples, encoder, before: list[str], after: list[str
 
 
 class _Metrics:
-    """metrics.jsonl, one JSON object per event; a resumed run continues after the checkpoint's last line."""
+    """metrics.jsonl, one JSON object per event, also sent to the trackers; a resumed run continues after the
+    checkpoint's last line."""
 
-    def __init__(self, path: Path, state, enabled: bool):
-        self.path, self.state, self.enabled = path, state, enabled
+    def __init__(self, path: Path, state, trackers: Trackers, enabled: bool):
+        self.path, self.state, self.trackers, self.enabled = path, state, trackers, enabled
         if enabled and path.is_file():
             lines = path.read_text().splitlines(keepends=True)[: state.metrics_lines]
             ckpt.atomic_write(path, "".join(lines))
@@ -402,8 +475,10 @@ class _Metrics:
     def write(self, **record) -> None:
         self.state.metrics_lines += 1
         if self.enabled:
+            record = {k: _round(v) for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: _round(v) for k, v in record.items()}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            self.trackers.log(record)
 
 
 def _round(v):

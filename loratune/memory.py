@@ -678,6 +678,62 @@ def fixes(
     ]
 
 
+# --- During training ------------------------------------------------------------------------------------------
+
+
+class RunMemory:
+    """The memory side of a training run: batch_size auto, the check before training, and out-of-memory errors.
+
+    On CUDA, `max_memory` caps PyTorch's allocator, so a pass beyond it raises a real out-of-memory error. On CPU
+    nothing runs out before the machine swaps, so a pass the estimate puts over `max_memory` raises one instead:
+    that is how the recovery is tested without a GPU.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_path: str, lengths: np.ndarray, targets: np.ndarray,
+                 device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.lengths, self.targets = lengths, targets
+        self.shape = read_shape(model_path, cfg)
+        self.packing = cfg.packing and self.shape.packs
+        self.budget = device_budget(cfg, self.device)
+        self.mm = MemoryModel.for_run(cfg, self.shape, self.device, dtype)
+        self.simulated = bool(cfg.max_memory) and self.device.type != "cuda"
+        if cfg.max_memory and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(cfg.max_memory) / total), self.device)
+
+    def choose_batch_size(self) -> BatchChoice:
+        return choose_batch_size(self.mm, self.cfg, self.budget, self.lengths, self.targets, self.packing)
+
+    def check(self, cfg: TrainConfig) -> str | None:
+        """Before training: None when the run's largest pass fits; a warning when only a smaller micro-batch does
+        (training will halve it when memory runs out); a UserError with the fixes when not even batch_size 1 fits."""
+        plan = estimate(cfg, self.shape, self.device, self.dtype, self.budget, lengths=self.lengths,
+                        targets=self.targets, packing=self.packing)
+        if plan.fits:
+            return None
+        effective = cfg.batch_size * cfg.gradient_accumulation_steps
+        if _largest_fitting(self.mm, cfg, self.budget, effective, self.lengths, self.targets, self.packing)[0] is None:
+            require_fit(plan)
+        return (
+            f"batch_size {cfg.batch_size} needs about {_size(plan.total)} at its largest pass, more than "
+            f"{self.budget.source}: training will halve the micro-batch when memory runs out, keeping the effective "
+            f"batch. To avoid the retries, change one of: " + "; ".join(plan.fixes)
+        )
+
+    def raise_if_over(self, batch) -> None:
+        """Under max_memory on CPU: the out-of-memory error a capped GPU would raise for this pass."""
+        if self.simulated and not pass_fits(self.mm, batch, self.budget):
+            raise torch.OutOfMemoryError(f"pass of {batch.input_ids.numel()} tokens over max_memory {self.cfg.max_memory}")
+
+    def out_of_memory(self, batch_size: int) -> str:
+        """The error for an out-of-memory error that halving cannot fix."""
+        effective = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        found = fixes(self.mm, self.cfg, self.budget, batch_size, effective // batch_size, self.lengths,
+                      self.targets, self.packing)
+        return f"out of memory at batch_size {batch_size}. Change one of: " + "; ".join(found)
+
+
 # --- Time per epoch ----------------------------------------------------------------------------------------------
 
 

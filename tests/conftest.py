@@ -53,8 +53,7 @@ def varied_rows(n: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     """A finished 6-step run of the tiny model with validation and test data (read-only: copy it to change it)."""
-    from loratune import TrainConfig
-    from loratune.train import train  # the loop itself: the package's `train` is shadowed once this module loads
+    from loratune import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny_run")
     train(TrainConfig(

@@ -62,3 +62,15 @@ def test_eval_and_no_grad_use_peft_path():
     x = torch.randn(4, 24)
     with torch.no_grad():
         torch.testing.assert_close(peft(x), fused(x))
+
+
+def test_keep_masks_are_independent_across_calls_and_positions():
+    torch.manual_seed(0)
+    p, n = 0.3, 400_000
+    first, second = keep_mask(torch.Size([n]), p, "cpu"), keep_mask(torch.Size([n]), p, "cpu")
+    both = (first & second).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.004  # independent draws, not the same stream twice
+    for lane in range(4):  # each 64-bit hash gives four values: none of them is biased
+        assert abs(first[lane::4].float().mean().item() - (1 - p)) < 0.005
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([n]), p, "cpu"), first)  # seeded by torch's generator

@@ -194,3 +194,56 @@ def test_four_bit_is_refused_on_cpu(tiny_model, capsys):
     # planning for a GPU that is not here is allowed, and counts the 4-bit base
     assert main(["plan", "--model", tiny_model, "--gpu-memory", "8GB", "--load-in-4bit"]) == 0
     assert "4-bit NF4" in capsys.readouterr().out
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_the_result(tiny_model, tmp_path):
+    """A pass over max_memory (simulated on CPU as a capped GPU would raise it) is replayed at half the micro-batch;
+    batch_size auto under the same cap starts at a size that fits. Both give the uncapped run's adapter."""
+    from loratune import train
+    from loratune.data.encode import encoder_for
+    from loratune.data.prepare import prepare
+    from loratune.memory import peak_items
+    from loratune.model import load_tokenizer
+
+    base = TrainConfig(
+        model=tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(32)),
+        val_data=write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)), epochs=1, batch_size=8,
+        gradient_accumulation_steps=2, lora_dropout=0.0,  # dropout masks depend on how a step is split
+        max_length=256, precision="fp32", device="cpu", learning_rate=1e-3, early_stopping_patience=0,
+    )
+    reference = train(base.model_copy(update={"output_dir": str(tmp_path / "reference")}))
+    assert reference["batch_size"] == 8
+
+    data = prepare(base, encoder_for(load_tokenizer(tiny_model), base)).train
+    mm = MemoryModel.for_run(base, read_shape(tiny_model, base), "cpu", torch.float32)
+    plenty = Budget(2**40, "plenty")
+
+    def peak(b):
+        return peak_items(mm, largest_pass(mm, base, b, 16 // b, data.lengths, data.target_counts), plenty)[1]
+
+    assert peak(2) < peak(8)
+    cap = str((peak(2) + peak(8)) // 2)
+
+    capped = train(base.model_copy(update={"output_dir": str(tmp_path / "capped"), "max_memory": cap}))
+    events = [json.loads(line) for line in (tmp_path / "capped" / "metrics.jsonl").read_text().splitlines()]
+    halvings = [e for e in events if e["event"] == "out_of_memory"]
+    assert halvings and halvings[-1]["batch_size"] < 8
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, reference["steps"] + 1))
+
+    auto = train(base.model_copy(update={"output_dir": str(tmp_path / "auto"), "max_memory": cap, "batch_size": "auto"}))
+    assert auto["batch_size"] < 8 and auto["batch_size"] * auto["gradient_accumulation_steps"] == 16
+    assert not any(json.loads(line)["event"] == "out_of_memory"
+                   for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines())
+
+    want = _adapter(tmp_path / "reference")
+    for run in ("capped", "auto"):
+        got = _adapter(tmp_path / run)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
