@@ -8,7 +8,7 @@ from loratune import TrainConfig
 from loratune.cli import main
 from loratune.errors import UserError
 from loratune.memory import (
-    NF4_BYTES, Budget, MemoryModel, choose_batch_size, estimate, fixes, largest_pass, measure_pass, measured_throughput,
+    NF4_BYTES, Budget, MemoryModel, RunMemory, choose_batch_size, estimate, fixes, largest_pass, measure_pass, measured_throughput,
     read_shape, require_fit, shape_from_config,
 )
 from loratune.model import add_lora, load_model
@@ -202,7 +202,7 @@ def _adapter(run):
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_the_result(tiny_model, tmp_path):
+def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_the_result(tiny_model, tmp_path, monkeypatch):
     """A pass over max_memory (simulated on CPU as a capped GPU would raise it) is replayed at half the micro-batch;
     batch_size auto under the same cap starts at a size that fits. Both give the uncapped run's adapter."""
     from loratune import train
@@ -241,8 +241,20 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     assert not any(json.loads(line)["event"] == "out_of_memory"
                    for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines())
 
+    # Out of memory in the step's second pass, after the first one's backward: its gradients must not count twice.
+    calls = []
+
+    def second_pass_fails(self, batch):
+        calls.append(batch.input_ids.numel())
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(RunMemory, "raise_if_over", second_pass_fails)
+    mid = train(base.model_copy(update={"output_dir": str(tmp_path / "mid_step")}))
+    assert mid["batch_size"] == 4 and len(calls) > 2
+
     want = _adapter(tmp_path / "reference")
-    for run in ("capped", "auto"):
+    for run in ("capped", "auto", "mid_step"):
         got = _adapter(tmp_path / run)
         assert got.keys() == want.keys()
         for k in want:
