@@ -80,3 +80,26 @@ def test_short_fine_tune_of_the_real_model_improves_the_held_out_metric(smollm2,
     before, after = summary["test_before"], summary["test_after"]
     assert after["field_accuracy"] >= before["field_accuracy"] + 0.4
     assert after["exact_match"] >= before["exact_match"] + 0.15
+
+
+@pytest.mark.slow
+def test_plan_of_the_default_model_is_itemised_and_within_25_percent_of_a_measured_pass(smollm2, capsys):
+    """`loratune plan` on the built-in model, then its estimate of a quickstart pass against the CPU allocator's
+    measured peak on all 30 blocks (the fixed items are exact counts, tested in test_memory.py)."""
+    import torch
+
+    from loratune import TrainConfig
+    from loratune.cli import main
+    from loratune.config import PRESETS
+    from loratune.memory import MemoryModel, measure_pass, read_shape
+    from loratune.model import load_model
+
+    assert main(["plan", "--preset", "quickstart", "--precision", "fp32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for item in ("frozen weights", "LoRA weights", "LoRA gradients", "AdamW state", "activations", "overhead", "total"):
+        assert item in out, item
+    cfg = TrainConfig(**{**PRESETS["quickstart"].values, "precision": "fp32"})
+    base = load_model(smollm2, torch.float32, torch.device("cpu"))
+    measured, batch = measure_pass(base, cfg, [256, 256, 256, 256], answer_share=0.4)
+    estimated = MemoryModel.for_run(cfg, read_shape(smollm2, cfg), "cpu", torch.float32).batch_bytes(batch)
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
