@@ -63,8 +63,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if quickstart:
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
     resolved = _resolve(args, default_preset="quickstart" if quickstart else None)
-    train(resolved.config, resume=bool(args.resume), overwrite=args.overwrite)
+    config = resolved.config
+    if quickstart and not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
+        config.output_dir = _next_free(Path(config.output_dir))
+    train(config, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
+
+
+def _next_free(folder: Path) -> str:
+    """`folder`, or when it already holds something, the first free `folder-2`, `folder-3`, ..."""
+    candidate, n = folder, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    if candidate != folder:
+        print(f"{folder} holds an earlier run: this one goes to {candidate}")
+    return str(candidate)
 
 
 def _relaunch(processes: int) -> int:

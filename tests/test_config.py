@@ -93,3 +93,15 @@ def test_example_configs_resolve_to_their_presets(path):
     resolved = resolve(str(path))
     assert resolved.preset == path.stem
     assert resolved.config.train_data and Path(resolved.config.train_data).is_file()
+
+
+def test_the_quickstart_run_again_goes_to_the_next_free_folder(tmp_path, capsys):
+    from loratune.cli import _next_free
+
+    first = tmp_path / "quickstart"
+    assert _next_free(first) == str(first)
+    first.mkdir()
+    assert _next_free(first) == str(first)  # an empty folder is free
+    (first / "summary.json").write_text("{}")
+    assert _next_free(first) == str(tmp_path / "quickstart-2")
+    assert "holds an earlier run" in capsys.readouterr().out
