@@ -29,7 +29,8 @@ def keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
     torch's dropout draws its random numbers one at a time from the CPU's Mersenne Twister, which costs more than
     the layer's matrix products on small models. Here one seed is drawn from torch's generator (so seeding,
     checkpoints and resume behave as usual) and a counter is hashed with splitmix64 in vectorised int64 ops;
-    each 64-bit hash gives four 16-bit values. About 6x faster than torch's dropout on a 2-core CPU.
+    each 64-bit hash gives four 16-bit values. Mask and its application together take about a quarter of
+    torch's dropout's time on a [1500, 400] input on a 2-core CPU (1.3 ms against 4.9 ms).
     """
     n = shape.numel()
     seed = int(torch.randint(-(2**62), 2**62, (1,)))
