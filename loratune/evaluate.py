@@ -15,6 +15,7 @@ import torch
 from .checkpoint import atomic_write
 from .data.batching import collate_packed, collate_padded
 from .data.prepare import TokenizedSet
+from .generate import generate_texts
 
 
 @torch.no_grad()
@@ -87,6 +88,15 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     return result
 
 
+def answer(model, tokenizer, encoder, examples, max_new_tokens: int | None = None) -> tuple[list[str], list[str]]:
+    """Greedy answers to the examples' prompts (formatted as in training), and their reference answers. The
+    answers may run to the longest reference + 16 tokens unless `max_new_tokens` says otherwise."""
+    prompts = [encoder.prompt_ids(ex) for ex in examples]
+    references = [encoder.reference(ex) for ex in examples]
+    budget = max_new_tokens or max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
+    return generate_texts(model, tokenizer, prompts, encoder.end_ids, budget), references
+
+
 # --- `loratune eval`: a run's base and fine-tuned model side by side ------------------------------------------
 
 
@@ -98,7 +108,6 @@ def evaluate_run(run_dir, data: str, report: str | Path | None = None, adapter: 
     from .data.encode import Encoder
     from .data.prepare import DataReport, encode_source, fit, read_examples
     from .errors import UserError
-    from .generate import generate_texts
     from .inference import load_run, prompt_text
     from .loss import CausalLMLoss
     from .model import supports_packing
@@ -133,13 +142,10 @@ def evaluate_run(run_dir, data: str, report: str | Path | None = None, adapter: 
     rows = []
     if generate:
         examples = read_examples(data, "test", cfg)
-        prompts = [encoder.prompt_ids(ex) for ex in examples]
-        references = [encoder.reference(ex) for ex in examples]
-        budget = max_new_tokens or max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
         outputs = {}
         for name, use in models.items():
             with use():
-                outputs[name] = generate_texts(model, tokenizer, prompts, encoder.end_ids, budget)
+                outputs[name], references = answer(model, tokenizer, encoder, examples, max_new_tokens)
             summary[name].update(score(outputs[name], references))
         for i, ex in enumerate(examples):
             row = {"event": "example", "index": i, "prompt": prompt_text(ex), "reference": references[i]}

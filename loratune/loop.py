@@ -28,12 +28,11 @@ from .data.batching import collate_packed, collate_padded, epoch_steps, passes_p
 from .data.encode import encoder_for
 from .data.prepare import Prepared, prepare
 from .errors import UserError
-from .evaluate import dataset_loss, score
-from .generate import generate_texts
-from .inference import generation_end_ids
+from .evaluate import answer, dataset_loss, score
+from .inference import generation_end_ids, prompt_text, read_run_config
 from .loss import CausalLMLoss
 from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_model, supports_packing
-from .report import peak_memory, write_report
+from .report import write_report
 from .tracking import Trackers
 
 # Config fields that may change when resuming: they do not affect the result.
@@ -256,7 +255,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     or state.step == total_steps
                 )
                 if evaluate_now and len(data.val):
-                    val_loss = _val_loss(loss_module, data, cfg, packing, tokenizer, device, accelerator)
+                    val_loss = _val_loss(loss_module, data, batch_size, packing, tokenizer, device, accelerator)
                     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
                     if improved:
                         state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, round(epoch_float, 4)
@@ -326,7 +325,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "test_before": test_before,
         "test_after": test_after,
     }
-    summary |= peak_memory(device)
+    summary |= memory.peak_memory(device)
     trackers.finish(summary)
     if main:
         ckpt.atomic_write(run / "summary.json", json.dumps(summary, indent=1))
@@ -392,8 +391,7 @@ def _clip(accelerator, params, max_norm: float) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _val_loss(loss_module, data: Prepared, cfg, packing, tokenizer, device, accelerator) -> float:
-    batch_size = cfg.batch_size
+def _val_loss(loss_module, data: Prepared, batch_size: int, packing, tokenizer, device, accelerator) -> float:
     total, count = dataset_loss(loss_module, data.val, batch_size, packing, tokenizer.pad_token_id, device,
                                 shard=(accelerator.process_index, accelerator.num_processes))
     return _all_sum(accelerator, total) / _all_sum(accelerator, count)
@@ -437,27 +435,23 @@ def _confirm_batch_size(loss_module, train, cfg, mem, packing, pad_id, device, c
 
 def _test_scores(model, tokenizer, encoder, examples, console, label, before=None) -> dict:
     """Greedy answers to the held-out test prompts, scored against their references."""
-    prompts = [encoder.prompt_ids(ex) for ex in examples]
-    references = [encoder.reference(ex) for ex in examples]
-    budget = max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
-    predictions = generate_texts(model, tokenizer, prompts, encoder.end_ids, max_new_tokens=budget)
+    predictions, references = answer(model, tokenizer, encoder, examples)
     scores = score(predictions, references)
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in scores.items())
     console.info(f"held-out test ({len(examples)} examples), {label}: {shown}")
     if before is not None:
-        _show_samples(console, examples, encoder, before["samples"], predictions)
+        _show_samples(console, examples, before["samples"], predictions)
     return {**scores, "samples": predictions[:2]}
 
 
-def _show_samples(console, examples, encoder, before: list[str], after: list[str]) -> None:
+def _show_samples(console, examples, before: list[str], after: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title="sample generations (held-out)", show_lines=True)
     for column in ("prompt", "base model", "fine-tuned"):
         table.add_column(column, overflow="fold")
     for ex, b, a in zip(examples[:2], before, after):
-        prompt = ex.messages[-2]["content"] if ex.messages and len(ex.messages) > 1 else ex.prompt
-        table.add_row(prompt, b, a)
+        table.add_row(prompt_text(ex), b, a)
     if console.enabled:
         console.out.print(table)
 
@@ -522,9 +516,7 @@ def _fingerprint(cfg: TrainConfig, model_path: str) -> dict:
 
 
 def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
-    import yaml
-
-    saved = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
+    saved = read_run_config(run)
     changed = [
         f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
         for k in TrainConfig.model_fields

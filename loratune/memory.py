@@ -317,6 +317,18 @@ def measure_peak(fn, device: torch.device | str) -> int:
     return peak
 
 
+def peak_memory(device) -> dict:
+    """The run's peak memory, for summary.json: tensors on a CUDA device, else the process's resident memory."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA tensors"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            "peak_memory_of": "process resident memory"}
+
+
 def measure_pass(base, cfg: TrainConfig, lengths: list[int], answer_share: float = 1.0, seed: int = 0):
     """Measured peak increase of allocated memory in one forward + backward pass, set up as training sets it up;
     returns it with the pass's Batch (for `MemoryModel.batch_bytes`).

@@ -38,20 +38,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     return plot, report
 
 
-def peak_memory(device) -> dict:
-    """The run's peak memory, for summary.json: tensors on a CUDA device, else the process's resident memory."""
-    import torch
-
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA tensors"}
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
-            "peak_memory_of": "process resident memory"}
-
-
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
