@@ -36,18 +36,57 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 def _per_example(query, key, value, bounds, scaling, window, dropout):
-    gqa = query.shape[1] != key.shape[1]
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        length = end - start
-        if window and length > window:  # sliding-window models: a banded causal mask for long examples
-            idx = torch.arange(length, device=q.device)
-            mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-        else:
-            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    args = (scaling, window, dropout, query.shape[1] != key.shape[1])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return _PerExampleAttention.apply(query, key, value, spans, *args)
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, H, D]
+    for start, end in spans:
+        out[:, start:end] = _sdpa(*(t[:, :, start:end] for t in (query, key, value)), *args).transpose(1, 2)
+    return out
+
+
+class _PerExampleAttention(torch.autograd.Function):
+    """One SDPA call per example, with each example's gradients written straight into the row's.
+
+    Through autograd, slicing the row would give every example's query/key/value gradient a zero-filled copy of
+    the whole row, summed afterwards: for n examples, 3n row-sized fills and additions per layer, more than the
+    attention itself costs on short examples. Here each example's attention is its own small graph on detached
+    slices, and the backward pass fills one gradient buffer slice by slice (the examples cover the row exactly).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, spans, *args):
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, H, D]
+        ctx.graphs, ctx.spans = [], spans
+        ctx.shapes = [t.shape for t in (query, key, value)]
+        with torch.enable_grad():
+            for start, end in spans:
+                q, k, v = (t[:, :, start:end].detach().requires_grad_() for t in (query, key, value))
+                o = _sdpa(q, k, v, *args)
+                out[:, start:end] = o.detach().transpose(1, 2)
+                ctx.graphs.append((o, (q, k, v)))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # [B, H, T, D] views of [B, T, H, D] buffers: the projections' backward then gets contiguous gradients.
+        grads = [grad_out.new_empty(b, t, h, d).transpose(1, 2) for b, h, t, d in ctx.shapes]
+        for (start, end), (o, inputs) in zip(ctx.spans, ctx.graphs):
+            pieces = torch.autograd.grad(o, inputs, grad_out[:, start:end].transpose(1, 2))
+            for grad, piece in zip(grads, pieces):
+                grad[:, :, start:end] = piece
+        ctx.graphs = None
+        return (*grads, None, None, None, None, None)
+
+
+def _sdpa(q, k, v, scaling, window, dropout, gqa):
+    length = q.shape[2]
+    if window and length > window:  # sliding-window models: a banded causal mask for long examples
+        idx = torch.arange(length, device=q.device)
+        mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
 def _flash_varlen(query, key, value, cu_seqlens, max_len, scaling, window):

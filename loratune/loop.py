@@ -78,6 +78,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     # --- Memory: choose batch_size auto, and stop now if even the smallest micro-batch cannot fit ----------
     device = accelerator.device
+    if device.type == "cpu":
+        memory.keep_freed_cpu_memory()
     mem = memory.RunMemory(cfg, model_path, data.train.lengths, data.train.target_counts, device, dtype)
     auto_batch = cfg.batch_size == "auto"
     if auto_batch:

@@ -23,8 +23,10 @@ Use in the training loop (`plan_run` does the same for `loratune plan`):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,6 +317,25 @@ def measure_peak(fn, device: torch.device | str) -> int:
         live += size
         peak = max(peak, live)
     return peak
+
+
+def keep_freed_cpu_memory() -> None:
+    """Have glibc keep freed blocks for reuse instead of handing them back to the OS (Linux; for CPU training).
+
+    A training step frees and re-allocates the same activation-sized tensors hundreds of times, and PyTorch's CPU
+    allocator keeps no cache: glibc serves each block above its mmap threshold with fresh pages, every one a page
+    fault and a page of zeroing. With the thresholds raised, 6 steps of the benchmark's tiny model took 190k page
+    faults instead of 630k, and a step about 3% less time (medians of 6 alternating runs).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (e.g. musl): leave it as it is
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # the largest glibc accepts on 64-bit
+    libc.mallopt(m_trim_threshold, 256 * 2**20)
 
 
 def peak_memory(device) -> dict:
