@@ -37,47 +37,54 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def _per_example(query, key, value, bounds, scaling, window, dropout):
     spans = list(zip(bounds[:-1], bounds[1:]))
-    args = (scaling, window, dropout, query.shape[1] != key.shape[1])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return _PerExampleAttention.apply(query, key, value, spans, *args)
-    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, H, D]
-    for start, end in spans:
-        out[:, start:end] = _sdpa(*(t[:, :, start:end] for t in (query, key, value)), *args).transpose(1, 2)
-    return out
+    longest = max(end - start for start, end in spans)
+    if query.device.type == "cpu" and dropout == 0.0 and not (window and longest > window) and _CPU_FLASH:
+        return _CpuFlashPerExample.apply(query, key, value, spans, scaling)
+    gqa = query.shape[1] != key.shape[1]
+    outs = [_sdpa(*(t[:, :, start:end] for t in (query, key, value)), scaling, window, dropout, gqa) for start, end in spans]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
-class _PerExampleAttention(torch.autograd.Function):
-    """One SDPA call per example, with each example's gradients written straight into the row's.
+# The kernels F.scaled_dot_product_attention runs on CPU (causal, no dropout; grouped-query heads supported).
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+class _CpuFlashPerExample(torch.autograd.Function):
+    """Causal attention example by example inside a packed row, on CPU, with one buffer per result.
 
     Through autograd, slicing the row would give every example's query/key/value gradient a zero-filled copy of
-    the whole row, summed afterwards: for n examples, 3n row-sized fills and additions per layer, more than the
-    attention itself costs on short examples. Here each example's attention is its own small graph on detached
-    slices, and the backward pass fills one gradient buffer slice by slice (the examples cover the row exactly).
+    the whole row, summed afterwards: for n examples, 3n row-sized fills and additions per layer. Here SDPA's own
+    CPU kernels run on each example's slice and write into row-sized outputs and gradients (the examples cover
+    the row exactly); the saved tensors are the row's, so gradient checkpointing can drop and recompute them.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, spans, *args):
-        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, H, D]
-        ctx.graphs, ctx.spans = [], spans
-        ctx.shapes = [t.shape for t in (query, key, value)]
-        with torch.enable_grad():
-            for start, end in spans:
-                q, k, v = (t[:, :, start:end].detach().requires_grad_() for t in (query, key, value))
-                o = _sdpa(q, k, v, *args)
-                out[:, start:end] = o.detach().transpose(1, 2)
-                ctx.graphs.append((o, (q, k, v)))
+    def forward(ctx, query, key, value, spans, scale):
+        batch, heads, rows, dim = query.shape
+        out = query.new_empty(batch, rows, heads, dim)  # [B, T, H, D], the layout the output projection reads
+        lse = None
+        for start, end in spans:
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t[:, :, start:end] for t in (query, key, value)), 0.0, True, scale=scale)
+            lse = lse if lse is not None else l.new_empty(batch, heads, rows)
+            out[:, start:end] = o.transpose(1, 2)
+            lse[:, :, start:end] = l
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.spans, ctx.scale = spans, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
         # [B, H, T, D] views of [B, T, H, D] buffers: the projections' backward then gets contiguous gradients.
-        grads = [grad_out.new_empty(b, t, h, d).transpose(1, 2) for b, h, t, d in ctx.shapes]
-        for (start, end), (o, inputs) in zip(ctx.spans, ctx.graphs):
-            pieces = torch.autograd.grad(o, inputs, grad_out[:, start:end].transpose(1, 2))
+        grads = [grad_out.new_empty(b, t, h, d).transpose(1, 2) for b, h, t, d in (x.shape for x in (query, key, value))]
+        for start, end in ctx.spans:
+            pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, start:end].transpose(1, 2), *(t[:, :, start:end] for t in (query, key, value)),
+                out[:, start:end].transpose(1, 2), lse[:, :, start:end], 0.0, True, scale=ctx.scale)
             for grad, piece in zip(grads, pieces):
                 grad[:, :, start:end] = piece
-        ctx.graphs = None
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None)
 
 
 def _sdpa(q, k, v, scaling, window, dropout, gqa):
