@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -28,3 +29,33 @@ def test_examples_in_a_packed_row_do_not_see_each_other(tiny_model):
     with torch.no_grad():
         alone = model(input_ids=torch.from_numpy(b)[None]).logits[0]
     torch.testing.assert_close(packed[7:19], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_attention_values_and_gradients_equal_attention_per_example(window):
+    """Both paths: SDPA's CPU kernels per example (causal), and autograd through slices (here a sliding window)."""
+    from types import SimpleNamespace
+
+    from loratune.attention import packed_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 9, 1, 6]
+    rows = sum(lengths)
+    q, k, v = (torch.randn(1, heads, rows, 8, generator=gen, requires_grad=True) for heads in (4, 2, 2))
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    module = SimpleNamespace(training=True, sliding_window=window)
+    out, _ = packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max(lengths))
+    weights = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+
+    expected, start = [], 0
+    for n in lengths:
+        idx = torch.arange(n)
+        mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < (window or n))
+        sl = [t[:, :, start : start + n] for t in (q, k, v)]
+        expected.append(torch.nn.functional.scaled_dot_product_attention(*sl, attn_mask=mask, enable_gqa=True))
+        start += n
+    reference = torch.cat(expected, dim=2).transpose(1, 2)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad((reference * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
