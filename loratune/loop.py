@@ -31,7 +31,7 @@ from .errors import UserError
 from .evaluate import answer, dataset_loss, score
 from .inference import generation_end_ids, prompt_text, read_run_config
 from .loss import CausalLMLoss
-from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_model, supports_packing
+from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_device, resolve_model, supports_packing
 from .report import write_report
 from .tracking import Trackers
 
@@ -57,7 +57,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run = Path(cfg.output_dir or "runs/run")
     if resume and not ckpt.list_checkpoints(run) and not (run / "config.yaml").is_file():
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
-    dtype = choose_dtype(cfg.precision, _device_kind(cfg.device))
+    dtype = choose_dtype(cfg.precision, resolve_device(cfg.device))
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
     console = console or Console(enabled=main)
@@ -86,7 +86,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         choice = mem.choose_batch_size()
         cfg.batch_size, cfg.gradient_accumulation_steps = choice.batch_size, choice.gradient_accumulation_steps
         console.info(choice.reason)
-    if warning := mem.check(cfg):
+    elif warning := mem.check():  # an auto choice fits by construction
         console.warn(warning)
 
     # --- Model -------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable = [p for p in model.parameters() if p.requires_grad]
     if auto_batch and device.type == "cuda":  # confirm the estimate's choice on the largest pass of real data
         cfg.batch_size, cfg.gradient_accumulation_steps = _confirm_batch_size(
-            loss_module, data.train, cfg, mem, packing, tokenizer.pad_token_id, device, console)
+            loss_module, data.train, cfg, choice.largest, mem, packing, tokenizer.pad_token_id, device, console)
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
@@ -359,17 +359,6 @@ def lr_factor(kind: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def _device_kind(setting: str) -> torch.device:
-    """The kind of device training will use, known before accelerate starts (to choose the number format)."""
-    if setting != "auto":
-        if setting == "cuda" and not torch.cuda.is_available():
-            raise UserError("device = 'cuda': no CUDA GPU is visible to PyTorch")
-        return torch.device(setting)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-
-
 def _any_process(accelerator, flag: bool) -> bool:
     return _all_sum(accelerator, float(flag)) > 0
 
@@ -412,12 +401,11 @@ def _halve_after_oom(batch_size: int, world: int, mem, optimizer, state, device)
     return batch_size // 2
 
 
-def _confirm_batch_size(loss_module, train, cfg, mem, packing, pad_id, device, console) -> tuple[int, int]:
-    """batch_size auto on a GPU: run the largest pass of real data at the chosen size, halving until it fits."""
+def _confirm_batch_size(loss_module, train, cfg, largest, mem, packing, pad_id, device, console) -> tuple[int, int]:
+    """batch_size auto on a GPU: run the chosen size's largest pass of real data, halving until it fits."""
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    batch_size = cfg.batch_size
+    batch_size, size = cfg.batch_size, largest
     while True:
-        size = memory.largest_pass(mem.mm, cfg, batch_size, effective // batch_size, train.lengths, train.target_counts, packing)
         try:
             batch = _collate(train, list(size.examples), packing, pad_id).to(device)
             loss_module(batch).backward()
@@ -433,6 +421,7 @@ def _confirm_batch_size(loss_module, train, cfg, mem, packing, pad_id, device, c
             raise UserError(mem.out_of_memory(1), exit_code=1)
         batch_size = max(d for d in range(1, batch_size) if effective % d == 0)
         console.warn(f"batch_size auto: the trial pass ran out of memory; trying batch_size {batch_size}")
+        size = memory.largest_pass(mem.mm, cfg, batch_size, effective // batch_size, train.lengths, train.target_counts, packing)
 
 
 def _test_scores(model, tokenizer, encoder, examples, console, label, before=None) -> dict:

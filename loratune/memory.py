@@ -12,13 +12,8 @@ The estimate models what this trainer keeps alive at its peak, item by item:
 The counts are checked against measured peaks (tests/test_memory.py, docs/memory-accuracy.md). On CPU,
 "measured" is the CPU allocator's own running total, read from the profiler's allocation events (`measure_peak`).
 
-Use in the training loop (`plan_run` does the same for `loratune plan`):
-    shape = read_shape(model_path, cfg)                  # config.json on the meta device, no weights
-    budget = device_budget(cfg, device)                  # free device memory, capped by max_memory
-    plan = estimate(cfg, shape, device, dtype, budget, lengths=..., targets=..., packing=...)
-    require_fit(plan)                                    # the check before training: UserError with the fixes
-    choice = choose_batch_size(mm, cfg, budget, ...)     # batch_size: auto (mm = MemoryModel.for_run(...))
-    pass_fits(mm, batch, budget)                         # one pass against max_memory (simulated OOM on CPU)
+The training loop goes through `RunMemory` (batch_size auto, the check before training, out-of-memory errors);
+`loratune plan` through `plan_run`, which returns the same `estimate` with a throughput added.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +157,7 @@ class MemoryModel:
 
     @property
     def base_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def static_bytes(self) -> dict[str, int]:
         """Memory held for the whole run: weights, adapter gradients, optimizer state."""
@@ -280,7 +275,9 @@ def _loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) ->
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    from .model import DTYPES
+
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
 
 
 # --- Measuring -----------------------------------------------------------------------------------------------
@@ -343,7 +340,6 @@ def peak_memory(device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA tensors"}
     import resource
-    import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
@@ -567,13 +563,14 @@ def estimate(
     (planned from batch_size x max_length without them); `batch_size: auto` is planned at the size it would pick."""
     mm = MemoryModel.for_run(cfg, shape, device, dtype)
     if cfg.batch_size == "auto":
-        batch_size, accumulation = choose_batch_size(mm, cfg, budget, lengths, targets, packing)[:2]
+        choice = choose_batch_size(mm, cfg, budget, lengths, targets, packing)
+        batch_size, accumulation, size = choice.batch_size, choice.gradient_accumulation_steps, choice.largest
     else:
         batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
-    size = largest_pass(mm, cfg, batch_size, accumulation, lengths, targets, packing)
+        size = largest_pass(mm, cfg, batch_size, accumulation, lengths, targets, packing)
     items, total = peak_items(mm, size, budget)
     by_checkpointing = {
-        on: peak_items(_with(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
+        on: peak_items(replace(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
     }
     plan = Plan(
         model=cfg.model, device=f"{torch.device(device).type} ({_dtype_name(dtype)} base)", batch_size=batch_size,
@@ -605,12 +602,6 @@ def require_fit(plan: Plan) -> None:
         )
 
 
-def _with(mm: MemoryModel, **changes) -> MemoryModel:
-    from dataclasses import replace
-
-    return replace(mm, **changes)
-
-
 # --- Making it fit ---------------------------------------------------------------------------------------------
 
 DEFAULT_BATCH_SIZE = TrainConfig.model_fields["batch_size"].default
@@ -626,7 +617,7 @@ class BatchChoice:
     batch_size: int
     gradient_accumulation_steps: int
     peak: int  # estimated bytes at the largest pass
-    largest: PassSize  # run it for real to confirm (on a GPU: measure_peak around one forward + backward)
+    largest: PassSize  # on a GPU the loop runs it for real to confirm
     reason: str
 
 
@@ -676,7 +667,7 @@ def fixes(
 
     options: list[tuple[str, int, str]] = []  # (change, its peak, remark)
     if not mm.checkpointing:
-        options.append(("gradient_checkpointing: true", peak(_with(mm, checkpointing=True)), "about 30% slower"))
+        options.append(("gradient_checkpointing: true", peak(replace(mm, checkpointing=True)), "about 30% slower"))
     effective = batch_size * accumulation
     found = _largest_fitting(mm, cfg, budget, effective, lengths, targets, packing)[0]
     if found and found[0] < batch_size:
@@ -697,10 +688,10 @@ def fixes(
             break
         length //= 2
     if mm.device == "cuda" and not mm.load_in_4bit:
-        options.append(("load_in_4bit: true", peak(_with(mm, load_in_4bit=True)),
+        options.append(("load_in_4bit: true", peak(replace(mm, load_in_4bit=True)),
                         "a 4-bit NF4 base (QLoRA); needs bitsandbytes: pip install 'loratune[qlora]'"))
     if not any(n <= budget.bytes for _, n, _ in options):
-        least = _with(mm, checkpointing=True, load_in_4bit=mm.load_in_4bit or mm.device == "cuda")
+        least = replace(mm, checkpointing=True, load_in_4bit=mm.load_in_4bit or mm.device == "cuda")
         n = peak(m=least, b=1, a=effective)
         remark = "" if n <= budget.bytes else "a smaller model or a device with more memory is needed"
         change = "all of gradient checkpointing, batch_size 1" + (", 4-bit base" if least.load_in_4bit else "")
@@ -738,9 +729,10 @@ class RunMemory:
     def choose_batch_size(self) -> BatchChoice:
         return choose_batch_size(self.mm, self.cfg, self.budget, self.lengths, self.targets, self.packing)
 
-    def check(self, cfg: TrainConfig) -> str | None:
+    def check(self) -> str | None:
         """Before training: None when the run's largest pass fits; a warning when only a smaller micro-batch does
         (training will halve it when memory runs out); a UserError with the fixes when not even batch_size 1 fits."""
+        cfg = self.cfg
         plan = estimate(cfg, self.shape, self.device, self.dtype, self.budget, lengths=self.lengths,
                         targets=self.targets, packing=self.packing)
         if plan.fits:
@@ -857,24 +849,16 @@ def peak_bytes(cfg: TrainConfig) -> int:
 
 def _setup(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None):
     """The device, base dtype, model folder and shape a plan is for (refusing 4-bit loading off CUDA)."""
-    from .model import DTYPES, choose_dtype, four_bit_config, resolve_model
+    from .model import DTYPES, choose_dtype, four_bit_config, resolve_device, resolve_model
 
     if gpu_memory is not None and device is None:  # a GPU that may not be here: plan as training would pick
         target = torch.device("cuda")
         dtype = torch.bfloat16 if cfg.precision == "auto" else DTYPES[cfg.precision]
     else:
-        target = _device(device or cfg.device)
+        target = resolve_device(device or cfg.device)
         dtype = choose_dtype(cfg.precision, target)
     if cfg.load_in_4bit and target.type != "cuda":
         four_bit_config(target, dtype)  # raises the refusal training would give
     model_path = resolve_model(cfg.model)
     return target, dtype, model_path, read_shape(model_path, cfg)
 
-
-def _device(name: str) -> torch.device:
-    """The device training would use for a `device` setting, or a named one such as cuda:1."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device = {name!r}: no CUDA GPU is visible to PyTorch")
-    return torch.device(name)

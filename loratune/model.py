@@ -137,6 +137,15 @@ def _convert(gguf: Path, out: Path) -> None:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a `device` setting means (auto: CUDA, else Apple's MPS, else CPU), or a named one such as cuda:1."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device = {name!r}: no CUDA GPU is visible to PyTorch")
+    return torch.device(name)
+
+
 def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype. `auto`: bf16 (fp16 without bf16) on GPUs; on CPUs bf16 only where measured faster."""
     if precision == "fp16" and device.type != "cuda":
@@ -246,6 +255,11 @@ def four_bit_config(device: torch.device, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("load_in_4bit = true needs the bitsandbytes package: pip install 'loratune[qlora]'") from None
+    return nf4_config(dtype)
+
+
+def nf4_config(dtype: torch.dtype):
+    """The 4-bit format of QLoRA training; merging rebuilds the same base from it."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
