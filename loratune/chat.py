@@ -12,7 +12,7 @@ import sys
 
 from .data.formats import Example
 from .generate import generate_texts
-from .inference import load_run, text_prompt
+from .inference import PLAIN_FORMATS, load_run, text_prompt
 
 
 def _streamer(tokenizer, out):
@@ -32,7 +32,7 @@ def chat(run_dir, adapter: str = "adapter", system: str | None = None, max_new_t
     run = load_run(run_dir, adapter)
     interactive = stdin.isatty() and stdout.isatty()
     # Raw-text runs never saw a conversation: one prompt at a time, as `text_prompt` formats it.
-    multi_turn = run.data_format not in ("prompt_completion", "text")
+    multi_turn = run.data_format not in PLAIN_FORMATS
     head = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
     if interactive:

@@ -15,8 +15,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import UserError
-from .inference import generation_end_ids, locate_run, read_run_config
-from .model import DTYPES, load_model, load_tokenizer, resolve_model
+from .inference import locate_run, read_run_config, run_end_ids
+from .model import DTYPES, load_model, load_tokenizer, nf4_config, resolve_model
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
@@ -37,8 +37,9 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
     cfg = read_run_config(run_dir)
     model_path = resolve_model(cfg.model)
     target = DTYPES[dtype] if dtype else stored_dtype(model_path)
-    if cfg.load_in_4bit or _stored_quantized(model_path):
-        base = _dequantised_base(model_path, target)
+    stored = _stored_quantized(model_path)
+    if cfg.load_in_4bit or stored:
+        base = _dequantised_base(model_path, target, stored)
     else:
         base = load_model(model_path, target, torch.device("cpu"))
     model = PeftModel.from_pretrained(base, folder).merge_and_unload()
@@ -70,16 +71,14 @@ def _stored_quantized(model_path: str) -> bool:
     return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
-def _dequantised_base(model_path: str, dtype: torch.dtype):
-    """The quantized base the adapter was trained on, dequantised: adding LoRA to 4-bit weights would round the
-    update away, and merging into the original weights would not be the model that was trained."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def _dequantised_base(model_path: str, dtype: torch.dtype, stored: bool):
+    """The quantized base the adapter was trained on (`stored` quantized, else loaded as training did), dequantised:
+    adding LoRA to 4-bit weights would round the update away, and merging into the original weights would not be
+    the model that was trained."""
+    from transformers import AutoModelForCausalLM
 
-    stored = _stored_quantized(model_path)
     try:
-        quantization = None if stored else BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
+        quantization = None if stored else nf4_config(dtype)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization,
                                                     device_map="cuda" if torch.cuda.is_available() else None)
         base = base.dequantize(dtype=dtype)
@@ -96,11 +95,9 @@ def _dequantised_base(model_path: str, dtype: torch.dtype):
 def _stop_at_training_end_tokens(model, folder: Path) -> None:
     """Generation stops where training taught the model to stop: the end tokens of the run's encoder (end of
     sequence, the template's end of turn) and the base's own."""
-    from .data.encode import Encoder
-
     tokenizer = load_tokenizer(str(folder))
     gen = model.generation_config
-    ends = Encoder(tokenizer, tokenizer.chat_template, end_ids=generation_end_ids(model)).end_ids
+    ends = run_end_ids(tokenizer, model)
     gen.eos_token_id = sorted(ends)[0] if len(ends) == 1 else sorted(ends)
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -15,7 +15,8 @@ from .data.formats import SHAPES, Example, RowError, to_example
 from .errors import UserError
 from .model import choose_dtype, load_model, load_tokenizer, quiet_peft, resolve_model
 
-CHAT_FORMATS = ("input_output", "alpaca", "messages", "sharegpt")
+# Data shapes whose prompts are raw text: no chat template, no conversation.
+PLAIN_FORMATS = ("prompt_completion", "text")
 
 
 @dataclass
@@ -78,6 +79,12 @@ def generation_end_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
+def run_end_ids(tokenizer, model) -> set[int]:
+    """Where generation from a trained run stops: the end tokens training taught (end of sequence, the chat
+    template's end of turn; the tokenizer saved with the adapter carries that template) and the model's own."""
+    return Encoder(tokenizer, tokenizer.chat_template, end_ids=generation_end_ids(model)).end_ids
+
+
 def _trained_format(run_dir, cfg: TrainConfig) -> str:
     """The data shape the run trained on (detected at training time and recorded in data.json)."""
     record = Path(run_dir) / "data.json"
@@ -115,7 +122,7 @@ def _detect_prompt_shape(row: dict, columns: dict[str, str]) -> str:
 
 def text_prompt(text: str, data_format: str) -> Example:
     """A bare prompt string, wrapped the way the run's training data was."""
-    if data_format in ("prompt_completion", "text"):
+    if data_format in PLAIN_FORMATS:
         return Example(prompt=text)
     return Example(messages=[{"role": "user", "content": text}, {"role": "assistant", "content": ""}])
 

@@ -128,7 +128,8 @@ def _smooth(values, window: int):
 
 
 def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
-    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    config = yaml.safe_load(config_text) or {}
     lines = [f"# {run.resolve().name}", ""]
     target = config.get("lora_target_modules")
     lines += [f"LoRA fine-tune of `{config.get('model')}` on `{config.get('train_data')}`: rank {config.get('lora_r')}, "
@@ -154,16 +155,15 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
                   f"{last['loss']:.4f} at step {last['step']} |"]
     lines.append("")
 
-    lines += _test_section(run, summary, config)
+    lines += _test_section(summary, config)
     lines += _data_section(run, summary)
     lines += _speed_section(train, summary)
-    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     lines += ["## Config", "", "<details><summary>config.yaml (the resolved settings of this run)</summary>", "",
               "```yaml", config_text.rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)
 
 
-def _test_section(run: Path, summary, config: dict) -> list[str]:
+def _test_section(summary, config: dict) -> list[str]:
     before, after = (summary or {}).get("test_before"), (summary or {}).get("test_after")
     if not after:
         return ["## Sample generations", "",
@@ -175,7 +175,7 @@ def _test_section(run: Path, summary, config: dict) -> list[str]:
     for k in metrics:
         lines.append(f"| {k.replace('_', ' ')} | {(before or {}).get(k, float('nan')):.1%} | {after[k]:.1%} |")
     lines += ["", "## Sample generations", ""]
-    examples = _test_examples(run, config, len(after["samples"]))
+    examples = _test_examples(config, len(after["samples"]))
     for i, generated in enumerate(after["samples"]):
         lines.append(f"### Example {i + 1}")
         if i < len(examples):
@@ -186,7 +186,7 @@ def _test_section(run: Path, summary, config: dict) -> list[str]:
     return lines
 
 
-def _test_examples(run: Path, config: dict, n: int) -> list[tuple[str, str]]:
+def _test_examples(config: dict, n: int) -> list[tuple[str, str]]:
     """(prompt, reference) of the first test examples, the ones training generated its samples for."""
     from .config import TrainConfig
     from .data.encode import Encoder
