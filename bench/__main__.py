@@ -21,14 +21,13 @@ import numpy as np
 import torch
 
 from loratune.data.batching import epoch_steps
-from loratune.model import resolve_model
+from loratune.model import DTYPES, load_tokenizer, resolve_model
 from loratune.tiny import make_tiny_model
 
 from .flops import matmul_peak, model_flops
-from .report import TRAINERS, machine, render, summarize
+from .report import ROOT, TRAINERS, machine, render, summarize
 from .workload import make_workload
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest")
     host = machine(device)  # first: its load average must not include our own measurements
     print(f"measuring the {device} matrix-product peak ...", flush=True)
-    peaks = {name: matmul_peak(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks = {name: matmul_peak(DTYPES[name], device) for name in ("fp32", "bf16")}
     report = {"machine": host, "device": device, "precision": precision, "reps": reps, "quick": args.quick,
               "peak_flops": peaks, "hyperparameters": HYPER, "models": {}}
 
@@ -96,13 +95,12 @@ def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, dev
                 work: Path) -> dict:
     work.mkdir(parents=True)
     model_path = str(make_tiny_model(work / "model", **TINY)) if name == "tiny" else resolve_model(name)
-    from transformers import AutoTokenizer
-
     per_step = setting.batch_size * setting.grad_accum
     n = setting.steps * per_step  # exactly one epoch of whole steps
-    workload = make_workload(AutoTokenizer.from_pretrained(model_path), n, HYPER["seed"])
-    if workload.lengths.max() > HYPER["max_length"]:
-        raise SystemExit(f"an example has {workload.lengths.max()} tokens, more than max_length")
+    workload = make_workload(load_tokenizer(model_path), n, HYPER["seed"])
+    lengths, targets = workload.lengths, workload.targets
+    if lengths.max() > HYPER["max_length"]:
+        raise SystemExit(f"an example has {lengths.max()} tokens, more than max_length")
     # loratune shuffles the rows itself; the reference trainers read them in the order it will use.
     order = np.concatenate(epoch_steps(n, per_step, HYPER["seed"], 0)).tolist()
     tokens = work / "tokens.json"
@@ -111,9 +109,13 @@ def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, dev
     base = dict(model_path=model_path, data=str(workload.write_jsonl(work / "train.jsonl")), tokens=str(tokens),
                 device=device, precision=precision, steps=setting.steps, batch_size=setting.batch_size,
                 grad_accum=setting.grad_accum, **HYPER)
-    lengths, targets = workload.lengths, workload.targets
-    print(f"\n{name}: {n} examples, {lengths.sum():,} tokens ({targets.sum():,} answer targets), lengths median "
-          f"{int(np.median(lengths))}, p90 {int(np.percentile(lengths, 90))}, max {lengths.max()}", flush=True)
+    stats = {
+        "label": _label(name, model_path), "examples": n, "tokens": int(lengths.sum()), "targets": int(targets.sum()),
+        "flops": model_flops(model_path, lengths, targets, HYPER["lora_r"]), "length_median": int(np.median(lengths)),
+        "length_p90": int(np.percentile(lengths, 90)), "length_max": int(lengths.max()),
+    }
+    print(f"\n{name}: {n} examples, {stats['tokens']:,} tokens ({stats['targets']:,} answer targets), lengths median "
+          f"{stats['length_median']}, p90 {stats['length_p90']}, max {stats['length_max']}", flush=True)
 
     results = {t: [] for t in trainers}
     for rep in range(reps):
@@ -123,15 +125,7 @@ def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, dev
             results[trainer].append(result)
             print(f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
                   f"tokens/s  loss {result['losses'][-1]:.4f}  peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
-    return {
-        "results": results,
-        "workload": {
-            "label": _label(name, model_path), "examples": n, "tokens": int(lengths.sum()),
-            "targets": int(targets.sum()), "flops": model_flops(model_path, lengths, targets, HYPER["lora_r"]),
-            "length_median": int(np.median(lengths)), "length_p90": int(np.percentile(lengths, 90)),
-            "length_max": int(lengths.max()),
-        },
-    }
+    return {"results": results, "workload": stats}
 
 
 def run_worker(spec: dict, run_dir: Path) -> dict:

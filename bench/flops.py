@@ -21,22 +21,15 @@ import torch
 
 def model_flops(model_path: str, lengths: np.ndarray, targets: np.ndarray, lora_r: int) -> float:
     """Training FLOPs of the examples with these lengths and target counts (all-linear LoRA of rank `lora_r`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from loratune import TrainConfig
+    from loratune.memory import read_shape
 
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
-    frozen = sum(m.in_features * m.out_features for m in linears)
-    lora = sum(lora_r * (m.in_features + m.out_features) for m in linears)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    d_attn = config.num_attention_heads * head_dim
+    s = read_shape(model_path, TrainConfig(model=model_path, lora_r=lora_r, lora_target_modules="all-linear"))
     lengths, targets = lengths.astype(np.float64), targets.astype(np.float64)
     return float(
-        (4 * frozen + 6 * lora) * lengths.sum()
-        + 6 * config.num_hidden_layers * d_attn * (lengths * (lengths + 1)).sum()
-        + 4 * head.in_features * head.out_features * targets.sum()
+        (4 * s.block_linear_params + 6 * s.lora_params) * lengths.sum()
+        + 6 * s.layers * s.heads * s.head_dim * (lengths * (lengths + 1)).sum()
+        + 4 * s.hidden * s.vocab * targets.sum()
     )
 
 

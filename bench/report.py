@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 from statistics import median
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 TRAINERS = {
     "hf": "(a) HF Trainer + PEFT, dynamic padding",
@@ -152,15 +153,12 @@ def _yes(ok: bool) -> str:
 def machine(device: str) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    from loratune.model import cpu_name
+
     meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else ["", "0"]
     packages = ("torch", "transformers", "peft", "trl", "accelerate")
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": int(meminfo[1]) / 2**20,
@@ -173,11 +171,10 @@ def machine(device: str) -> dict:
 
 
 def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "loratune"],
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "loratune"],
                                capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "(not a git checkout)"

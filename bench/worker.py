@@ -26,6 +26,7 @@ import trl  # noqa: F401
 
 from loratune import TrainConfig, train
 from loratune.loop import lr_factor
+from loratune.model import DTYPES, load_tokenizer
 
 
 def main() -> None:
@@ -71,15 +72,14 @@ def run_reference(spec: dict) -> dict:
     warmup starts from 0 and would spend the first step at learning rate 0.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from trl import SFTConfig, SFTTrainer
 
     padding_free = spec["trainer"] == "trl"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["precision"]]
+    dtype = DTYPES[spec["precision"]]
     attention = _attention(spec["device"], padding_free)
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    tokenizer = load_tokenizer(spec["model_path"])  # pad = eos when the model has no pad token, as in loratune
     tokenizer.padding_side = "right"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])  # as loratune does right before adding the adapters: same initial LoRA weights

@@ -167,7 +167,7 @@ def cpu_bf16_speedup() -> float:
 
     Many CPUs advertise bf16 instructions yet run bf16 products slower than fp32, so we measure rather than trust.
     """
-    cpu = _cpu_name()
+    cpu = cpu_name()
     record = cache_dir() / "cpu-bf16.json"
     key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
     try:
@@ -193,7 +193,7 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
     return best
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
