@@ -230,7 +230,7 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     assert peak(2) < peak(8)
     cap = str((peak(2) + peak(8)) // 2)
 
-    capped = train(base.model_copy(update={"output_dir": str(tmp_path / "capped"), "max_memory": cap}))
+    train(base.model_copy(update={"output_dir": str(tmp_path / "capped"), "max_memory": cap}))
     events = [json.loads(line) for line in (tmp_path / "capped" / "metrics.jsonl").read_text().splitlines()]
     halvings = [e for e in events if e["event"] == "out_of_memory"]
     assert halvings and halvings[-1]["batch_size"] < 8
