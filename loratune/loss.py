@@ -1,16 +1,22 @@
 """The training loss: summed cross-entropy over target tokens only, without materialising full logits.
 
 Only positions whose next token is a target need logits at all (prompts are masked), so the output layer runs
-on those hidden states alone. The output layer is frozen under LoRA, so the gradient with respect to the hidden
+on those hidden states alone, and so does the last layer's MLP: after the last attention, nothing mixes positions. The output layer is frozen under LoRA, so the gradient with respect to the hidden
 states can be computed chunk by chunk in the forward pass: peak memory holds one chunk of fp32 logits instead of
 all of them, and the FLOPs are the same as the ordinary forward + backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 CHUNK_TOKENS = 2048
+
+# Below this share of target positions the last MLP runs on the target rows only; above it the gather and
+# scatter would cost more than they save.
+_ROW_SUBSET_BELOW = 0.9
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -63,6 +69,7 @@ class CausalLMLoss(torch.nn.Module):
         self.model = peft_model
         lm = peft_model.get_base_model()
         self.plain_head = _plain_head(lm)
+        self.last_layer, self.last_mlp = _last_dense_mlp(lm)
 
     def forward(self, batch) -> torch.Tensor:
         lm = self.model.get_base_model()
@@ -75,8 +82,43 @@ class CausalLMLoss(torch.nn.Module):
         where = batch.targets != -100
         targets = batch.targets[where]
         inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, **packed)
-        if not self.plain_head:
-            logits = lm(**inputs).logits[where]
-            return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        hidden = lm.get_decoder()(**inputs).last_hidden_state
+        # A checkpointed layer is run again in the backward pass, without the hooks: the subset is for plain runs.
+        subset = (self.last_mlp is not None and not getattr(self.last_layer, "gradient_checkpointing", False)
+                  and len(targets) < _ROW_SUBSET_BELOW * where.numel())
+        with _rows_only(self.last_mlp, where.flatten().nonzero().squeeze(1)) if subset else contextlib.nullcontext():
+            if not self.plain_head:
+                logits = lm(**inputs).logits[where]
+                return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            hidden = lm.get_decoder()(**inputs).last_hidden_state
         return target_cross_entropy(hidden[where], lm.get_output_embeddings(), targets)
+
+
+def _last_dense_mlp(lm) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """The last decoder layer and its feed-forward block when that is a dense, position-wise MLP (not a mixture
+    of experts, whose routing may depend on the other tokens)."""
+    layers = getattr(lm.get_decoder(), "layers", None)
+    mlp = getattr(layers[-1], "mlp", None) if layers else None
+    return (layers[-1], mlp) if type(mlp).__name__.endswith("MLP") else (None, None)
+
+
+@contextlib.contextmanager
+def _rows_only(mlp: torch.nn.Module, rows: torch.Tensor):
+    """Runs `mlp` on the given rows of its [..., D] input; the other rows of its output are zeros. Exact for the
+    loss when `rows` are the target positions of the last layer: no other position of its output is read."""
+    shape = {}
+
+    def select(module, args):
+        (x,) = args
+        shape["x"] = x.shape
+        return (x.reshape(-1, x.shape[-1]).index_select(0, rows),)
+
+    def scatter(module, args, out):
+        full = out.new_zeros(shape["x"][:-1].numel(), out.shape[-1]).index_copy(0, rows, out)
+        return full.view(*shape["x"][:-1], out.shape[-1])
+
+    handles = [mlp.register_forward_pre_hook(select), mlp.register_forward_hook(scatter)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

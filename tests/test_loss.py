@@ -1,0 +1,39 @@
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from loratune.attention import NAME
+from loratune.data.batching import collate_packed
+from loratune.loss import CausalLMLoss
+from loratune.model import add_lora, load_model
+
+
+def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_model):
+    base = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    base.set_attn_implementation(NAME)
+    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
+    model = add_lora(base, cfg).train()
+    for name, p in model.named_parameters():  # B = 0 would leave A without gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(5, 500, n) for n in (9, 14, 6)]
+    targets = [np.where(np.arange(len(x)) >= len(x) // 2, x, -100) for x in inputs]  # prompts masked
+    batch = collate_packed(inputs, targets)
+    loss_module = CausalLMLoss(model)
+    mlp_rows = []
+    loss_module.last_mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[-2]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = loss_module(batch)
+        return loss.detach(), torch.autograd.grad(loss, trainable)
+
+    subset = loss_and_grads()
+    loss_module.last_mlp = None  # the plain path: the last MLP on every row
+    full = loss_and_grads()
+    assert mlp_rows == [int((batch.targets != -100).sum()), sum(map(len, inputs))]
+    torch.testing.assert_close(subset[0], full[0], rtol=1e-6, atol=0)
+    for got, want in zip(subset[1], full[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
