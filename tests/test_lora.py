@@ -1,7 +1,10 @@
 import torch
 from peft import LoraConfig, get_peft_model
 
-from loratune.lora import FusedLoraLinear, keep_mask
+import pytest
+
+from loratune import lora
+from loratune.lora import FusedLoraLinear, drop_positions
 
 
 def _layers(dropout: float, dtype=torch.float32):
@@ -39,8 +42,9 @@ def test_fused_layer_with_dropout_equals_the_formula_with_the_same_mask():
     x, grad = torch.randn(5, 24), torch.randn(5, 40)
     torch.manual_seed(1)
     y, gx, ga, gb = _run(fused, x, grad)
-    torch.manual_seed(1)  # the same random bits: rebuild the layer's output by hand
-    keep = keep_mask(x.shape, 0.3, x.device)
+    torch.manual_seed(1)  # the same random numbers: rebuild the layer's output by hand
+    keep = torch.ones(x.shape, dtype=torch.bool)
+    keep.view(-1)[drop_positions(x.numel(), 0.3)] = False
     a, b, base = fused.lora_A["default"].weight, fused.lora_B["default"].weight, fused.base_layer
     ref_x = x.detach().clone().requires_grad_()
     ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
@@ -51,9 +55,16 @@ def test_fused_layer_with_dropout_equals_the_formula_with_the_same_mask():
     assert 0.2 < 1 - keep.float().mean() < 0.4
 
 
-def test_keep_mask_rate():
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.3, 0.9])
+def test_drop_rate_is_p_everywhere(p):
     torch.manual_seed(0)
-    assert abs(keep_mask(torch.Size([400_000]), 0.05, "cpu").float().mean().item() - 0.95) < 0.002
+    n = 400_000
+    dropped = drop_positions(n, p)
+    assert dropped.dtype == torch.int64 and (dropped.diff() > 0).all() and 0 <= dropped[0] and dropped[-1] < n
+    tolerance = 4 * (p * (1 - p) / (n / 4)) ** 0.5  # four standard deviations of a quarter's rate
+    for quarter in (dropped // (n // 4)).bincount():
+        assert abs(quarter.item() / (n / 4) - p) < tolerance
+    assert abs((dropped.diff() == 1).float().mean().item() - p) < 0.01  # memoryless: P(next dropped) = p
 
 
 def test_eval_and_no_grad_use_peft_path():
@@ -64,13 +75,19 @@ def test_eval_and_no_grad_use_peft_path():
         torch.testing.assert_close(peft(x), fused(x))
 
 
-def test_keep_masks_are_independent_across_calls_and_positions():
+def test_drops_are_independent_across_calls_and_seeded_by_torch():
     torch.manual_seed(0)
     p, n = 0.3, 400_000
-    first, second = keep_mask(torch.Size([n]), p, "cpu"), keep_mask(torch.Size([n]), p, "cpu")
-    both = (first & second).float().mean().item()
-    assert abs(both - (1 - p) ** 2) < 0.004  # independent draws, not the same stream twice
-    for lane in range(4):  # each 64-bit hash gives four values: none of them is biased
-        assert abs(first[lane::4].float().mean().item() - (1 - p)) < 0.005
+    first, second = drop_positions(n, p), drop_positions(n, p)
+    both = torch.isin(first, second).sum().item() / n
+    assert abs(both - p**2) < 0.004  # independent draws, not the same stream twice
     torch.manual_seed(0)
-    assert torch.equal(keep_mask(torch.Size([n]), p, "cpu"), first)  # seeded by torch's generator
+    assert torch.equal(drop_positions(n, p), first)
+
+
+def test_drops_drawn_in_several_rounds_keep_the_rate(monkeypatch):
+    monkeypatch.setattr(lora, "_draw_size", lambda expected: 50)
+    torch.manual_seed(0)
+    dropped = drop_positions(100_000, 0.05)
+    assert (dropped.diff() > 0).all() and dropped[-1] < 100_000
+    assert abs(len(dropped) / 100_000 - 0.05) < 0.003
