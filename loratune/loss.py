@@ -1,9 +1,10 @@
 """The training loss: summed cross-entropy over target tokens only, without materialising full logits.
 
 Only positions whose next token is a target need logits at all (prompts are masked), so the output layer runs
-on those hidden states alone, and so does the last layer's MLP: after the last attention, nothing mixes positions. The output layer is frozen under LoRA, so the gradient with respect to the hidden
-states can be computed chunk by chunk in the forward pass: peak memory holds one chunk of fp32 logits instead of
-all of them, and the FLOPs are the same as the ordinary forward + backward.
+on those hidden states alone, and so does the last layer's MLP: after the last attention nothing mixes positions.
+The output layer is frozen under LoRA, so the gradient with respect to the hidden states can be computed chunk by
+chunk in the forward pass: peak memory holds one chunk of fp32 logits instead of all of them, and the FLOPs are
+the same as the ordinary forward + backward.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ CHUNK_TOKENS = 2048
 
 # Below this share of target positions the last MLP runs on the target rows only; above it the gather and
 # scatter would cost more than they save.
-_ROW_SUBSET_BELOW = 0.9
+ROW_SUBSET_BELOW = 0.9
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -84,7 +85,7 @@ class CausalLMLoss(torch.nn.Module):
         inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, **packed)
         # A checkpointed layer is run again in the backward pass, without the hooks: the subset is for plain runs.
         subset = (self.last_mlp is not None and not getattr(self.last_layer, "gradient_checkpointing", False)
-                  and len(targets) < _ROW_SUBSET_BELOW * where.numel())
+                  and len(targets) < ROW_SUBSET_BELOW * where.numel())
         with _rows_only(self.last_mlp, where.flatten().nonzero().squeeze(1)) if subset else contextlib.nullcontext():
             if not self.plain_head:
                 logits = lm(**inputs).logits[where]

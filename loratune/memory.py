@@ -31,7 +31,7 @@ import torch
 
 from .config import TrainConfig, parse_bytes
 from .errors import UserError
-from .loss import CHUNK_TOKENS
+from .loss import CHUNK_TOKENS, ROW_SUBSET_BELOW
 
 GiB = 2**30
 ADAPTER = 4  # bytes per LoRA value: weights, gradients and optimizer state are fp32 whatever the base
@@ -41,6 +41,7 @@ CUDA_CONTEXT = 512 * 2**20  # CUDA runtime and kernels, outside PyTorch's alloca
 CUDA_ALLOCATOR_SPARE = 0.10  # blocks the caching allocator holds beyond what tensors use
 # Layers that read the same tensor: PEFT casts it to fp32 once per layer, but in fp32 they share it.
 SIBLINGS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MEASURED_TYPES = ("llama",)  # block structure the per-token counts follow (tests measure it)
 
 
@@ -181,7 +182,7 @@ class MemoryModel:
         """
         s, e = self.shape, self.base_bytes
         targets = tokens if targets is None else targets
-        block, first_block_saving = self._block_bytes(padded=rows > 1)
+        block, mlp, first_block_saving = self._block_bytes(padded=rows > 1)
         if rows > 1:  # each block's attention keeps its own [rows, 1, width, width] additive mask
             block += (tokens // rows) * e
         # Kept for the whole pass: rotary cos/sin (shared by all blocks), the final norm, the target mask, and the
@@ -189,11 +190,16 @@ class MemoryModel:
         model_level = tokens * (2 * s.head_dim * e + 4 * s.hidden + 4 + 1) + targets * s.hidden * e
         if self.checkpointing:  # each block keeps only its input; one block at a time is recomputed
             saved = tokens * s.layers * s.hidden * e + model_level
-            recompute = tokens * block
+            backward = tokens * block + self._backward_working(tokens, targets, tokens)
         else:
             saved = tokens * (s.layers * block - first_block_saving) + model_level
-            recompute = 0
-        backward = recompute + self._backward_working(tokens, targets)
+            backward = self._backward_working(tokens, targets, tokens)
+            if targets < ROW_SUBSET_BELOW * tokens:  # the last MLP runs on the target rows only (loss.py)
+                saved -= (tokens - targets) * mlp
+                # the peak is then in the last block's backward or in the next one's, once the last block's
+                # saved tensors are freed
+                backward = max(self._backward_working(tokens, targets, targets),
+                               backward - tokens * (block - mlp) - targets * mlp)
         loss = _loss_working(tokens, targets, s.hidden, s.vocab, e)
         return PassBytes(int(saved), int(max(loss, backward)), loss >= backward)
 
@@ -208,14 +214,15 @@ class MemoryModel:
             return 0
         return int(CUDA_ALLOCATOR_SPARE * tensors) + (0 if detected else CUDA_CONTEXT)
 
-    def _block_bytes(self, padded: bool) -> tuple[float, float]:
-        """Bytes autograd keeps per token in one decoder block, and how much less the first block keeps.
+    def _block_bytes(self, padded: bool) -> tuple[float, float, float]:
+        """Bytes autograd keeps per token in one decoder block, how many of them the MLP's, and how much less the
+        first block keeps.
 
         Llama block: two RMSNorms keep their fp32 input and 1/rms; attention keeps q, k (after rotary), v and its
         output in the base dtype and an fp32 log-sum-exp per head (padded rows carry a mask, so k and v are first
         repeated to every query head, and the mask is kept per block: see pass_bytes); the gated MLP keeps gate,
         act(gate) and up. Each LoRA layer (loratune.lora) keeps lora_A's fp32 output (rank wide) and its fp32 input:
-        with dropout, the dropped-out copy plus the boolean keep mask; without, the fp32 cast of the input (the
+        with dropout, the dropped-out copy plus what was dropped (see _dropped); without, the fp32 cast of the input (the
         input itself in an fp32 base, shared by the layers that read it). Frozen weights need no saved inputs,
         except in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
         The first block's input needs no gradient, so its first norm keeps nothing.
@@ -229,24 +236,34 @@ class MemoryModel:
         for name, width, _, has_lora in s.linears:
             if not has_lora:
                 continue
-            lora += ADAPTER * s.rank
             group = SIBLINGS.get(name, name)
+            saved = ADAPTER * s.rank
             if self.lora_dropout > 0:
-                lora += width * (ADAPTER + 1)
+                saved += width * (ADAPTER + self._dropped)
             elif e != ADAPTER or group not in shared:
-                lora += width * ADAPTER
+                saved += width * ADAPTER
                 shared.add(group)
+            if name in MLP_LINEARS:
+                mlp += saved
+            else:
+                lora += saved
         if self.load_in_4bit:  # bitsandbytes' 4-bit product keeps its input, once per tensor read
             inputs = {SIBLINGS.get(name, name): width for name, width, _, _ in s.linears}
             lora += e * sum(inputs.values())
             first_saving += e * inputs.get("attention", 0)
-        return 2 * norm + attention + mlp + lora, first_saving
+        return 2 * norm + attention + mlp + lora, mlp, first_saving
 
-    def _backward_working(self, tokens: int, targets: int) -> float:
+    @property
+    def _dropped(self) -> float:
+        """Bytes per input value that record dropout's zeros (loratune.lora): on CPU the int64 indices of the
+        dropped values, p of them on average; elsewhere a boolean keep mask."""
+        return 8 * self.lora_dropout if self.device == "cpu" else 1
+
+    def _backward_working(self, tokens: int, targets: int, mlp_rows: int) -> float:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
 
         The largest of: down_proj's backward (the incoming gradient, its fp32 copy in a 16-bit base, the input
-        gradient, and with dropout two fp32 [tokens, intermediate] temporaries); the gated product's backward
+        gradient, and with dropout the fp32 [tokens, intermediate] adapter gradient and its cast); the gated product's backward
         (three [tokens, intermediate] gradients, after down_proj's saved input is freed); an RMSNorm's backward
         (six fp32 [tokens, hidden], measured). By then the final norm's input and the loss's hidden-state
         gradient are freed. A 4-bit base also dequantises its largest weight (not measured).
@@ -254,12 +271,12 @@ class MemoryModel:
         s, e = self.shape, self.base_bytes
         d, i = s.hidden, s.intermediate
         incoming = d * e + (0 if e == ADAPTER else ADAPTER * d)
-        down_proj = incoming + i * e + (2 * ADAPTER * i if self.lora_dropout > 0 else 0)
-        product = d * e + 3 * i * e - i * (ADAPTER + (1 if self.lora_dropout > 0 else 0))
+        down_proj = incoming + i * e + ((ADAPTER + (e if e != ADAPTER else 0)) * i if self.lora_dropout > 0 else 0)
+        product = d * e + 3 * i * e - i * (ADAPTER + (self._dropped if self.lora_dropout > 0 else 0))
         norm = 6 * ADAPTER * d
         freed = tokens * ADAPTER * d + targets * d * e
         dequantised = max(n * m for _, n, m, _ in s.linears) * e if self.load_in_4bit and s.linears else 0
-        return tokens * max(down_proj, product, norm) - freed + dequantised
+        return max(mlp_rows * max(down_proj, product), tokens * norm) - freed + dequantised
 
 
 def _loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) -> float:
