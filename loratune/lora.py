@@ -45,17 +45,18 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     would synchronise with the host."""
     if x.device.type == "cpu":
         dropped = drop_positions(x.numel(), p)
-        x.view(-1).index_fill_(0, dropped, 0)
-        return dropped
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-    x.mul_(keep)
-    return keep
+    else:
+        dropped = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    _zero_dropped(x, dropped)
+    return dropped
 
 
 def _zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """t with the elements `_dropout` recorded set to zero, in place."""
     if dropped.dtype == torch.bool:
         return t.mul_(dropped)
-    return t.view(-1).index_fill_(0, dropped, 0).view(t.shape)
+    t.view(-1).index_fill_(0, dropped, 0)
+    return t
 
 
 class _LoraLinearFn(torch.autograd.Function):

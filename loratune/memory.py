@@ -222,9 +222,9 @@ class MemoryModel:
         output in the base dtype and an fp32 log-sum-exp per head (padded rows carry a mask, so k and v are first
         repeated to every query head, and the mask is kept per block: see pass_bytes); the gated MLP keeps gate,
         act(gate) and up. Each LoRA layer (loratune.lora) keeps lora_A's fp32 output (rank wide) and its fp32 input:
-        with dropout, the dropped-out copy plus what was dropped (see _dropped); without, the fp32 cast of the input (the
-        input itself in an fp32 base, shared by the layers that read it). Frozen weights need no saved inputs,
-        except in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
+        with dropout, the dropped-out copy plus the record of what was dropped (`_dropped`); without, the fp32 cast
+        of the input (the input itself in an fp32 base, shared by the layers that read it). Frozen weights need no
+        saved inputs, except in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
         The first block's input needs no gradient, so its first norm keeps nothing.
         """
         s, e = self.shape, self.base_bytes
@@ -256,23 +256,26 @@ class MemoryModel:
     @property
     def _dropped(self) -> float:
         """Bytes per input value that record dropout's zeros (loratune.lora): on CPU the int64 indices of the
-        dropped values, p of them on average; elsewhere a boolean keep mask."""
+        dropped values, p of them on average; elsewhere a boolean keep mask; none without dropout."""
+        if self.lora_dropout == 0:
+            return 0
         return 8 * self.lora_dropout if self.device == "cpu" else 1
 
     def _backward_working(self, tokens: int, targets: int, mlp_rows: int) -> float:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
 
         The largest of: down_proj's backward (the incoming gradient, its fp32 copy in a 16-bit base, the input
-        gradient, and with dropout the fp32 [tokens, intermediate] adapter gradient and its cast); the gated product's backward
-        (three [tokens, intermediate] gradients, after down_proj's saved input is freed); an RMSNorm's backward
-        (six fp32 [tokens, hidden], measured). By then the final norm's input and the loss's hidden-state
-        gradient are freed. A 4-bit base also dequantises its largest weight (not measured).
+        gradient, and with dropout the fp32 [tokens, intermediate] adapter gradient and its cast); the gated
+        product's backward (three [tokens, intermediate] gradients, after down_proj's saved input is freed); an
+        RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go through the MLP (the target
+        rows in a last block run on them only). By then the final norm's input and the loss's hidden-state gradient
+        are freed. A 4-bit base also dequantises its largest weight (not measured).
         """
         s, e = self.shape, self.base_bytes
         d, i = s.hidden, s.intermediate
         incoming = d * e + (0 if e == ADAPTER else ADAPTER * d)
         down_proj = incoming + i * e + ((ADAPTER + (e if e != ADAPTER else 0)) * i if self.lora_dropout > 0 else 0)
-        product = d * e + 3 * i * e - i * (ADAPTER + (self._dropped if self.lora_dropout > 0 else 0))
+        product = d * e + 3 * i * e - i * (ADAPTER + self._dropped)
         norm = 6 * ADAPTER * d
         freed = tokens * ADAPTER * d + targets * d * e
         dequantised = max(n * m for _, n, m, _ in s.linears) * e if self.load_in_4bit and s.linears else 0
