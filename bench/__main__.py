@@ -58,15 +58,21 @@ def main(argv: list[str] | None = None) -> None:
                    "trainers (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--work", type=Path, help="keep the models, data, logs and runs here (default: a temporary "
                    "folder, removed at the end)")
-    p.add_argument("--out", type=Path, help="where the table goes (default bench/results/latest.{md,json}, "
-                   "or quick.{md,json} with --quick)")
+    p.add_argument("--out", type=Path, help="where the table goes (default bench/results/latest.{md,json} for a "
+                   "full run, quick.{md,json} with --quick, partial.{md,json} for a subset of models or trainers)")
     args = p.parse_args(argv)
+    models, trainers = args.models.split(","), args.trainers.split(",")
+    for chosen, allowed in ((models, FULL), (trainers, TRAINERS)):
+        if unknown := [x for x in chosen if x not in allowed]:
+            p.error(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if args.work and (taken := [m for m in models if (args.work / m).exists()]):
+        p.error(f"--work {args.work} already holds a run of {taken[0]}; give an empty or new folder")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
     reps = args.reps or (1 if args.quick else 3)
-    trainers = args.trainers.split(",")
-    out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest")
+    full = set(models) == set(FULL) and set(trainers) == set(TRAINERS)
+    out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest" if full else "partial")
     host = machine(device)  # first: its load average must not include our own measurements
     print(f"measuring the {device} matrix-product peak ...", flush=True)
     peaks = {name: matmul_peak(DTYPES[name], device) for name in ("fp32", "bf16")}
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as tmp:
         work = args.work or Path(tmp)
-        for name in args.models.split(","):
+        for name in models:
             setting = (QUICK if args.quick else FULL)[name]
             if args.steps:
                 setting = Setting(args.steps, setting.batch_size, setting.grad_accum)
