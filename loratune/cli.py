@@ -23,7 +23,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """A flag per TrainConfig field, with the field's description as help (values are validated by the config)."""
     parser.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
     parser.add_argument("--preset", choices=list(PRESETS), help="start from an example configuration: "
-                        + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+                        + " ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
     group = parser
     for name, field in TrainConfig.model_fields.items():
         if name in FIELD_GROUPS:
