@@ -40,23 +40,30 @@ def _draw_size(expected: float) -> int:
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zeroes dropout's elements of x in place (without rescaling) and returns them for `_zero_dropped`: their
-    flat indices on a CPU; a keep mask on accelerators, whose generators are fast and where a variable count
-    would synchronise with the host."""
+    """Zeroes dropout's elements of x in place (without rescaling) and returns which: their sorted flat indices on
+    a CPU; a keep mask on accelerators, whose generators are fast and where a variable count would synchronise
+    with the host."""
     if x.device.type == "cpu":
         dropped = drop_positions(x.numel(), p)
+        x.view(-1).index_fill_(0, dropped, 0)
     else:
         dropped = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-    _zero_dropped(x, dropped)
+        x.mul_(dropped)
     return dropped
 
 
-def _zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """t with the elements `_dropout` recorded set to zero, in place."""
-    if dropped.dtype == torch.bool:
-        return t.mul_(dropped)
-    t.view(-1).index_fill_(0, dropped, 0)
-    return t
+def _add_input_grad(grad_x: torch.Tensor, grad_h: torch.Tensor, lora_a: torch.Tensor, dropped) -> None:
+    """grad_x += grad_h @ lora_a in place, except at the elements `_dropout` zeroed: those keep the base layer's
+    gradient. On a CPU they are few, so they are read before the product is accumulated and written back after:
+    no [tokens, in_features] temporary."""
+    grad_h, lora_a = grad_h.to(grad_x.dtype), lora_a.to(grad_x.dtype)
+    if dropped is not None and dropped.dtype == torch.bool:
+        grad_x += (grad_h @ lora_a).mul_(dropped)
+        return
+    base = None if dropped is None else grad_x.view(-1)[dropped]
+    grad_x.addmm_(grad_h, lora_a)
+    if dropped is not None:
+        grad_x.view(-1).index_copy_(0, dropped, base)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -86,10 +93,7 @@ class _LoraLinearFn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:  # e.g. the first layer's input: embeddings and norms are frozen
             return None, None, None, grad_a, grad_b, None, None
         grad_x = g @ weight  # the frozen base needs no weight gradient
-        if dropped is None:
-            grad_x.addmm_(grad_h.to(grad_x.dtype), lora_a.to(grad_x.dtype))
-        else:
-            grad_x += _zero_dropped(grad_h @ lora_a, dropped).to(grad_x.dtype)
+        _add_input_grad(grad_x, grad_h, lora_a, dropped)
         return grad_x.view(ctx.in_shape), None, None, grad_a, grad_b, None, None
 
 

@@ -261,20 +261,30 @@ class MemoryModel:
             return 0
         return 8 * self.lora_dropout if self.device == "cpu" else 1
 
+    @property
+    def _dropout_grad(self) -> float:
+        """Bytes per input value that a dropped-out LoRA layer's input gradient needs beyond the base layer's: on
+        CPU the base gradient of the dropped values, kept while the adapter's part is added; elsewhere the fp32
+        adapter gradient, its masked copy's cast in a 16-bit base."""
+        if self.lora_dropout == 0:
+            return 0
+        if self.device == "cpu":
+            return self.base_bytes * self.lora_dropout
+        return ADAPTER + (0 if self.base_bytes == ADAPTER else self.base_bytes)
+
     def _backward_working(self, tokens: int, targets: int, mlp_rows: int) -> float:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
 
         The largest of: down_proj's backward (the incoming gradient, its fp32 copy in a 16-bit base, the input
-        gradient, and with dropout the fp32 [tokens, intermediate] adapter gradient and its cast); the gated
-        product's backward (three [tokens, intermediate] gradients, after down_proj's saved input is freed); an
-        RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go through the MLP (the target
+        gradient, and with dropout `_dropout_grad`); the gated product's backward (three [tokens, intermediate]
+        gradients, after down_proj's saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go through the MLP (the target
         rows in a last block run on them only). By then the final norm's input and the loss's hidden-state gradient
         are freed. A 4-bit base also dequantises its largest weight (not measured).
         """
         s, e = self.shape, self.base_bytes
         d, i = s.hidden, s.intermediate
         incoming = d * e + (0 if e == ADAPTER else ADAPTER * d)
-        down_proj = incoming + i * e + ((ADAPTER + (e if e != ADAPTER else 0)) * i if self.lora_dropout > 0 else 0)
+        down_proj = incoming + i * e + self._dropout_grad * i
         product = d * e + 3 * i * e - i * (ADAPTER + self._dropped)
         norm = 6 * ADAPTER * d
         freed = tokens * ADAPTER * d + targets * d * e

@@ -91,3 +91,19 @@ def test_drops_drawn_in_several_rounds_keep_the_rate(monkeypatch):
     dropped = drop_positions(100_000, 0.05)
     assert (dropped.diff() > 0).all() and dropped[-1] < 100_000
     assert abs(len(dropped) / 100_000 - 0.05) < 0.003
+
+
+def test_both_records_of_the_drops_give_the_same_input_gradient():
+    """The input gradient leaves out the adapter's part at dropped elements, whether they are recorded as flat
+    indices (CPU) or as a keep mask (accelerators; run here on CPU tensors)."""
+    grad_x, grad_h, lora_a = torch.randn(6, 10), torch.randn(6, 3), torch.randn(3, 10)
+    positions = drop_positions(grad_x.numel(), 0.3)
+    keep = torch.ones(grad_x.shape, dtype=torch.bool)
+    keep.view(-1)[positions] = False
+    by_index, by_mask = grad_x.clone(), grad_x.clone()
+    lora._add_input_grad(by_index, grad_h, lora_a, positions)
+    lora._add_input_grad(by_mask, grad_h, lora_a, keep)
+    want = grad_x + torch.where(keep, grad_h @ lora_a, 0)
+    torch.testing.assert_close(by_index, want)
+    torch.testing.assert_close(by_mask, want)
+    assert torch.equal(by_index[~keep], grad_x[~keep]) and len(positions) > 0
