@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (1 if args.quick else 3)
     full = set(models) == set(FULL) and set(trainers) == set(TRAINERS)
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest" if full else "partial")
-    host = machine(device)  # first: its load average must not include our own measurements
+    host = machine(device)  # first: its reading of how busy the CPU is must not include our own work
     print(f"measuring the {device} matrix-product peak ...", flush=True)
     peaks = {name: matmul_peak(DTYPES[name], device) for name in ("fp32", "bf16")}
     report = {"machine": host, "device": device, "precision": precision, "reps": reps, "quick": args.quick,

@@ -91,16 +91,18 @@ def render(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m['versions']}; loratune {m['commit']}; {m['date']}.",
         f"Device {report['device']}, frozen base in {report['precision']} for every trainer. Matrix-product peak "
-        f"measured here: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s. "
+        f"measured here: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s"
+        + (" (bf16 is the slower format here, so MFU over its peak can pass 100%; the fp32 column is the distance "
+           "to this machine's limit)" if peaks["bf16"] < peaks["fp32"] else "") + ". "
         f"Medians of {report['reps']} repetition{'s' * (report['reps'] > 1)}"
         + (" (--quick: a check of the harness, not a measurement)" if report["quick"] else "") + ".",
         f"Every trainer: LoRA r={h['lora_r']}, alpha={h['lora_alpha']}, dropout={h['lora_dropout']} on all linear "
         f"layers of the blocks; AdamW lr={h['learning_rate']:g}, weight decay 0, warmup {h['warmup_ratio']:g} then "
         "cosine, gradient clipping 1.0; the same examples in every optimizer step; loss on answer tokens only.",
     ]
-    if m["load_average"] >= 0.5:  # timings taken while other processes compete for the cores mean little
-        lines.append(f"Warning: the load average was {m['load_average']:.1f} at the start; other processes were "
-                     "using the CPU, so these timings are not a measurement of the trainers.")
+    if m["busy_share"] >= 0.2:  # timings taken while other processes compete for the cores mean little
+        lines.append(f"Warning: other processes used {m['busy_share']:.0%} of the CPU when the benchmark started, so "
+                     "these timings are not a measurement of the trainers alone.")
     for summary in report["models"].values():
         s, rows, checks = summary["setting"], summary["trainers"], summary["checks"]
         lines += [
@@ -165,9 +167,26 @@ def machine(device: str) -> dict:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "versions": ", ".join(f"{p} {metadata.version(p)}" for p in packages),
         "commit": _commit(),
-        "load_average": os.getloadavg()[0],
+        "busy_share": _busy_share(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _busy_share(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU time other processes use now, over `seconds` (Linux /proc/stat; elsewhere the
+    one-minute load average per core, which also counts work that ended within the last minute)."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+
+    def sample() -> tuple[int, int]:
+        ticks = [int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def _commit() -> str:
