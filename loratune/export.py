@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import UserError
 from .inference import locate_run, read_run_config, run_end_ids
-from .model import DTYPES, load_model, load_tokenizer, nf4_config, resolve_model
+from .model import DTYPES, load_model, load_tokenizer, nf4_config, quiet_peft, resolve_model
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
@@ -42,7 +42,8 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         base = _dequantised_base(model_path, target, stored)
     else:
         base = load_model(model_path, target, torch.device("cpu"))
-    model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
     _stop_at_training_end_tokens(model, folder)
     with ckpt.atomic_dir(out) as tmp:

@@ -31,7 +31,10 @@ from .errors import UserError
 from .evaluate import answer, dataset_loss, score
 from .inference import generation_end_ids, prompt_text, read_run_config
 from .loss import CausalLMLoss
-from .model import add_lora, choose_dtype, load_model, load_tokenizer, resolve_device, resolve_model, supports_packing
+from .model import (
+    add_lora, choose_dtype, enable_checkpointing, load_model, load_tokenizer, resolve_device, resolve_model,
+    supports_packing,
+)
 from .report import write_report
 from .tracking import Trackers
 
@@ -98,7 +101,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if packing:
         base.set_attn_implementation(PACKED_ATTENTION)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     model = add_lora(base, cfg)
     loss_module = CausalLMLoss(model)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -388,13 +388,13 @@ def measure_pass(base, cfg: TrainConfig, lengths: list[int], answer_share: float
     from .data.batching import collate_packed, collate_padded
     from .data.encode import IGNORE
     from .loss import CausalLMLoss
-    from .model import add_lora, supports_packing
+    from .model import add_lora, enable_checkpointing, supports_packing
 
     packing = cfg.packing and supports_packing(base)
     if packing:
         base.set_attn_implementation(PACKED_ATTENTION)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     loss = CausalLMLoss(add_lora(base, cfg)).train()
     rng = np.random.default_rng(seed)
     ids = [rng.integers(0, base.config.get_text_config().vocab_size, n) for n in lengths]

@@ -282,6 +282,16 @@ def supports_packing(model) -> bool:
     return bool(getattr(model, "_supports_attention_backend", False))
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer, non-reentrant (transformers 5.x renamed the call from
+    gradient_checkpointing_enable, which now warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextlib.contextmanager
 def quiet_peft():
     """PEFT calls a transformers API that transformers 5 marks deprecated; that warning is noise for our users."""
