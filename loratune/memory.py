@@ -263,14 +263,12 @@ class MemoryModel:
 
     @property
     def _dropout_grad(self) -> float:
-        """Bytes per input value that a dropped-out LoRA layer's input gradient needs beyond the base layer's: on
-        CPU the base gradient of the dropped values, kept while the adapter's part is added; elsewhere the fp32
-        adapter gradient, its masked copy's cast in a 16-bit base."""
+        """Bytes per input value that a dropped-out LoRA layer's input gradient needs beyond the base layer's
+        (loratune.lora._add_input_grad): on CPU the base gradient of the dropped values, kept while the adapter's
+        part is added; elsewhere the adapter's part, masked, in the base dtype."""
         if self.lora_dropout == 0:
             return 0
-        if self.device == "cpu":
-            return self.base_bytes * self.lora_dropout
-        return ADAPTER + (0 if self.base_bytes == ADAPTER else self.base_bytes)
+        return self.base_bytes * (self.lora_dropout if self.device == "cpu" else 1)
 
     def _backward_working(self, tokens: int, targets: int, mlp_rows: int) -> float:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
