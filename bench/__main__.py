@@ -29,7 +29,6 @@ from .report import ROOT, TRAINERS, machine, render, summarize
 from .workload import make_workload
 
 
-
 @dataclass
 class Setting:
     steps: int

@@ -24,13 +24,15 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     CPU's Mersenne Twister, which costs more than the layer's matrix products on small models. The uniforms are
     float32, so gaps longer than (1-p)^g = 2^-24 are cut: P(drop) is p to within 1e-7.
     """
-    log_keep, parts, last = math.log1p(-p), [torch.zeros(0, dtype=torch.int64)], -1
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    log_keep, parts, last = math.log1p(-p), [], -1
     while last < n - 1:
         uniforms = torch.rand(_draw_size((n - 1 - last) * p))
         gaps = uniforms.neg_().log1p_().div_(log_keep).long().add_(1)  # geometric on 1, 2, ...
         parts.append(gaps.cumsum_(0).add_(last))
         last = int(parts[-1][-1])
-    positions = torch.cat(parts)
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)  # one draw almost always: no copy
     return positions[: int(torch.searchsorted(positions, n))]
 
 
@@ -57,12 +59,13 @@ def _add_input_grad(grad_x: torch.Tensor, grad_h: torch.Tensor, lora_a: torch.Te
     gradient. On a CPU they are few, so they are read before the product is accumulated and written back after:
     no [tokens, in_features] temporary."""
     grad_h, lora_a = grad_h.to(grad_x.dtype), lora_a.to(grad_x.dtype)
-    if dropped is not None and dropped.dtype == torch.bool:
+    if dropped is None:
+        grad_x.addmm_(grad_h, lora_a)
+    elif dropped.dtype == torch.bool:
         grad_x += (grad_h @ lora_a).mul_(dropped)
-        return
-    base = None if dropped is None else grad_x.view(-1)[dropped]
-    grad_x.addmm_(grad_h, lora_a)
-    if dropped is not None:
+    else:
+        base = grad_x.view(-1)[dropped]
+        grad_x.addmm_(grad_h, lora_a)
         grad_x.view(-1).index_copy_(0, dropped, base)
 
 
