@@ -41,7 +41,8 @@ class Console:
 
 
 class StepProgress:
-    """A bar with loss, learning rate, tokens/s and ETA; or one line per step (thinned on long runs)."""
+    """A bar with loss, learning rate, tokens/s, padding share and ETA; or one line per step (thinned on long
+    runs)."""
 
     def __init__(self, console: Console, total: int, done: int):
         self.console, self.total, self.start_done = console, total, done
@@ -56,8 +57,9 @@ class StepProgress:
             self.task = self.bar.add_task("train", total=total, completed=done, stats="")
             self.bar.start()
 
-    def update(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float) -> None:
-        stats = f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
+    def update(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float, padding: float) -> None:
+        """`tokens_per_s` counts real tokens; `padding` is the share of processed positions that were padding."""
+        stats = f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | padding {padding:.0%}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, stats=stats)
         elif self.console.enabled and (step % self.every == 0 or step == self.total):

@@ -241,13 +241,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 state.target_tokens += step_targets
                 seconds = time.perf_counter() - step_start
                 epoch_float = state.epoch + state.step_in_epoch / len(steps)
+                padding_share = 1 - step_tokens / max(1, padded_tokens)
                 metrics.write(
                     event="train", step=state.step, epoch=round(epoch_float, 4), loss=step_loss, lr=lr,
                     grad_norm=grad_norm, tokens=tokens, target_tokens=step_targets,
                     tokens_per_s=tokens / seconds, target_tokens_per_s=step_targets / seconds,
-                    padding_share=1 - step_tokens / max(1, padded_tokens), seconds=seconds,
+                    padding_share=padding_share, seconds=seconds,
                 )
-                progress.update(state.step, epoch_float, step_loss, lr, tokens / seconds)
+                progress.update(state.step, epoch_float, step_loss, lr, tokens / seconds, padding_share)
 
                 if state.nonfinite_streak >= cfg.max_nonfinite_steps:
                     raise UserError(_nonfinite_diagnosis(cfg, state, data, examples, dtype), exit_code=1)
