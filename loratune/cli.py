@@ -30,7 +30,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group = parser.add_argument_group(FIELD_GROUPS[name])
         flag = "--" + name.replace("_", "-")
         default = field.default_factory() if field.default_factory else field.default
-        help_text = f"{field.description} (default: {default})"
+        help_text = f"{field.description} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -69,8 +69,8 @@ class TrainConfig(BaseModel):
     # --- Training Guide: batch processing ------------------------------------------------------------
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         8,
-        description="Number of samples processed together (per forward pass). Higher = faster training, more memory. "
-        "'auto' picks the largest that fits. Guide range: 4-16.",
+        description="Number of samples processed together (per forward pass; with packing, per pass on average). "
+        "Higher = faster training, more memory. 'auto' picks the largest that fits. Guide range: 4-16.",
     )
     gradient_accumulation_steps: int = Field(
         8,

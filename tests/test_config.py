@@ -78,6 +78,16 @@ def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()  # stopped before anything was written
 
 
+def test_train_help_shows_every_field_with_its_description():
+    result = _cli("train", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help
+    for name, field in TrainConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in text
+        assert " ".join(field.description.split()) in text, name
+    assert "option_strings" not in text  # a bare "%" in a help text made argparse print its own dict there
+
+
 def test_config_show_prints_the_guide_defaults_and_sources():
     result = _cli("config", "show", "--lora-r", "16")
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,7 @@ import torch
 
 from loratune.attention import NAME
 from loratune.data.batching import collate_packed
-from loratune.loss import CausalLMLoss
+from loratune.loss import CausalLMLoss, target_cross_entropy
 from loratune.model import add_lora, load_model
 
 
@@ -37,3 +37,36 @@ def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_mod
     torch.testing.assert_close(subset[0], full[0], rtol=1e-6, atol=0)
     for got, want in zip(subset[1], full[1]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_equals_full_logits_across_chunk_boundaries(monkeypatch):
+    """Several chunks, the last one partial: same summed loss and hidden-state gradient as full fp32 logits."""
+    monkeypatch.setattr("loratune.loss.CHUNK_TOKENS", 4)
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(11, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=gen)
+    chunked = target_cross_entropy(hidden, head, targets)
+    (grad_chunked,) = torch.autograd.grad(chunked * 3.0, hidden)  # a scaled loss scales the gradient
+    full = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (grad_full,) = torch.autograd.grad(full * 3.0, hidden)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_keeps_lora_weights_gradients_and_optimizer_state_in_fp32(tiny_model):
+    base = load_model(tiny_model, torch.bfloat16, torch.device("cpu"))
+    base.set_attn_implementation(NAME)
+    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules="all-linear", seed=0)
+    model = add_lora(base, cfg).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    inputs = [np.arange(5, 17), np.arange(20, 29)]
+    CausalLMLoss(model)(collate_packed(inputs, inputs)).backward()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    optimizer.step()
+    assert frozen == {torch.bfloat16} and trainable
+    assert {p.dtype for p in trainable} == {p.grad.dtype for p in trainable} == {torch.float32}
+    assert {t.dtype for s in optimizer.state.values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert all(p.grad.abs().sum() > 0 for n, p in named if "lora_B" in n)  # the backward reached every adapter
