@@ -241,7 +241,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 state.target_tokens += step_targets
                 seconds = time.perf_counter() - step_start
                 epoch_float = state.epoch + state.step_in_epoch / len(steps)
-                padding_share = 1 - step_tokens / max(1, padded_tokens)
+                padding_share = 1 - tokens / max(1, int(_all_sum(accelerator, padded_tokens)))  # all processes
                 metrics.write(
                     event="train", step=state.step, epoch=round(epoch_float, 4), loss=step_loss, lr=lr,
                     grad_norm=grad_norm, tokens=tokens, target_tokens=step_targets,
