@@ -145,15 +145,41 @@ def _io_message(path: Path, e: OSError) -> str:
 # --- The run folder -----------------------------------------------------------------------------------------
 
 
+# What a run writes into its folder (eval-*.jsonl are `loratune eval` reports; dot-files are temporaries).
+RUN_ENTRIES = {"adapter", "last", CHECKPOINTS, "config.yaml", "data.json", "fingerprint.json", "metrics.jsonl",
+               "summary.json", "report.md", "loss.png", "tensorboard", "wandb"}
+
+
+def is_run_entry(entry: Path) -> bool:
+    return entry.name in RUN_ENTRIES or entry.name.startswith(".") or (
+        entry.name.startswith("eval-") and entry.suffix == ".jsonl")
+
+
+def check_replaceable(path: Path, option: str, ours) -> None:
+    """`--overwrite` deletes `path`: only when everything in it is something loratune wrote (`ours(entry)`), and
+    never the working folder or one above it. A wrong --output-dir must not cost the user their data."""
+    here = Path.cwd().resolve()
+    if path.resolve() in (here, *here.parents):
+        raise UserError(f"{option} {path}: is the working folder or contains it; --overwrite would delete it. "
+                        "Choose a new folder")
+    foreign = sorted(entry.name for entry in path.iterdir() if not ours(entry))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{option} {path}: holds files loratune did not write ({shown}); --overwrite only replaces "
+                        "loratune's own output. Choose a new folder")
+
+
 def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to mix two runs in one folder, and to start a run that could not write its results. No side effects."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not resume and not overwrite:
-        raise UserError(
-            f"output_dir {path} already holds a run. Use --resume to continue it, --overwrite to replace it, "
-            "or --output-dir for a new folder"
-        )
+    if path.is_dir() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(
+                f"output_dir {path} already holds a run. Use --resume to continue it, --overwrite to replace it, "
+                "or --output-dir for a new folder"
+            )
+        check_replaceable(path, "output_dir", is_run_entry)
     existing = next(p for p in [path, *path.resolve().parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise UserError(f"cannot write {path}: permission denied (choose another output_dir)")
@@ -161,7 +187,7 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
 
 def create_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
     """Make the run folder (replacing an old run when asked), once everything before training has succeeded."""
-    if overwrite and not resume and path.is_dir():
+    if overwrite and not resume and path.is_dir() and any(path.iterdir()):  # checked by check_output_dir
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from .model import DTYPES, load_model, load_tokenizer, nf4_config, quiet_peft, r
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
 SHARD_SIZE = "5GB"  # the hub's usual shard size
+MERGE_RECORD = "loratune-merge.json"  # marks a folder as merge's output, which --overwrite may replace
 
 
 def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype: str | None = None,
@@ -29,8 +30,10 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
     from peft import PeftModel
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite or not out.is_dir():
+            raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
+        ckpt.check_replaceable(out, "--out", lambda entry: (out / MERGE_RECORD).is_file() or entry.name.startswith("."))
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     run_dir, folder = locate_run(run_dir, adapter)
@@ -46,12 +49,12 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
     _stop_at_training_end_tokens(model, folder)
-    with ckpt.atomic_dir(out) as tmp:
+    with ckpt.atomic_dir(out.resolve()) as tmp:  # resolved: "." has no name to write next to
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         for f in folder.iterdir():  # the tokenizer and chat template exactly as saved with the adapter
             if f.is_file() and f.name not in ADAPTER_FILES:
                 shutil.copy2(f, tmp / f.name)
-        (tmp / "loratune-merge.json").write_text(json.dumps(
+        (tmp / MERGE_RECORD).write_text(json.dumps(
             {"run": str(run_dir.resolve()), "adapter": str(folder.resolve()), "base": model_path,
              "dtype": str(target).removeprefix("torch.")}, indent=1))
     return out

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,14 @@ def test_merge_refuses_to_overwrite_and_to_merge_into_4bit_silently(tiny_run, tm
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="already exists"):
         merge(tiny_run, tmp_path / "taken")
+    for not_a_merge in (tmp_path / "taken", tiny_run):  # --overwrite replaces only merge's own output
+        with pytest.raises(UserError, match="holds files loratune did not write"):
+            merge(tiny_run, not_a_merge, overwrite=True)
+    assert (tmp_path / "taken" / "file").is_file() and (Path(tiny_run) / "adapter").is_dir()
+    merged = merge(tiny_run, tmp_path / "merged")
+    (merged / "stale").write_text("x")
+    merge(tiny_run, merged, overwrite=True)
+    assert not (merged / "stale").exists() and (merged / "config.json").is_file()
 
     run = tmp_path / "qlora"
     shutil.copytree(tiny_run, run)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratune import TrainConfig, loss, train
+from loratune import checkpoint as ckpt
 from loratune.errors import UserError
 
 from conftest import varied_rows, write_jsonl
@@ -131,6 +132,25 @@ def test_refuses_an_existing_run_unless_overwrite_or_resume(tiny_model, data, tm
     result = _run(_flags(tiny_model, data, out))
     assert result.returncode == 2 and "already holds a run. Use --resume" in result.stderr
     assert (out / "something").is_file()
+
+
+def test_overwrite_replaces_only_loratune_output(tiny_model, data, tmp_path, monkeypatch):
+    folder = Path(data[0]).parent  # the training data's own folder, given as output_dir by mistake
+    before = sorted(p.name for p in folder.iterdir())
+    result = _run(_flags(tiny_model, data, folder) + ["--overwrite"])
+    assert result.returncode == 2 and "holds files loratune did not write (" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and sorted(p.name for p in folder.iterdir()) == before
+
+    run = tmp_path / "old-run"
+    for name in ("adapter", "checkpoints"):
+        (run / name).mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "eval-test.jsonl", ".summary.json.tmp-1", "adapter/adapter_config.json"):
+        (run / name).write_text("x")
+    ckpt.check_output_dir(run, overwrite=True, resume=False)  # a run's own files: may be replaced
+    monkeypatch.chdir(run / "adapter")
+    for below_or_at in (run, run / "adapter"):
+        with pytest.raises(UserError, match="is the working folder or contains it"):
+            ckpt.check_output_dir(below_or_at, overwrite=True, resume=False)
 
 
 def test_resume_refuses_changed_data_or_config(tiny_model, data, tmp_path):
