@@ -37,6 +37,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
 
 
+def _ranged(kind, above=None, at_least=None, at_most=None):
+    """An argparse type: `kind` within bounds, else argparse's one-line error saying what is allowed."""
+    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+              f"<= {at_most}" if at_most is not None else ""]
+
+    def parse(text: str):
+        value = kind(text)
+        if ((above is not None and not value > above) or (at_least is not None and not value >= at_least)
+                or (at_most is not None and not value <= at_most)):
+            raise argparse.ArgumentTypeError(f"{text}: must be " + " and ".join(b for b in bounds if b))
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def _flags(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
 
@@ -53,12 +68,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.num_processes)
 
-    if args.resume and not args.config:
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite starts it over: give one of them")
+    if args.resume and (isinstance(args.resume, str) or not args.config):
         run = Path(args.resume if isinstance(args.resume, str) else args.output_dir or "")
         if not (run / "config.yaml").is_file():
             raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
-        args.config = str(run / "config.yaml")
-        args.output_dir = str(run)
+        args.config = args.config or str(run / "config.yaml")
+        args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
     quickstart = not args.config and not args.preset and not args.train_data
     if quickstart:
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
@@ -221,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue a run from its latest whole checkpoint (default: the config's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+    p.add_argument("--num-processes", type=_ranged(int, above=0), default=1, metavar="N",
                    help="data-parallel processes on this machine (effective batch x N); for several machines or "
                    "FSDP/DeepSpeed use `accelerate launch -m loratune train ...`")
     p.set_defaults(func=cmd_train)
@@ -246,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one prompt; the generated text is printed")
     p.add_argument("--file", help="prompts, one per row (any training data shape; answers are ignored); "
                    "prints one JSON object per line")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling")
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
@@ -258,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="examples with reference answers, in any training data shape")
     p.add_argument("--generate", action="store_true", help="also generate answers (greedy) and score them against "
                    "the references: exact match, word-overlap F1, JSON field accuracy")
-    p.add_argument("--max-new-tokens", type=int, help="longest generated answer (default: longest reference + 16)")
-    p.add_argument("--batch-size", type=int, help="examples per forward pass (default: the run's batch_size)")
+    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), help="longest generated answer (default: longest reference + 16)")
+    p.add_argument("--batch-size", type=_ranged(int, above=0), help="examples per forward pass (default: the run's batch_size)")
     p.add_argument("--report", metavar="FILE", help="JSONL report: a summary line, then one line per example "
                    "with --generate (default: RUN_DIR/eval-<data name>.jsonl)")
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
@@ -268,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", help="talk to the fine-tuned model (from a script: one message per input line)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
     p.add_argument("--system", help="a system message to start every conversation with")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling")
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.set_defaults(func=cmd_chat)
 

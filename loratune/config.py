@@ -100,7 +100,7 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(8, gt=0, description="Rank of the LoRA adaptations. Guide range: 8-32.")
     lora_alpha: int = Field(32, gt=0, description="Scaling factor for LoRA updates; usually 2x-4x lora_r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability in the LoRA layers.")
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+    lora_target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] = Field(
         "all-linear",
         description="Layers that get LoRA adapters: all-linear (every linear layer of the blocks) or names, "
         "e.g. q_proj,v_proj.",
@@ -320,13 +320,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {path}: not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path}: not UTF-8 text (a YAML file of field: value lines is expected)") from None
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: expected a mapping of field: value, got {type(data).__name__}")
+    if bad := [key for key in data if not isinstance(key, str)]:
+        raise UserError(f"config file {path}: {bad[0]!r} is not a setting name (`loratune config show` lists them)")
     return data
 
 
@@ -443,7 +449,9 @@ def _describe(annotation, metadata=()) -> str:
         ]
         return " ".join([simple[annotation], " and ".join(bounds)]).strip()
     if origin is list:
-        return "a list (YAML list or comma-separated names)"
+        item = f" of {_describe(args[0])}" if get_origin(args[0]) is Literal else ""
+        at_least = any(getattr(m, "min_length", 0) for m in metadata)
+        return f"a{' non-empty' if at_least else ''} list{item} (YAML list or comma-separated names)"
     if origin is dict:
         return "a mapping (YAML mapping or key=value pairs separated by commas)"
     return str(annotation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import signal
 import threading
 import time
@@ -519,7 +520,11 @@ def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
     ]
     if changed:
         raise UserError(f"cannot resume {run}: the config changed ({'; '.join(changed)}). Use the original settings, or --overwrite to start over")
-    old = json.loads((run / "fingerprint.json").read_text())
+    try:
+        old = json.loads((run / "fingerprint.json").read_text())
+    except (OSError, ValueError):  # stopped before the run's first files were all written, or damaged
+        raise UserError(f"cannot resume {run}: its fingerprint.json (what the data and model were) is missing or "
+                        "damaged, so the run cannot be checked; start over with --overwrite") from None
     moved = [k for k in old if old[k] != fingerprint.get(k)]
     if moved:
         raise UserError(f"cannot resume {run}: {', '.join(moved)} changed since the run started (content hash differs)")
@@ -528,10 +533,10 @@ def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
     if not found:
         console.info(f"{run} has no checkpoint yet: starting from the beginning")
         return ckpt.TrainState(), None
-    for path in reversed(found):
+    for path in reversed(found):  # newest first; a damaged one falls back to an older one
         try:
             state, partial = ckpt.load_checkpoint(path, model, optimizer, scheduler)
-        except (OSError, RuntimeError, KeyError, ValueError) as e:  # damaged by hand: fall back to an older one
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
             console.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); trying an older one")
             continue
         console.info(f"resuming from {path} (step {state.step}, epoch {state.epoch})")

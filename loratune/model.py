@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
 from .lora import FusedLoraLinear
@@ -99,9 +100,16 @@ def _convert_cached(gguf: Path, label: str) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _convert(gguf, tmp)
-        (tmp / "loratune-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()}))
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cache folder {out.parent}: cannot be written ({e.strerror or e}); "
+                        "set LORATUNE_CACHE to a writable folder") from None
+    try:
+        try:
+            _convert(gguf, tmp)
+        except (OSError, ValueError) as e:  # not a GGUF file, or one transformers cannot read
+            raise UserError(f"model {gguf}: cannot be read as a GGUF model ({_first_line(e)})") from None
+        (tmp / "loratune-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()}))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
@@ -176,8 +184,11 @@ def cpu_bf16_speedup() -> float:
         known = {}
     if key not in known:
         known[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(known, indent=1))
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(known, indent=1))
+        except OSError:  # an unwritable cache only costs the next run this measurement
+            pass
     return known[key]
 
 
@@ -215,6 +226,9 @@ def load_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise UserError(hub_hint(path, e)) from None
+    except ValueError:  # e.g. a model folder without tokenizer files
+        raise UserError(f"model {path}: cannot load its tokenizer; a model folder needs tokenizer.json (or the "
+                        "tokenizer files of its model type) next to config.json") from None
     if tokenizer.pad_token_id is None:
         # Padding positions never carry loss (labels mark targets by position), so any id is safe here.
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,15 +245,22 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, load_in_4bit
     if load_in_4bit:
         options.update(quantization_config=four_bit_config(device, dtype), device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **options)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **options)
+        except ValueError as e:
+            if "attn_implementation" not in str(e) and "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(path, **options)
     except OSError as e:
         raise UserError(hub_hint(path, e)) from None
-    except ValueError as e:
-        if "attn_implementation" not in str(e) and "sdpa" not in str(e).lower():
-            raise
-        model = AutoModelForCausalLM.from_pretrained(path, **options)
+    except (SafetensorError, ValueError) as e:  # damaged or truncated weights
+        raise UserError(f"model {path}: cannot load its weights ({_first_line(e)})") from None
     model.config.use_cache = False
     return model if load_in_4bit else model.to(device)  # a quantised model is placed by device_map
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def four_bit_config(device: torch.device, dtype: torch.dtype):

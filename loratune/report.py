@@ -25,7 +25,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run}: not a loratune run folder (no metrics.jsonl)")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = _records(run / "metrics.jsonl")
     train = [r for r in records if r["event"] == "train"]
     evals = [r for r in records if r["event"] == "eval"]
     summary = _read_json(run / "summary.json")
@@ -39,7 +39,22 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON (damaged?)") from None
+
+
+def _records(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # e.g. cut off by a crash; resuming the run rewrites the file to its checkpoint
+                raise UserError(f"{path} line {number}: not valid JSON (damaged? --resume repairs a run's "
+                                "metrics up to its last checkpoint)") from None
+    return records
 
 
 def _best(summary: dict | None, evals: list[dict]) -> dict | None:

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,8 @@ def open_source(spec: str, split: str):
     path = Path(spec).expanduser()
     if path.exists():
         return FileSource(path)
+    if path.suffix.lower() in FILE_TYPES or spec.startswith((".", "/", "~")):  # meant as a local file
+        raise UserError(f"{spec}: file not found")
     name, _, named_split = spec.partition("@")
     repo, _, subset = name.partition(":")
     return HubSource(repo, subset or None, named_split or split)
@@ -70,6 +73,8 @@ class FileSource:
                     f"{path}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(FILE_TYPES)}"
                 )
             self.files = [path]
+        if unreadable := [f for f in self.files if not os.access(f, os.R_OK)]:
+            raise UserError(f"{unreadable[0]}: cannot be read (permission denied)")
         self.root = path
 
     def digest(self) -> str:

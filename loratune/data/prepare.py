@@ -202,7 +202,7 @@ def encode_source(
         if not folder.exists():  # another process may have written it meanwhile
             try:
                 _save(folder, data, meta)
-            except UserError as e:  # a cache that cannot be written only costs the next run its time
+            except (UserError, OSError) as e:  # a cache that cannot be written only costs the next run its time
                 report.notes.append(f"tokens not cached: {e}")
     report.data_format = report.data_format or meta["data_format"]
     report.rows += meta["rows"]

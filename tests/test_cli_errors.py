@@ -1,0 +1,79 @@
+"""Bad input: one line saying what, where and what is allowed; exit code 2; no traceback; nothing written."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import varied_rows, write_jsonl
+
+
+def _setup_bad_model(kind):
+    def make(tmp, tiny_model, tiny_run):
+        model = tmp / "model"
+        if kind == "gguf":
+            model = tmp / "model.gguf"
+            model.write_bytes(b"not a gguf file")
+            return ["train", "--model", str(model)]
+        shutil.copytree(tiny_model, model)
+        if kind == "no tokenizer":
+            for f in model.glob("tokenizer*"):
+                f.unlink()
+        else:
+            weights = model / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])  # truncated
+        return ["train", "--model", str(model)]
+    return make
+
+
+def _run_copy(change):
+    def make(tmp, tiny_model, tiny_run):
+        run = shutil.copytree(tiny_run, tmp / "run")
+        return change(run)
+    return make
+
+
+def _damage_metrics(run):
+    first = (run / "metrics.jsonl").read_text().splitlines()[0]
+    (run / "metrics.jsonl").write_text(first + '\n{"event": "train", "st')  # cut off by a crash
+    return ["report", str(run)]
+
+
+def _drop_fingerprint(run):
+    (run / "fingerprint.json").unlink()
+    return ["train", "--resume", str(run)]
+
+
+CASES = {
+    "model without tokenizer files": (_setup_bad_model("no tokenizer"), "cannot load its tokenizer"),
+    "truncated weights": (_setup_bad_model("truncated"), "cannot load its weights"),
+    "not a gguf": (_setup_bad_model("gguf"), "cannot be read as a GGUF model"),
+    "config not UTF-8": (lambda tmp, *_: (tmp / "c.yaml").write_bytes(b"\xff\xfe\x00") and ["train", str(tmp / "c.yaml")],
+                         "not UTF-8 text"),
+    "config key not a name": (lambda tmp, *_: (tmp / "c.yaml").write_text("1: 2\n") and ["train", str(tmp / "c.yaml")],
+                              "1 is not a setting name"),
+    "empty target modules": (lambda *_: ["train", "--lora-target-modules", ""], "must be a non-empty list"),
+    "damaged metrics": (_run_copy(_damage_metrics), "metrics.jsonl line 2: not valid JSON"),
+    "resume without fingerprint": (_run_copy(_drop_fingerprint), "fingerprint.json (what the data and model were) is missing"),
+    "resume and overwrite": (lambda tmp, m, run: ["train", "--resume", str(run), "--overwrite"], "give one of them"),
+    "eval on a missing file": (lambda tmp, m, run: ["eval", str(run), "--data", "nope.jsonl"], "nope.jsonl: file not found"),
+    "no new tokens": (lambda tmp, m, run: ["generate", str(run), "--max-new-tokens", "0"], "--max-new-tokens: 0: must be > 0"),
+    "top-p above 1": (lambda tmp, m, run: ["chat", str(run), "--top-p", "5"], "--top-p: 5: must be > 0 and <= 1"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_line(case, tiny_model, tiny_run, tmp_path):
+    setup, message = CASES[case]
+    args = setup(tmp_path, tiny_model, tiny_run)
+    if args[0] == "train" and "--resume" not in args:
+        data = write_jsonl(tmp_path / "train.jsonl", varied_rows(8))
+        args += ["--train-data", data, "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    result = subprocess.run([sys.executable, "-m", "loratune", *args], capture_output=True, text=True, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert message in lines[-1] and "Traceback" not in result.stderr
+    assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse's own errors come after its usage lines
+    assert not (tmp_path / "out").exists() and not Path(tiny_run, "..", "out").exists()
