@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import operator
 import os
 import subprocess
 import sys
@@ -39,14 +40,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _ranged(kind, above=None, at_least=None, at_most=None):
     """An argparse type: `kind` within bounds, else argparse's one-line error saying what is allowed."""
-    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
-              f"<= {at_most}" if at_most is not None else ""]
+    rules = [(test, bound, f"{sign} {bound}") for test, sign, bound in
+             ((operator.gt, ">", above), (operator.ge, ">=", at_least), (operator.le, "<=", at_most)) if bound is not None]
 
     def parse(text: str):
         value = kind(text)
-        if ((above is not None and not value > above) or (at_least is not None and not value >= at_least)
-                or (at_most is not None and not value <= at_most)):
-            raise argparse.ArgumentTypeError(f"{text}: must be " + " and ".join(b for b in bounds if b))
+        if not all(test(value, bound) for test, bound, _ in rules):
+            raise argparse.ArgumentTypeError(f"{text}: must be " + " and ".join(words for _, _, words in rules))
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse

@@ -8,3 +8,8 @@ class UserError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.label = label  # how the CLI introduces the message
+
+
+def first_line(error: Exception, limit: int | None = 200) -> str:
+    """The first line of a library's error message (its type when the message is empty), for one-line reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .errors import UserError
+from .errors import UserError, first_line
 from .inference import locate_run, read_run_config, run_end_ids
 from .model import DTYPES, load_model, load_tokenizer, nf4_config, quiet_peft, resolve_model
 
@@ -33,7 +33,8 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite or not out.is_dir():
             raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
-        ckpt.check_replaceable(out, "--out", lambda entry: (out / MERGE_RECORD).is_file() or entry.name.startswith("."))
+        marked = (out / MERGE_RECORD).is_file()
+        ckpt.check_replaceable(out, "--out", lambda entry: marked or entry.name.startswith("."))
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     run_dir, folder = locate_run(run_dir, adapter)
@@ -90,7 +91,7 @@ def _dequantised_base(model_path: str, dtype: torch.dtype, stored: bool):
         what = "is stored quantized" if stored else "was trained in 4-bit (load_in_4bit)"
         raise UserError(
             f"the base model {what}: merging needs it dequantised, which failed here "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Dequantising 4-bit weights needs a CUDA GPU "
+            f"({type(e).__name__}: {first_line(e)}). Dequantising 4-bit weights needs a CUDA GPU "
             "with bitsandbytes; or keep using the adapter on the base (loratune generate / chat)"
         ) from None
     return base.to("cpu")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .lora import FusedLoraLinear
 
 
@@ -108,7 +108,7 @@ def _convert_cached(gguf: Path, label: str) -> Path:
         try:
             _convert(gguf, tmp)
         except (OSError, ValueError) as e:  # not a GGUF file, or one transformers cannot read
-            raise UserError(f"model {gguf}: cannot be read as a GGUF model ({_first_line(e)})") from None
+            raise UserError(f"model {gguf}: cannot be read as a GGUF model ({first_line(e)})") from None
         (tmp / "loratune-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()}))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -254,13 +254,9 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, load_in_4bit
     except OSError as e:
         raise UserError(hub_hint(path, e)) from None
     except (SafetensorError, ValueError) as e:  # damaged or truncated weights
-        raise UserError(f"model {path}: cannot load its weights ({_first_line(e)})") from None
+        raise UserError(f"model {path}: cannot load its weights ({first_line(e)})") from None
     model.config.use_cache = False
     return model if load_in_4bit else model.to(device)  # a quantised model is placed by device_map
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def four_bit_config(device: torch.device, dtype: torch.dtype):
@@ -290,10 +286,10 @@ def nf4_config(dtype: torch.dtype):
 
 def hub_hint(path: str, error: Exception) -> str:
     if Path(path).exists():
-        return f"model {path}: cannot load it ({str(error).splitlines()[0]})"
+        return f"model {path}: cannot load it ({first_line(error, limit=None)})"
     return (
         f"model {path!r}: not in the local hub cache, and the hub could not be reached to download it "
-        f"({str(error).splitlines()[0][:160]}). Use a local folder, a .gguf file, or a built-in name "
+        f"({first_line(error, limit=160)}). Use a local folder, a .gguf file, or a built-in name "
         f"({', '.join(BUILTIN_MODELS)})"
     )
 

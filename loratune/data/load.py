@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import file_digest
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 Rows = Iterator[tuple[str, dict[str, Any]]]
@@ -201,10 +201,9 @@ class HubSource:
         try:
             return datasets.load_dataset(self.repo, self.subset, split=self.split)
         except Exception as e:  # offline, missing, private, unknown split: all mean the same to the user
-            detail = str(e).splitlines()[0][:200] if str(e) else ""
             raise UserError(
                 f"{self.name}: not a local file or folder, and loading it from the Hugging Face hub failed "
-                f"({type(e).__name__}: {detail}). A hub dataset is written org/name[:subset][@split]; "
+                f"({type(e).__name__}: {first_line(e)}). A hub dataset is written org/name[:subset][@split]; "
                 "check the name and the network, or give a local file"
             ) from None
 
