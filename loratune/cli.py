@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, TrainConfig, guide_warnings, resolve
-from .errors import UserError
+from .errors import BadRowError, UserError
 
 FIELD_GROUPS = {
     "model": "Model", "train_data": "Data", "batch_size": "Training Guide: batch processing",
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
+        skippable = isinstance(e, BadRowError) and hasattr(args, "skip_bad_rows")  # only a flag this command has
+        print(f"{e.label}: {e}" + (" (use --skip-bad-rows to skip such rows)" if skippable else ""), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nstopped.", file=sys.stderr)

@@ -10,6 +10,11 @@ class UserError(Exception):
         self.label = label  # how the CLI introduces the message
 
 
+class BadRowError(UserError):
+    """A malformed data row. The CLI adds how to skip such rows where the command has a flag for it (train does,
+    eval and generate do not)."""
+
+
 def first_line(error: Exception, limit: int | None = 200) -> str:
     """The first line of a library's error message (its type when the message is empty), for one-line reports."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

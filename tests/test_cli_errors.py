@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from loratune.cli import main
+
 from conftest import varied_rows, write_jsonl
 
 
@@ -77,3 +79,16 @@ def test_bad_input_is_one_clear_line(case, tiny_model, tiny_run, tmp_path):
     assert message in lines[-1] and "Traceback" not in result.stderr
     assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse's own errors come after its usage lines
     assert not (tmp_path / "out").exists() and not Path(tiny_run, "..", "out").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_bad_row_advice_names_only_flags_the_command_has(command, tiny_model, tiny_run, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"input": "a", "output": "b"}\nnot json\n')
+    args = {"train": ["train", "--model", tiny_model, "--train-data", str(data), "--output-dir", str(tmp_path / "out")],
+            "eval": ["eval", str(tiny_run), "--data", str(data), "--report", str(tmp_path / "out")],
+            "generate": ["generate", str(tiny_run), "--file", str(data)]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl line 2: not valid JSON" in err
+    assert ("(use --skip-bad-rows to skip such rows)" in err) == (command == "train"), err

@@ -166,8 +166,7 @@ def test_unsupported_file_and_empty_folder(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": \n["a list"]\n')
-    with pytest.raises(UserError, match=rf"{path} line 2: not valid JSON \(Expecting value at column 26\) "
-                                        r"\(use --skip-bad-rows"):
+    with pytest.raises(UserError, match=rf"{path} line 2: not valid JSON \(Expecting value at column 26\)$"):
         _rows(path)
     rows, bad = _rows(path, skip=True)
     assert len(rows) == 1 and bad.count == 2
@@ -194,7 +193,7 @@ def test_empty_file_and_file_of_bad_rows(tmp_path):
     with pytest.raises(UserError, match="empty.jsonl: no rows"):
         _examples(tmp_path / "empty.jsonl")
     path = write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": 1}, {"input": "b", "output": ""}])
-    with pytest.raises(UserError, match=r"d.jsonl line 1: field 'output' must be text, got int \(use --skip-bad-rows"):
+    with pytest.raises(UserError, match=r"d.jsonl line 1: field 'output' must be text, got int$"):
         _examples(path)
     with pytest.raises(UserError, match=r"d.jsonl: no usable examples \(first problem: .*line 1: field 'output' must"):
         _examples(path, skip_bad_rows=True)

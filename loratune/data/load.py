@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import file_digest
-from ..errors import UserError, first_line
+from ..errors import BadRowError, UserError, first_line
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 Rows = Iterator[tuple[str, dict[str, Any]]]
@@ -34,7 +34,7 @@ class BadRows:
 
     def __call__(self, where: str, problem: str) -> None:
         if not self.skip:
-            raise UserError(f"{where}: {problem} (use --skip-bad-rows to skip such rows)")
+            raise BadRowError(f"{where}: {problem}")
         self.count += 1
         self.first = self.first or f"{where}: {problem}"
 
