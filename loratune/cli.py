@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from .generate import generate_texts
-    from .inference import load_run, prompt_example, prompt_text, text_prompt
+    from .inference import load_run, prompt_examples, prompt_text, text_prompt
 
     if (args.prompt is None) == (args.file is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
@@ -137,10 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         examples = [text_prompt(args.prompt, run.data_format)]
     else:
-        from .data.load import BadRows, read_rows
-
-        rows = list(read_rows(args.file, BadRows(skip=False)))
-        examples = [prompt_example(row, run.data_format, run.config.columns) for _, row in rows]
+        examples = prompt_examples(args.file, run.data_format, run.config.columns)
     outputs = generate_texts(
         run.model, run.tokenizer, [run.encoder.prompt_ids(ex) for ex in examples], run.encoder.end_ids,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -93,31 +93,48 @@ def _trained_format(run_dir, cfg: TrainConfig) -> str:
     return cfg.data_format
 
 
+def prompt_examples(path: str, data_format: str, columns: dict[str, str]) -> list[Example]:
+    """The prompts of a file's rows (any shape the run could train on; answers may be absent), formatted as in
+    training."""
+    from .data.load import BadRows, read_rows
+
+    examples = []
+    for where, row in read_rows(path, BadRows(skip=False)):
+        try:
+            examples.append(prompt_example(row, data_format, columns))
+        except RowError as e:
+            raise UserError(f"{where}: {e}") from None
+    if not examples:
+        raise UserError(f"{path}: no rows (the file or folder is empty; give one prompt per row)")
+    return examples
+
+
 def prompt_example(row: dict, data_format: str, columns: dict[str, str]) -> Example:
     """A row that may lack its answer, as an Example whose prompt is formatted as in training."""
     fmt = data_format if data_format != "auto" else _detect_prompt_shape(row, columns)
+    prompt = columns.get(SHAPES[fmt][0], SHAPES[fmt][0])  # the column holding the prompt in every shape
+    if prompt not in row:
+        raise RowError(f"no {prompt!r} field, which holds the prompt of this run's {fmt} rows (fields here: "
+                       f"{', '.join(sorted(row)) or 'none'})")
     row = dict(row)
     answer = {"input_output": "output", "alpaca": "output", "prompt_completion": "completion"}.get(fmt)
     if answer:
         row.setdefault(columns.get(answer, answer), "")
     if fmt in ("messages", "sharegpt"):
-        col = columns.get(SHAPES[fmt][0], SHAPES[fmt][0])
-        turns = list(row.get(col) or [])
+        turns = list(row[prompt] or [])
         turns.append({"role": "assistant", "content": ""} if fmt == "messages" else {"from": "gpt", "value": ""})
-        row[col] = turns
-    if fmt == "text":
-        return Example(prompt=row.get(columns.get("text", "text"), ""))
-    try:
-        return to_example(row, fmt, columns)
-    except RowError as e:
-        raise UserError(str(e)) from None
+        row[prompt] = turns
+    example = to_example(row, fmt, columns)
+    return Example(prompt=example.completion) if fmt == "text" else example  # plain text: all of it is the prompt
 
 
 def _detect_prompt_shape(row: dict, columns: dict[str, str]) -> str:
-    for fmt, needed in SHAPES.items():
-        if columns.get(needed[0], needed[0]) in row:
+    prompts = {fmt: columns.get(needed[0], needed[0]) for fmt, needed in SHAPES.items()}
+    for fmt, column in prompts.items():
+        if column in row:
             return fmt
-    raise UserError(f"cannot tell the prompt from the fields {sorted(row)}")
+    raise RowError(f"no prompt field among {', '.join(sorted(row)) or 'none'}; expected one of "
+                   f"{', '.join(prompts.values())}")
 
 
 def text_prompt(text: str, data_format: str) -> Example:

@@ -63,6 +63,11 @@ CASES = {
     "eval on a missing file": (lambda tmp, m, run: ["eval", str(run), "--data", "nope.jsonl"], "nope.jsonl: file not found"),
     "no new tokens": (lambda tmp, m, run: ["generate", str(run), "--max-new-tokens", "0"], "--max-new-tokens: 0: must be > 0"),
     "top-p above 1": (lambda tmp, m, run: ["chat", str(run), "--top-p", "5"], "--top-p: 5: must be > 0 and <= 1"),
+    "prompt file without the prompt field": (
+        lambda tmp, m, run: ["generate", str(run), "--file", write_jsonl(tmp / "q.jsonl", [{"question": "hi"}])],
+        "q.jsonl line 1: no 'input' field, which holds the prompt of this run's input_output rows (fields here: question)"),
+    "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
+                          "e.jsonl: no rows"),
 }
 
 
