@@ -66,6 +66,10 @@ CASES = {
     "prompt file without the prompt field": (
         lambda tmp, m, run: ["generate", str(run), "--file", write_jsonl(tmp / "q.jsonl", [{"question": "hi"}])],
         "q.jsonl line 1: no 'input' field, which holds the prompt of this run's input_output rows (fields here: question)"),
+    "column mapping to a missing column": (lambda tmp, m, run: ["train", "--model", m, "--columns", "input=question"],
+                                           "columns input=question: the data has no column 'question' (its columns: input, output)"),
+    "column mapping the shape does not use": (lambda tmp, m, run: ["train", "--model", m, "--columns", "prompt=question"],
+                                              "columns prompt=question: the data has no column 'question'"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }

@@ -43,6 +43,7 @@ def detect_format(columns: list[str], mapping: dict[str, str]) -> str:
     for shape, needed in SHAPES.items():
         if all(mapping.get(c, c) in present for c in needed):
             return shape
+    check_mapping(columns, mapping)  # a mapping to a column that is not there explains the failure best
     expected = "; ".join(f"{s}: {', '.join(c)}" for s, c in SHAPES.items())
     raise RowError(
         f"cannot tell the data format from columns {sorted(present)}. Expected one of ({expected}); "
@@ -54,10 +55,21 @@ def check_columns(columns: list[str], fmt: str, mapping: dict[str, str]) -> None
     """A data_format named by the user: its columns must be there (checked once, on the first row)."""
     missing = [c for c in (mapping.get(c, c) for c in SHAPES[fmt]) if c not in columns]
     if missing:
+        check_mapping(columns, mapping, fmt)
         raise RowError(
             f"data_format {fmt} needs column {missing[0]!r}, which is missing (columns: {sorted(columns)}); "
             "map yours with `columns: {...}`"
         )
+
+
+def check_mapping(columns: list[str], mapping: dict[str, str], fmt: str | None = None) -> None:
+    """Every `columns` entry must name a column of the data (checked on the first row), else the mapping is wrong
+    or silently unused. A row may lack its system column, and an alpaca row its input."""
+    optional = {"system", "input"} if fmt == "alpaca" else {"system"}
+    for role, col in mapping.items():
+        if col not in columns and role not in optional:
+            raise RowError(f"columns {role}={col}: the data has no column {col!r} (its columns: "
+                           f"{', '.join(sorted(columns)) or 'none'})")
 
 
 def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Example:

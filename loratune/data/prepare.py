@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..model import cache_dir
 from .encode import IGNORE, Encoder
-from .formats import Example, RowError, check_columns, detect_format, require_answers, to_example
+from .formats import Example, RowError, check_columns, check_mapping, detect_format, require_answers, to_example
 from .load import BadRows, open_source
 
 # Refuse to train when more than this share of examples would have no target token left.
@@ -153,10 +153,12 @@ def _examples(source, cfg: TrainConfig, bad: BadRows) -> Iterator[tuple[str, Exa
     rows = 0
     for where, row in source.rows(bad):
         try:
-            if fmt is None:
-                fmt = detect_format(list(row), cfg.columns)
-            elif rows == 0:
-                check_columns(list(row), fmt, cfg.columns)
+            if rows == 0:
+                if fmt is None:
+                    fmt = detect_format(list(row), cfg.columns)
+                else:
+                    check_columns(list(row), fmt, cfg.columns)
+                check_mapping(list(row), cfg.columns, fmt)
         except RowError as e:
             raise UserError(f"{where}: {e}") from None
         rows += 1
