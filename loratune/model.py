@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .data.load import FILE_TYPES
 from .errors import UserError, first_line
 from .lora import FusedLoraLinear
 
@@ -40,6 +41,11 @@ BUILTIN_MODELS = {
 }
 
 
+# What `model` may be, for the messages that refuse something else.
+MODEL_KINDS = (f"a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder (with config.json), a .gguf file, "
+               "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune")
 
@@ -60,11 +66,12 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model = {name!r}: folder has no config.json, so it is not a transformers model folder")
         return str(path)
+    if path.is_file():  # e.g. the training data given as the model
+        data = path.suffix.lower() in FILE_TYPES
+        raise UserError(f"model = {name!r}: {'a data file' if data else 'a file'}, not a model. A model is "
+                        f"{MODEL_KINDS}" + ("; data goes in --train-data" if data else ""))
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserError(
-            f"model = {name!r}: not found. Use a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder, "
-            "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
-        )
+        raise UserError(f"model = {name!r}: not found. Use {MODEL_KINDS}")
     return name  # a hub id; transformers fetches it (or finds it in its cache when offline)
 
 

@@ -70,6 +70,8 @@ CASES = {
                                            "columns input=question: the data has no column 'question' (its columns: input, output)"),
     "column mapping the shape does not use": (lambda tmp, m, run: ["train", "--model", m, "--columns", "prompt=question"],
                                               "columns prompt=question: the data has no column 'question'"),
+    "data file as the model": (lambda tmp, m, run: ["train", "--model", write_jsonl(tmp / "d.jsonl", varied_rows(2))],
+                               "d.jsonl': a data file, not a model. A model is a built-in name (smollm2-135m), a model folder"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
