@@ -72,6 +72,9 @@ CASES = {
                                               "columns prompt=question: the data has no column 'question'"),
     "data file as the model": (lambda tmp, m, run: ["train", "--model", write_jsonl(tmp / "d.jsonl", varied_rows(2))],
                                "d.jsonl': a data file, not a model. A model is a built-in name (smollm2-135m), a model folder"),
+    "chat template file that is not a template": (
+        lambda tmp, m, run: (tmp / "t.jinja").write_text("Answer briefly.\n") and ["train", "--model", m, "--chat-template", str(tmp / "t.jinja")],
+        "t.jinja': not a Jinja template (no {{ }} or {% %} in it); give a Jinja template file or a built-in name"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }

@@ -52,12 +52,17 @@ def choose_template(tokenizer, setting: str | None) -> str:
     if setting:
         if setting in BUILTIN_TEMPLATES:
             return BUILTIN_TEMPLATES[setting]
-        path = Path(setting)
-        if path.is_file():
-            return path.read_text()
-        raise RowError(
-            f"chat_template = {setting!r}: not a file and not a built-in ({', '.join(BUILTIN_TEMPLATES)})"
-        )
+        path, names = Path(setting), ", ".join(BUILTIN_TEMPLATES)
+        if not path.is_file():
+            raise RowError(f"chat_template = {setting!r}: not a file and not a built-in ({names})")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RowError(f"chat_template = {setting!r}: cannot be read as text ({e})") from None
+        if "{{" not in text and "{%" not in text:  # else every example would be this file's text, verbatim
+            raise RowError(f"chat_template = {setting!r}: not a Jinja template (no {{{{ }}}} or {{% %}} in it); "
+                           f"give a Jinja template file or a built-in name ({names})")
+        return text
     return tokenizer.chat_template or BUILTIN_TEMPLATES["plain"]
 
 
