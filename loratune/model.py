@@ -156,8 +156,12 @@ def resolve_device(name: str) -> torch.device:
     """The device a `device` setting means (auto: CUDA, else Apple's MPS, else CPU), or a named one such as cuda:1."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device = {name!r}: no CUDA GPU is visible to PyTorch")
+    gpus = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    kind = name.split(":")[0]
+    if not gpus.get(kind, True):  # else a run would fail later, or (mps) quietly train on the CPU
+        here = ", ".join(["auto", "cpu", *(k for k, ok in gpus.items() if ok)])
+        raise UserError(f"device = {name!r}: PyTorch sees no {'CUDA' if kind == 'cuda' else 'MPS (Apple)'} GPU "
+                        f"here; use {here}")
     return torch.device(name)
 
 

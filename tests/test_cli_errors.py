@@ -48,6 +48,12 @@ def _drop_fingerprint(run):
     return ["train", "--resume", str(run)]
 
 
+def _absent_gpu():
+    import torch
+
+    return "cuda" if torch.backends.mps.is_available() else "mps"
+
+
 CASES = {
     "model without tokenizer files": (_setup_bad_model("no tokenizer"), "cannot load its tokenizer"),
     "truncated weights": (_setup_bad_model("truncated"), "cannot load its weights"),
@@ -75,6 +81,8 @@ CASES = {
     "chat template file that is not a template": (
         lambda tmp, m, run: (tmp / "t.jinja").write_text("Answer briefly.\n") and ["train", "--model", m, "--chat-template", str(tmp / "t.jinja")],
         "t.jinja': not a Jinja template (no {{ }} or {% %} in it); give a Jinja template file or a built-in name"),
+    "a GPU this machine lacks": (lambda tmp, m, run: ["train", "--model", m, "--device", _absent_gpu()],
+                                 "GPU here; use auto, cpu"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
