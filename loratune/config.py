@@ -215,10 +215,12 @@ def _split_list(value: str) -> list[str]:
 def parse_bytes(text: str) -> int:
     """'6GB' / '512MiB' / '1.5g' -> bytes (GB and GiB both mean 2**30, as users mean them)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError("expected a size such as 6GB or 512MB")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
+    if m:
+        number, unit = float(m.group(1)), m.group(2).lower()
+        size = int(number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
+    if not m or size <= 0:  # 0 would plan for no memory at all
+        raise ValueError("expected a size above 0 such as 6GB or 512MB")
+    return size
 
 
 # --- Presets (the Guide's "Example Configurations") --------------------------------------------------

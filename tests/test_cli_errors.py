@@ -83,6 +83,9 @@ CASES = {
         "t.jinja': not a Jinja template (no {{ }} or {% %} in it); give a Jinja template file or a built-in name"),
     "a GPU this machine lacks": (lambda tmp, m, run: ["train", "--model", m, "--device", _absent_gpu()],
                                  "GPU here; use auto, cpu"),
+    "no memory": (lambda *_: ["train", "--max-memory", "0"], "max_memory = '0' (from --max-memory): expected a size above 0"),
+    "plan for a GPU without memory": (lambda tmp, m, run: ["plan", "--model", m, "--gpu-memory", "0"],
+                                      "--gpu-memory '0': expected a size above 0 such as 6GB"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
