@@ -156,6 +156,14 @@ class TrainConfig(BaseModel):
         default_factory=list, description="Experiment trackers to log to (metrics.jsonl is always written)."
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_other_types(cls, v, info):
+        # pydantic reads YAML's true/false as 1/0 where a number is expected (bool is an int in Python)
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"must be {allowed(info.field_name)}")
+        return v
+
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _split_modules(cls, v):

@@ -86,6 +86,8 @@ CASES = {
     "no memory": (lambda *_: ["train", "--max-memory", "0"], "max_memory = '0' (from --max-memory): expected a size above 0"),
     "plan for a GPU without memory": (lambda tmp, m, run: ["plan", "--model", m, "--gpu-memory", "0"],
                                       "--gpu-memory '0': expected a size above 0 such as 6GB"),
+    "true as a number": (lambda tmp, *_: (tmp / "c.yaml").write_text("batch_size: true\n") and ["train", str(tmp / "c.yaml")],
+                         "c.yaml): must be an integer > 0 or auto"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
