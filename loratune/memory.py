@@ -82,6 +82,11 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
         raise UserError(hub_hint(model_path, e)) from None
+    # Positions past the model's last one have no position embedding (or rotary range) it was trained with.
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit and cfg.max_length > limit:
+        raise UserError(f"max_length = {cfg.max_length}: above the {limit} positions {cfg.model!r} was built for "
+                        f"(max_position_embeddings in its config.json); allowed: 8 to {limit}")
     return shape_from_config(config, cfg)
 
 

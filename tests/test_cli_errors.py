@@ -88,6 +88,8 @@ CASES = {
                                       "--gpu-memory '0': expected a size above 0 such as 6GB"),
     "true as a number": (lambda tmp, *_: (tmp / "c.yaml").write_text("batch_size: true\n") and ["train", str(tmp / "c.yaml")],
                          "c.yaml): must be an integer > 0 or auto"),
+    "max_length beyond the model": (lambda tmp, m, run: ["train", "--model", m, "--max-length", "5000"],
+                                    "max_length = 5000: above the 4096 positions"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
