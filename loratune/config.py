@@ -7,6 +7,7 @@ The nine Training Guide parameters keep the Guide's names and defaults exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -325,12 +326,32 @@ class Resolved(BaseModel):
     name: str  # used for the default output_dir
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; YAML forbids them, and a setting given twice is
+    a mistake to point at."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # SafeLoader refuses it below, with its own message
+                continue
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"{key} is given twice, on lines {lines[key]} and {key_node.start_mark.line + 1}",
+                    problem_mark=key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {path}: not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

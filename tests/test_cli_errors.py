@@ -90,6 +90,8 @@ CASES = {
                          "c.yaml): must be an integer > 0 or auto"),
     "max_length beyond the model": (lambda tmp, m, run: ["train", "--model", m, "--max-length", "5000"],
                                     "max_length = 5000: above the 4096 positions"),
+    "setting given twice": (lambda tmp, *_: (tmp / "c.yaml").write_text("lora_r: 8\nlora_r: 16\n") and ["train", str(tmp / "c.yaml")],
+                            "c.yaml line 2: not valid YAML (lora_r is given twice, on lines 1 and 2)"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
