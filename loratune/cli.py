@@ -38,6 +38,28 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}  # YAML's
+
+
+def _bool_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--packing false` and `--packing=false` as `--no-packing` (and true as `--packing`), for every true/false
+    setting: argparse's --flag/--no-flag take no value, so the word after one was read as the config file."""
+    flags = {"--" + name.replace("_", "-") for name, f in TrainConfig.model_fields.items() if f.annotation is bool}
+    out, i = [], 0
+    while i < len(argv):
+        flag, given, value = argv[i].partition("=")
+        if flag in flags and not given and argv[i + 1 : i + 2] and argv[i + 1].lower() in BOOL_WORDS:
+            given, value, i = "=", argv[i + 1], i + 1
+        if flag in flags and given:
+            if value.lower() not in BOOL_WORDS:
+                parser.error(f"argument {flag}: {value!r} is not one of {', '.join(BOOL_WORDS)}")
+            out.append(flag if BOOL_WORDS[value.lower()] else "--no-" + flag[2:])
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def _ranged(kind, above=None, at_least=None, at_most=None):
     """An argparse type: `kind` within bounds, else argparse's one-line error saying what is allowed."""
     rules = [(test, bound, f"{sign} {bound}") for test, sign, bound in
@@ -315,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_bool_values(sys.argv[1:] if argv is None else argv, parser))
     try:
         return args.func(args)
     except UserError as e:

@@ -98,6 +98,23 @@ def test_config_show_prints_the_guide_defaults_and_sources():
     assert rows["lora_r"] == ["16", "--lora-r"]
 
 
+@pytest.mark.parametrize("name", [name for name, f in TrainConfig.model_fields.items() if f.annotation is bool])
+def test_true_false_flags_also_take_true_or_false(name, tmp_path, capsys):
+    from loratune.cli import main
+
+    config, flag = tmp_path / "run.yaml", "--" + name.replace("_", "-")
+    config.write_text("lora_r: 16\n")
+    for args, expected in (([flag, "false", str(config)], "False"), ([f"{flag}=Yes"], "True"), ([flag, str(config)], "True"),
+                           ([f"--no-{flag[2:]}", str(config)], "False")):
+        assert main(["config", "show", *args]) == 0
+        rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if not line.startswith("#")}
+        assert rows[name] == [expected, flag], args
+        assert rows["lora_r"][0] == ("16" if str(config) in args else "8"), args  # the word after a flag is not the config
+    with pytest.raises(SystemExit):
+        main(["config", "show", f"{flag}=maybe"])
+    assert f"argument {flag}: 'maybe' is not one of true, yes, on, false, no, off" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
 def test_example_configs_resolve_to_their_presets(path):
     resolved = resolve(str(path))
