@@ -46,10 +46,12 @@ RESUMABLE_CHANGES = {"output_dir", "report_to", "save_every_steps", "keep_checkp
 
 
 class Interrupted(UserError):
-    """Training stopped by a signal after saving a checkpoint."""
+    """Training stopped by a signal after saving a checkpoint; the exit code is the shell's for that signal
+    (130 for SIGINT, 143 for SIGTERM), so a supervisor can tell which one stopped it."""
 
-    def __init__(self, message: str):
-        super().__init__(message, exit_code=130, label="stopped")
+    def __init__(self, run: Path, signal_name: str):
+        super().__init__(f"{signal_name}: checkpoint saved. Resume with: loratune train --resume {run}",
+                         exit_code=128 + signal.Signals[signal_name], label="stopped")
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
@@ -207,7 +209,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         state.pass_in_step = i + 1
                         if stop.requested and not sync and world == 1:  # mid-step saves hold one process's gradients
                             _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main)
-                            raise Interrupted(_resume_hint(run, stop.signal_name))
+                            raise Interrupted(run, stop.signal_name)
                 except torch.OutOfMemoryError:
                     out_of_memory = True
                 else:
@@ -292,7 +294,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     state.elapsed = elapsed_before + time.perf_counter() - segment_start
                     if main:
                         ckpt.save_checkpoint(run, model, optimizer, scheduler, state)
-                    raise Interrupted(_resume_hint(run, stop.signal_name))
+                    raise Interrupted(run, stop.signal_name)
     finally:
         progress.close()
 
@@ -561,10 +563,6 @@ def _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapse
     grads = [p.grad.detach().cpu() if p.grad is not None else torch.zeros_like(p, device="cpu") for p in trainable]
     if main:
         ckpt.save_checkpoint(run, model, optimizer, scheduler, state, partial_grads=grads)
-
-
-def _resume_hint(run: Path, signal_name: str) -> str:
-    return f"{signal_name}: checkpoint saved. Resume with: loratune train --resume {run}"
 
 
 def _nonfinite_diagnosis(cfg, state, data, examples, dtype) -> str:
