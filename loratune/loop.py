@@ -339,11 +339,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if main:
         ckpt.atomic_write(run / "summary.json", json.dumps(summary, indent=1))
         write_report(run)
-        console.info(
-            f"done in {format_seconds(state.elapsed)}: {state.stop_reason}. Best validation loss "
-            f"{_fmt(state.best_val_loss)} at step {state.best_step}; adapter in {run / 'adapter'}; "
-            f"report in {run / 'report.md'}"
-        )
+        best = ("" if state.best_val_loss is None  # no validation set (or none of it fit max_length)
+                else f". Best validation loss {state.best_val_loss:.4f} at step {state.best_step}")
+        console.info(f"done in {format_seconds(state.elapsed)}: {state.stop_reason}{best}; adapter in {run / 'adapter'}; "
+                     f"report in {run / 'report.md'}")
     return summary
 
 
@@ -573,10 +572,6 @@ def _nonfinite_diagnosis(cfg, state, data, examples, dtype) -> str:
         f"{str(dtype).removeprefix('torch.')}). Examples in the last step include: {'; '.join(origins)}. "
         "Try a lower learning_rate, precision fp32 or bf16, or check those examples. The last good checkpoint is kept."
     )
-
-
-def _fmt(x) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else "n/a"
 
 
 class _StopRequest:

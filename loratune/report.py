@@ -150,7 +150,7 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
     lines += [f"LoRA fine-tune of `{config.get('model')}` on `{config.get('train_data')}`: rank {config.get('lora_r')}, "
               f"alpha {config.get('lora_alpha')}, on {target if isinstance(target, str) else ', '.join(target or [])}.", ""]
     if plot:
-        lines += [f"![training and validation loss]({plot.name})", ""]
+        lines += [f"![training{' and validation' if evals else ''} loss]({plot.name})", ""]
 
     lines += ["## Outcome", "", "| | |", "|---|---|"]
     if summary:

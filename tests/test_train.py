@@ -65,6 +65,14 @@ def test_packed_and_padded_give_the_same_adapter(tiny_model, tmp_path, capsys):
     _assert_same_adapter(_adapter(tmp_path / "packed"), _adapter(tmp_path / "padded"))
 
 
+def test_without_validation_nothing_is_said_of_validation_loss(tiny_model, tmp_path, capsys):
+    train(_config(tiny_model, tmp_path, "noval", val_data=None, val_ratio=0, batch_size=4, gradient_accumulation_steps=2))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in")]
+    assert len(done) == 1 and done[0].endswith(f": all epochs done; adapter in {tmp_path / 'noval' / 'adapter'}; "
+                                               f"report in {tmp_path / 'noval' / 'report.md'}"), done
+    assert "validation loss" not in (tmp_path / "noval" / "report.md").read_text()
+
+
 def test_warmup_then_cosine_schedule(tiny_model, tmp_path):
     cfg = _config(tiny_model, tmp_path, "sched", rows=40, batch_size=2, gradient_accumulation_steps=2,
                   warmup_ratio=0.25, lr_scheduler="cosine", learning_rate=1e-3)
