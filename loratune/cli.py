@@ -36,6 +36,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
+        if name == "train_data":  # else argparse reads --data as an abbreviation of --data-format
+            group.add_argument("--data", metavar="FILE", help="the same as --train-data")
 
 
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}  # YAML's
@@ -75,7 +77,13 @@ def _ranged(kind, above=None, at_least=None, at_most=None):
 
 
 def _flags(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+    flags = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+    if args.data is not None:
+        if "train_data" in flags:  # one would silently win over the other
+            raise UserError(f"--data {args.data} and --train-data {flags['train_data']} both give the training data: "
+                            "give one of them")
+        flags["train_data"] = args.data
+    return flags
 
 
 def _resolve(args: argparse.Namespace, default_preset: str | None = None):
@@ -98,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
         args.config = args.config or str(run / "config.yaml")
         args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
-    quickstart = not args.config and not args.preset and not args.train_data
+    quickstart = not args.config and not args.preset and not args.train_data and not args.data
     if quickstart:
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
     resolved = _resolve(args, default_preset="quickstart" if quickstart else None)
@@ -329,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="token lengths, what max_length truncates or drops, padding, and the max_length the data needs"
     )
     _add_config_flags(p)
-    p.add_argument("--data", dest="train_data", metavar="FILE", help="the data to inspect (same as --train-data)")
     p.add_argument("--percentile", type=float, default=99.0,
                    help="recommend the max_length that keeps this %% of examples whole (default: 99)")
     p.set_defaults(func=cmd_data_inspect)

@@ -92,6 +92,12 @@ CASES = {
                                     "max_length = 5000: above the 4096 positions"),
     "setting given twice": (lambda tmp, *_: (tmp / "c.yaml").write_text("lora_r: 8\nlora_r: 16\n") and ["train", str(tmp / "c.yaml")],
                             "c.yaml line 2: not valid YAML (lora_r is given twice, on lines 1 and 2)"),
+    "inspect: --data and --train-data": (
+        lambda tmp, m, run: ["data", "inspect", "--model", m, "--data", write_jsonl(tmp / "a.jsonl", varied_rows(4)),
+                             "--train-data", write_jsonl(tmp / "b.jsonl", varied_rows(4))],
+        "a.jsonl and --train-data"),
+    "train: --data and --train-data": (lambda tmp, m, run: ["train", "--model", m, "--data", write_jsonl(tmp / "a.jsonl", varied_rows(4))],
+                                       "both give the training data: give one of them"),
     "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
                           "e.jsonl: no rows"),
 }
