@@ -107,12 +107,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = args.config or str(run / "config.yaml")
         args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
     quickstart = not args.config and not args.preset and not args.train_data and not args.data
-    if quickstart:
+    config = _resolve(args, default_preset="quickstart" if quickstart else None).config
+    if quickstart:  # after the arguments are checked: a bad one is the only line printed
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
-    resolved = _resolve(args, default_preset="quickstart" if quickstart else None)
-    config = resolved.config
-    if quickstart and not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
-        config.output_dir = _next_free(Path(config.output_dir))
+        if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
+            config.output_dir = _next_free(Path(config.output_dir))
     train(config, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 

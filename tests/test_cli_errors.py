@@ -129,3 +129,8 @@ def test_bad_row_advice_names_only_flags_the_command_has(command, tiny_model, ti
     err = capsys.readouterr().err
     assert "bad.jsonl line 2: not valid JSON" in err
     assert ("(use --skip-bad-rows to skip such rows)" in err) == (command == "train"), err
+
+
+def test_quickstart_checks_its_arguments_before_printing_anything(capsys):
+    assert main(["train", "--lora-r", "abc"]) == 2  # no config or data: the quickstart, with a bad flag
+    assert capsys.readouterr() == ("", "error: lora_r = 'abc' (from --lora-r): must be an integer > 0\n")
