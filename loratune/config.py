@@ -133,6 +133,16 @@ class TrainConfig(BaseModel):
         None, description="Memory cap for training, e.g. 6GB: the run plans and recovers as if the device had this much."
     )
     load_in_4bit: bool = Field(False, description="Load the base in 4-bit NF4 (QLoRA; CUDA with bitsandbytes only).")
+    torch_compile: bool = Field(
+        False,
+        description="Compile the decoder layers with torch.compile: often faster steps on GPUs, after a minute or more "
+        "of compiling; on CPUs it rarely pays and needs a C++ compiler.",
+    )
+    liger_kernels: bool = Field(
+        False,
+        description="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU: less time and memory (CUDA only; "
+        "pip install liger-kernel; the model families Liger supports).",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; auto prefers a GPU.")
 
     # --- Evaluation, stopping, outputs ---------------------------------------------------------------

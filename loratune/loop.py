@@ -33,8 +33,8 @@ from .evaluate import answer, dataset_loss, score
 from .inference import generation_end_ids, prompt_text, read_run_config
 from .loss import CausalLMLoss
 from .model import (
-    add_lora, choose_dtype, enable_checkpointing, load_model, load_tokenizer, resolve_device, resolve_model,
-    supports_packing,
+    add_lora, apply_liger, check_kernels, choose_dtype, compile_layers, enable_checkpointing, load_model,
+    load_tokenizer, resolve_device, resolve_model, supports_packing,
 )
 from .report import write_report
 from .tracking import Trackers
@@ -63,6 +63,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run = Path(cfg.output_dir or "runs/run")
     if resume and not ckpt.list_checkpoints(run) and not (run / "config.yaml").is_file():
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
+    check_kernels(cfg, resolve_device(cfg.device))
     dtype = choose_dtype(cfg.precision, resolve_device(cfg.device))
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
@@ -103,9 +104,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         console.warn(f"{type(base).__name__} does not support packed attention; using padded batches instead")
     if packing:
         base.set_attn_implementation(PACKED_ATTENTION)
+    if cfg.liger_kernels and not apply_liger(base):
+        console.warn(f"liger_kernels: Liger has no kernels for {base.config.model_type} models; training without them")
     if cfg.gradient_checkpointing:
         enable_checkpointing(base)
     model = add_lora(base, cfg)
+    if cfg.torch_compile:
+        compile_layers(base)
     loss_module = CausalLMLoss(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if auto_batch and device.type == "cuda":  # confirm the estimate's choice on the largest pass of real data
@@ -432,7 +437,8 @@ def _confirm_batch_size(loss_module, train, cfg, largest, mem, packing, pad_id, 
 
 def _test_scores(model, tokenizer, encoder, examples, console, label, before=None) -> dict:
     """Greedy answers to the held-out test prompts, scored against their references."""
-    predictions, references = answer(model, tokenizer, encoder, examples)
+    with torch.compiler.set_stance("force_eager"):  # decoding one token at a time would recompile compiled layers
+        predictions, references = answer(model, tokenizer, encoder, examples)
     scores = score(predictions, references)
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in scores.items())
     console.info(f"held-out test ({len(examples)} examples), {label}: {shown}")

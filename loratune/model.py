@@ -165,6 +165,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_kernels(cfg, device: torch.device) -> None:
+    """Refuse the optional kernels where they cannot run, before anything is loaded."""
+    if cfg.liger_kernels and device.type != "cuda":
+        raise UserError(f"liger_kernels: Liger's kernels run on CUDA GPUs only, this run is on {device.type} "
+                        "(set liger_kernels: false)")
+    if cfg.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("liger_kernels needs the liger-kernel package: pip install liger-kernel")
+    compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
+    if cfg.torch_compile and device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        raise UserError("torch_compile on a CPU needs a C++ compiler (g++ or clang++, or CXX set to one); "
+                        "install one or set torch_compile: false")
+
+
 def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype. `auto`: bf16 (fp16 without bf16) on GPUs; on CPUs bf16 only where measured faster."""
     if precision == "fp16" and device.type != "cuda":
@@ -326,6 +339,28 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def apply_liger(model) -> bool:
+    """Liger's kernels in place of the model's RMSNorm, RoPE and SwiGLU (the output layer's loss is already ours,
+    chunked); False when Liger has none for this model family."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (parameter names unchanged, so saving is unaffected). Identical
+    layers share compiled code; the packed attention's per-example loop and the loss stay eager. Dynamic shapes:
+    every pass has its own length."""
+    decoder = model.get_decoder()
+    for layer in getattr(decoder, "layers", None) or [decoder]:
+        layer.compile(dynamic=True)
 
 
 def add_lora(model, cfg):

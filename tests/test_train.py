@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import subprocess
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
+from loratune.errors import UserError
 from loratune.loop import lr_factor, train
 
 from conftest import varied_rows, write_jsonl
@@ -71,6 +73,40 @@ def test_without_validation_nothing_is_said_of_validation_loss(tiny_model, tmp_p
     assert len(done) == 1 and done[0].endswith(f": all epochs done; adapter in {tmp_path / 'noval' / 'adapter'}; "
                                                f"report in {tmp_path / 'noval' / 'report.md'}"), done
     assert "validation loss" not in (tmp_path / "noval" / "report.md").read_text()
+
+
+def test_torch_compile_keeps_the_loss(tmp_path):
+    """Compiled decoder layers train like eager ones: the same loss at every step and the same adapter."""
+    from loratune.tiny import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model", layers=1))  # one layer: fewer graphs to compile
+    graphs = torch._dynamo.utils.counters["stats"]
+    for flag in (False, True):
+        before = graphs["unique_graphs"]
+        train(_config(model, tmp_path, f"compiled-{flag}", rows=16, batch_size=4, gradient_accumulation_steps=2,
+                      torch_compile=flag))
+        assert (graphs["unique_graphs"] > before) == flag  # the layers really ran compiled code
+    eager, compiled = _metrics(tmp_path / "compiled-False"), _metrics(tmp_path / "compiled-True")
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+    _assert_same_adapter(_adapter(tmp_path / "compiled-False"), _adapter(tmp_path / "compiled-True"), tol=1e-4)
+
+
+def test_liger_kernels_are_refused_off_cuda(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="Liger's kernels run on CUDA GPUs only, this run is on cpu"):
+        train(_config(tiny_model, tmp_path, "liger", liger_kernels=True))
+    assert not (tmp_path / "liger").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger's kernels need a CUDA GPU and the liger-kernel package")
+def test_liger_kernels_keep_the_loss(tiny_model, tmp_path):
+    for flag in (False, True):  # eager first: Liger replaces transformers' RoPE function for the whole process
+        train(_config(tiny_model, tmp_path, f"liger-{flag}", device="cuda", liger_kernels=flag))
+    for a, b in zip(_metrics(tmp_path / "liger-False"), _metrics(tmp_path / "liger-True"), strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
+    _assert_same_adapter(_adapter(tmp_path / "liger-False"), _adapter(tmp_path / "liger-True"), tol=1e-3)
 
 
 def test_warmup_then_cosine_schedule(tiny_model, tmp_path):
