@@ -63,8 +63,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run = Path(cfg.output_dir or "runs/run")
     if resume and not ckpt.list_checkpoints(run) and not (run / "config.yaml").is_file():
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
-    check_kernels(cfg, resolve_device(cfg.device))
-    dtype = choose_dtype(cfg.precision, resolve_device(cfg.device))
+    wanted = resolve_device(cfg.device)
+    check_kernels(cfg, wanted)
+    dtype = choose_dtype(cfg.precision, wanted)
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
     console = console or Console(enabled=main)
