@@ -42,7 +42,7 @@ from .tracking import Trackers
 # Config fields that may change when resuming: they do not affect the result.
 # The split of a step into passes and processes may change too, as long as each step keeps the same examples.
 RESUMABLE_CHANGES = {"output_dir", "report_to", "save_every_steps", "keep_checkpoints", "test_data", "skip_bad_rows",
-                     "batch_size", "gradient_accumulation_steps"}
+                     "batch_size", "gradient_accumulation_steps", "torch_compile", "liger_kernels"}
 
 
 class Interrupted(UserError):
