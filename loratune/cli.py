@@ -36,7 +36,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
-        if name == "train_data":  # else argparse reads --data as an abbreviation of --data-format
+        if name == "train_data":
             group.add_argument("--data", metavar="FILE", help="the same as --train-data")
 
 
@@ -50,7 +50,10 @@ def _bool_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         flag, given, value = argv[i].partition("=")
-        if flag in flags and not given and argv[i + 1 : i + 2] and argv[i + 1].lower() in BOOL_WORDS:
+        next_is_bool = argv[i + 1 : i + 2] != [] and argv[i + 1].lower() in BOOL_WORDS
+        if "--" + flag[5:] in flags and flag.startswith("--no-") and (given or next_is_bool):
+            parser.error(f"argument {flag}: takes no value; write --{flag[5:]} true or --{flag[5:]} false")
+        if flag in flags and not given and next_is_bool:
             given, value, i = "=", argv[i + 1], i + 1
         if flag in flags and given:
             if value.lower() not in BOOL_WORDS:
@@ -255,8 +258,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (subcommands inherit the class): argparse took `--lr 1e-3` as `--lr-scheduler 1e-3`
+    and `--batch 4` as `--batch-size 4`, and a flag added later would change what an old command line means."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description="Fine-tune causal language models with LoRA.")
+    parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="fine-tune (with no arguments: the built-in quickstart)")

@@ -113,6 +113,18 @@ def test_true_false_flags_also_take_true_or_false(name, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["config", "show", f"{flag}=maybe"])
     assert f"argument {flag}: 'maybe' is not one of true, yes, on, false, no, off" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --no-packing false: a double negative, refused rather than guessed
+        main(["config", "show", f"--no-{flag[2:]}", "false"])
+    assert f"--no-{flag[2:]}: takes no value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", ["--lr", "--batch", "--lora"])
+def test_abbreviated_flags_are_refused(prefix, capsys):
+    from loratune.cli import main
+
+    with pytest.raises(SystemExit):  # argparse took --lr as --lr-scheduler and --batch as --batch-size
+        main(["config", "show", prefix, "4"])
+    assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
