@@ -64,7 +64,11 @@ def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(folder))  # saved with the adapter: the chat template used in training
-    base = load_model(model_path, choose_dtype("auto", device), device)
+    try:  # the number format the run trained in, so that eval reproduces its validation loss
+        dtype = choose_dtype(cfg.precision, device)
+    except UserError:  # one this device lacks (fp16 off CUDA)
+        dtype = choose_dtype("auto", device)
+    base = load_model(model_path, dtype, device)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()
