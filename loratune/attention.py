@@ -39,7 +39,10 @@ def _per_example(query, key, value, bounds, scaling, window, dropout):
     spans = list(zip(bounds[:-1], bounds[1:]))
     longest = max(end - start for start, end in spans)
     if query.device.type == "cpu" and dropout == 0.0 and not (window and longest > window) and _CPU_FLASH:
-        return _CpuFlashPerExample.apply(query, key, value, spans, scaling)
+        # PyTorch's CPU flash kernels run bf16 slower than fp32 (they convert block by block; measured 2x in the
+        # backward pass on an AVX512-bf16 CPU): a 16-bit model attends in fp32.
+        out = _CpuFlashPerExample.apply(*(t.float() for t in (query, key, value)), spans, scaling)
+        return out.to(query.dtype)
     gqa = query.shape[1] != key.shape[1]
     outs = [_sdpa(*(t[:, :, start:end] for t in (query, key, value)), scaling, window, dropout, gqa) for start, end in spans]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()

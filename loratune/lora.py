@@ -70,17 +70,21 @@ def _add_input_grad(grad_x: torch.Tensor, grad_h: torch.Tensor, lora_a: torch.Te
 
 
 class _LoraLinearFn(torch.autograd.Function):
+    """The adapter's products run in the base's dtype, as under autocast: in a bf16 base a full-width fp32 copy of
+    the input and of the incoming gradient would cost more memory traffic than the rank-r products themselves.
+    lora_A and lora_B, their gradients and the optimizer state stay fp32."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         rows = x.reshape(-1, x.shape[-1])
         y = torch.nn.functional.linear(rows, weight, bias)
-        xa = rows.to(lora_a.dtype, copy=p > 0)  # dropout zeroes its own copy
+        xa = rows.to(y.dtype, copy=p > 0)  # dropout zeroes its own copy
         dropped = None
         if p > 0:  # dropout's 1/(1-p) is folded into the scaling: one pass less over [tokens, in_features]
             dropped = _dropout(xa, p)
             scaling = scaling / (1 - p)
-        h = xa @ lora_a.T
-        y.addmm_(h.to(y.dtype), lora_b.T.to(y.dtype), alpha=scaling)
+        h = xa @ lora_a.T.to(y.dtype)
+        y.addmm_(h, lora_b.T.to(y.dtype), alpha=scaling)
         ctx.save_for_backward(xa, h, dropped, weight, lora_a, lora_b)
         ctx.scaling, ctx.in_shape = scaling, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -89,14 +93,15 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         xa, h, dropped, weight, lora_a, lora_b = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        g32 = g.to(lora_a.dtype)
-        grad_b = (g32.T @ h).mul_(ctx.scaling)
-        grad_h = (g32 @ lora_b).mul_(ctx.scaling)
-        grad_a = grad_h.T @ xa
+        # The rank-r products put the [r, tokens] operand on the left: CPU BLAS runs g.T @ h and g @ B (a tall
+        # operand against a thin one) up to 8x slower than the same products transposed.
+        grad_b = (h.T @ g).to(lora_b.dtype).mul_(ctx.scaling).T
+        grad_h = (lora_b.T * ctx.scaling).to(g.dtype) @ g.T  # [r, tokens]
+        grad_a = (grad_h @ xa).to(lora_a.dtype)
         if not ctx.needs_input_grad[0]:  # e.g. the first layer's input: embeddings and norms are frozen
             return None, None, None, grad_a, grad_b, None, None
         grad_x = g @ weight  # the frozen base needs no weight gradient
-        _add_input_grad(grad_x, grad_h, lora_a, dropped)
+        _add_input_grad(grad_x, grad_h.T, lora_a, dropped)
         return grad_x.view(ctx.in_shape), None, None, grad_a, grad_b, None, None
 
 

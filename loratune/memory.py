@@ -39,7 +39,7 @@ ADAPTER = 4  # bytes per LoRA value: weights, gradients and optimizer state are 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT = 512 * 2**20  # CUDA runtime and kernels, outside PyTorch's allocator
 CUDA_ALLOCATOR_SPARE = 0.10  # blocks the caching allocator holds beyond what tensors use
-# Layers that read the same tensor: PEFT casts it to fp32 once per layer, but in fp32 they share it.
+# Layers that read the same tensor: without dropout their adapters keep that one tensor for the backward pass.
 SIBLINGS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MEASURED_TYPES = ("llama",)  # block structure the per-token counts follow (tests measure it)
@@ -224,29 +224,31 @@ class MemoryModel:
         first block keeps.
 
         Llama block: two RMSNorms keep their fp32 input and 1/rms; attention keeps q, k (after rotary), v and its
-        output in the base dtype and an fp32 log-sum-exp per head (padded rows carry a mask, so k and v are first
-        repeated to every query head, and the mask is kept per block: see pass_bytes); the gated MLP keeps gate,
-        act(gate) and up. Each LoRA layer (loratune.lora) keeps lora_A's fp32 output (rank wide) and its fp32 input:
-        with dropout, the dropped-out copy plus the record of what was dropped (`_dropped`); without, the fp32 cast
-        of the input (the input itself in an fp32 base, shared by the layers that read it). Frozen weights need no
-        saved inputs, except in 4-bit (bitsandbytes keeps the input of its product; not yet measured).
+        output in the base dtype (fp32 in packed rows on a CPU, which attend in fp32: loratune.attention) and an
+        fp32 log-sum-exp per head (padded rows carry a mask, so k and v are first repeated to every query head, and
+        the mask is kept per block: see pass_bytes); the gated MLP keeps gate, act(gate) and up. Each LoRA layer
+        (loratune.lora) keeps lora_A's output (rank wide) and its input, both in the base dtype: with dropout, the
+        dropped-out copy plus the record of what was dropped (`_dropped`); without, the input itself, shared by
+        the layers that read it. Frozen weights need no saved inputs, except in 4-bit (bitsandbytes keeps the
+        input of its product; not yet measured).
         The first block's input needs no gradient, so its first norm keeps nothing.
         """
         s, e = self.shape, self.base_bytes
         norm = 4 * s.hidden + 4
         kv_heads = s.heads if padded else s.kv_heads
-        attention = (2 * s.heads + 2 * kv_heads) * s.head_dim * e + 4 * s.heads
+        attended = 4 if self.device == "cpu" and not padded else e
+        attention = (2 * s.heads + 2 * kv_heads) * s.head_dim * attended + 4 * s.heads
         mlp = 3 * s.intermediate * e
         lora, first_saving, shared = 0, norm, set()
         for name, width, _, has_lora in s.linears:
             if not has_lora:
                 continue
             group = SIBLINGS.get(name, name)
-            saved = ADAPTER * s.rank
+            saved = e * s.rank
             if self.lora_dropout > 0:
-                saved += width * (ADAPTER + self._dropped)
-            elif e != ADAPTER or group not in shared:
-                saved += width * ADAPTER
+                saved += width * (e + self._dropped)
+            elif group not in shared:
+                saved += width * e
                 shared.add(group)
             if name in MLP_LINEARS:
                 mlp += saved
@@ -278,8 +280,8 @@ class MemoryModel:
     def _backward_working(self, tokens: int, targets: int, mlp_rows: int) -> float:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
 
-        The largest of: down_proj's backward (the incoming gradient, its fp32 copy in a 16-bit base, the input
-        gradient, and with dropout `_dropout_grad`); the gated product's backward (three [tokens, intermediate]
+        The largest of: down_proj's backward (the incoming gradient, the input gradient, and with dropout
+        `_dropout_grad`); the gated product's backward (three [tokens, intermediate]
         gradients, after down_proj's saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden],
         measured). `mlp_rows` rows go through the MLP (the target rows in a last block run on them only). By then
         the final norm's input and the loss's hidden-state gradient are freed. A 4-bit base also dequantises its
@@ -287,9 +289,8 @@ class MemoryModel:
         """
         s, e = self.shape, self.base_bytes
         d, i = s.hidden, s.intermediate
-        incoming = d * e + (0 if e == ADAPTER else ADAPTER * d)
-        down_proj = incoming + i * e + self._dropout_grad * i
-        product = d * e + 3 * i * e - i * (ADAPTER + self._dropped)
+        down_proj = d * e + i * e + self._dropout_grad * i
+        product = d * e + 3 * i * e - i * (e + self._dropped)
         norm = 6 * ADAPTER * d
         freed = tokens * ADAPTER * d + targets * d * e
         dequantised = max(n * m for _, n, m, _ in s.linears) * e if self.load_in_4bit and s.linears else 0

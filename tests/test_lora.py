@@ -55,6 +55,22 @@ def test_fused_layer_with_dropout_equals_the_formula_with_the_same_mask():
     assert 0.2 < 1 - keep.float().mean() < 0.4
 
 
+def test_fused_layer_in_a_bf16_base_matches_fp32_math():
+    """In a bf16 base the adapter's products run in bf16 (as under autocast); output and gradients stay within
+    bf16 rounding of the same layer computed in fp32, and lora_A/lora_B's gradients are fp32."""
+    _, fused = _layers(0.0, torch.bfloat16)
+    x, grad = torch.randn(64, 24).bfloat16(), torch.randn(64, 40).bfloat16()
+    y, gx, ga, gb = _run(fused, x, grad)
+    assert y.dtype == gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == torch.float32
+    a, b, base = fused.lora_A["default"].weight, fused.lora_B["default"].weight, fused.base_layer
+    ref_x = x.float().requires_grad_()
+    ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = ref_x @ base.weight.float().T + base.bias.float() + ref_x @ ref_a.T @ ref_b.T * fused.scaling["default"]
+    ref.backward(grad.float())
+    for got, want in ((y, ref), (gx, ref_x.grad), (ga, ref_a.grad), (gb, ref_b.grad)):
+        torch.testing.assert_close(got.float(), want, atol=0.05 * want.abs().max().item(), rtol=0.02)
+
+
 @pytest.mark.parametrize("p", [0.01, 0.05, 0.3, 0.9])
 def test_drop_rate_is_p_everywhere(p):
     torch.manual_seed(0)

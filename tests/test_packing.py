@@ -59,3 +59,23 @@ def test_packed_attention_values_and_gradients_equal_attention_per_example(windo
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, torch.autograd.grad((reference * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_of_a_bf16_model_on_cpu_is_computed_in_fp32():
+    """PyTorch's CPU flash kernels run bf16 slower than fp32 (and round more): a bf16 model attends in fp32."""
+    from types import SimpleNamespace
+
+    from loratune.attention import packed_attention
+
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(1, heads, 20, 8, generator=gen).bfloat16().requires_grad_() for heads in (4, 2, 2))
+    module = SimpleNamespace(training=True, sliding_window=None)
+    outputs = []
+    for inputs in ((q, k, v), [t.float() for t in (q, k, v)]):
+        out, _ = packed_attention(module, *inputs, None, cu_seq_lens_q=cu, max_length_q=8)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        outputs.append((out, *grads))
+    assert outputs[0][0].dtype == torch.bfloat16
+    for got, fp32 in zip(*outputs):
+        assert torch.equal(got, fp32.bfloat16())
