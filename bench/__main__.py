@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from loratune.data.batching import epoch_steps
-from loratune.model import DTYPES, load_tokenizer, resolve_model
+from loratune.model import DTYPES, choose_dtype, load_tokenizer, resolve_model
 from loratune.tiny import make_tiny_model
 
 from .flops import matmul_peak, model_flops
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default per model)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="number format of the frozen base, for all "
-                   "trainers (default: fp32 on CPU, bf16 on CUDA)")
+                   "trainers (default: what loratune's precision auto picks here: bf16 on CUDA, and on a CPU whose "
+                   "bf16 matrix products are measured faster than fp32; else fp32)")
     p.add_argument("--work", type=Path, help="keep the models, data, logs and runs here (default: a temporary "
                    "folder, removed at the end)")
     p.add_argument("--out", type=Path, help="where the table goes (default bench/results/latest.{md,json} for a "
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--work {args.work} already holds a run of {taken[0]}; give an empty or new folder")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    precision = args.precision or ("bf16" if choose_dtype("auto", torch.device(device)) == torch.bfloat16 else "fp32")
     reps = args.reps or (1 if args.quick else 3)
     full = set(models) == set(FULL) and set(trainers) == set(TRAINERS)
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest" if full else "partial")
