@@ -65,6 +65,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
     wanted = resolve_device(cfg.device)
     check_kernels(cfg, wanted)
+    if wanted.type == "cpu":  # before the first matrix product (choose_dtype may measure some)
+        memory.keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
@@ -86,8 +88,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     # --- Memory: choose batch_size auto, and stop now if even the smallest micro-batch cannot fit ----------
     device = accelerator.device
-    if device.type == "cpu":
-        memory.keep_freed_cpu_memory()
     mem = memory.RunMemory(cfg, model_path, data.train.lengths, data.train.target_counts, device, dtype)
     auto_batch = cfg.batch_size == "auto"
     if auto_batch:
