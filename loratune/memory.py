@@ -282,9 +282,8 @@ class MemoryModel:
         """Memory the backward pass adds at its peak, in the last block (loratune.lora's fused LoRA backward).
 
         The largest of: down_proj's backward (the incoming gradient, the input gradient, and with dropout
-        `_dropout_grad`); the gated product's backward (three [tokens, intermediate]
-        gradients, after down_proj's saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden],
-        measured). `mlp_rows` rows go through the MLP (the target rows in a last block run on them only). By then
+        `_dropout_grad`); the gated product's backward (three [tokens, intermediate] gradients, after down_proj's
+        saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go through the MLP (the target rows in a last block run on them only). By then
         the final norm's input and the loss's hidden-state gradient are freed. A 4-bit base also dequantises its
         largest weight (not measured).
         """
@@ -363,7 +362,7 @@ def keep_freed_cpu_memory() -> None:
 
     oneDNN likewise keeps the primitive of every matrix-product shape it meets, 1,024 by default. Packed rows
     change shape every pass (shapes repeat only within a pass), so with a bf16 base that cache grew by about
-    0.5 GiB without a hit across passes. It reads its capacity at its first use: call this before any product.
+    0.4 GiB without a hit across passes. It reads its capacity at its first use: call this before any product.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     if not sys.platform.startswith("linux"):
