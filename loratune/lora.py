@@ -58,7 +58,7 @@ def _add_input_grad(grad_x: torch.Tensor, grad_h: torch.Tensor, lora_a: torch.Te
     """grad_x += grad_h @ lora_a in place, except at the elements `_dropout` zeroed: those keep the base layer's
     gradient. On a CPU they are few, so they are read before the product is accumulated and written back after:
     no [tokens, in_features] temporary."""
-    grad_h, lora_a = grad_h.to(grad_x.dtype), lora_a.to(grad_x.dtype)
+    lora_a = lora_a.to(grad_x.dtype)  # grad_h comes in grad_x's dtype already
     if dropped is None:
         grad_x.addmm_(grad_h, lora_a)
     elif dropped.dtype == torch.bool:
