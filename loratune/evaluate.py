@@ -13,24 +13,23 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
-from .data.batching import collate_packed, collate_padded
+from .data.batching import collate
 from .data.prepare import TokenizedSet
 from .generate import generate_texts
 
 
 @torch.no_grad()
 def dataset_loss(loss_module, data: TokenizedSet, batch_size: int, packing: bool, pad_id: int, device,
-                 shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
-    """Summed cross-entropy and target-token count over this process's shard of `data`."""
+                 shard: tuple[int, int] = (0, 1), buckets: bool = False) -> tuple[float, int]:
+    """Summed cross-entropy and target-token count over this process's shard of `data` (`buckets`: see
+    `batching.shape_bucket`)."""
     rank, world = shard
     was_training = loss_module.training
     loss_module.eval()
     order = np.argsort(data.lengths, kind="stable")[rank::world]
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, labels = [data.input_ids[i] for i in idx], [data.labels[i] for i in idx]
-        batch = collate_packed(ids, labels) if packing else collate_padded(ids, labels, pad_id)
+        batch = collate(data, order[start : start + batch_size], packing, pad_id, buckets)
         total += float(loss_module(batch.to(device)))
         count += batch.n_targets
     loss_module.train(was_training)

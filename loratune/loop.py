@@ -25,7 +25,7 @@ from . import memory
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig, dump_yaml, guide_warnings
 from .console import Console, format_seconds
-from .data.batching import collate_packed, collate_padded, epoch_steps, passes_per_step, split_step
+from .data.batching import collate, epoch_steps, passes_per_step, split_step, wants_shape_buckets
 from .data.encode import encoder_for
 from .data.prepare import Prepared, prepare
 from .errors import UserError
@@ -65,7 +65,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
     wanted = resolve_device(cfg.device)
     check_kernels(cfg, wanted)
-    if wanted.type == "cpu":  # before the first matrix product (choose_dtype may measure some)
+    if wanted.type == "cpu":
         memory.keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
@@ -112,7 +112,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model = add_lora(base, cfg)
     if cfg.torch_compile:
         compile_layers(base)
-    loss_module = CausalLMLoss(model)
+    buckets = packing and wants_shape_buckets(device, dtype)
+    loss_module = CausalLMLoss(model, shape_buckets=buckets)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if auto_batch and device.type == "cuda":  # confirm the estimate's choice on the largest pass of real data
         cfg.batch_size, cfg.gradient_accumulation_steps = _confirm_batch_size(
@@ -201,7 +202,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
                 try:
                     for i in range(state.pass_in_step, len(mine)):
-                        batch = _collate(data.train, mine[i], packing, tokenizer.pad_token_id).to(device)
+                        batch = collate(data.train, mine[i], packing, tokenizer.pad_token_id, buckets).to(device)
                         mem.raise_if_over(batch)
                         sync = i == len(mine) - 1
                         with nullcontext() if sync else accelerator.no_sync(loss_module):
@@ -270,7 +271,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     or state.step == total_steps
                 )
                 if evaluate_now and len(data.val):
-                    val_loss = _val_loss(loss_module, data, batch_size, packing, tokenizer, device, accelerator)
+                    val_loss = _val_loss(loss_module, data, batch_size, packing, buckets, tokenizer, device, accelerator)
                     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
                     if improved:
                         state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, round(epoch_float, 4)
@@ -375,11 +376,6 @@ def _any_process(accelerator, flag: bool) -> bool:
     return _all_sum(accelerator, float(flag)) > 0
 
 
-def _collate(data, indices, packing: bool, pad_id: int):
-    ids, labels = [data.input_ids[i] for i in indices], [data.labels[i] for i in indices]
-    return collate_packed(ids, labels) if packing else collate_padded(ids, labels, pad_id)
-
-
 def _all_sum(accelerator, value: float) -> float:
     if accelerator.num_processes == 1:
         return value
@@ -394,9 +390,9 @@ def _clip(accelerator, params, max_norm: float) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _val_loss(loss_module, data: Prepared, batch_size: int, packing, tokenizer, device, accelerator) -> float:
+def _val_loss(loss_module, data: Prepared, batch_size: int, packing, buckets, tokenizer, device, accelerator) -> float:
     total, count = dataset_loss(loss_module, data.val, batch_size, packing, tokenizer.pad_token_id, device,
-                                shard=(accelerator.process_index, accelerator.num_processes))
+                                shard=(accelerator.process_index, accelerator.num_processes), buckets=buckets)
     return _all_sum(accelerator, total) / _all_sum(accelerator, count)
 
 
@@ -419,7 +415,7 @@ def _confirm_batch_size(loss_module, train, cfg, largest, mem, packing, pad_id, 
     batch_size, size = cfg.batch_size, largest
     while True:
         try:
-            batch = _collate(train, list(size.examples), packing, pad_id).to(device)
+            batch = collate(train, list(size.examples), packing, pad_id).to(device)
             loss_module(batch).backward()
             ok = True
         except torch.OutOfMemoryError:

@@ -13,6 +13,9 @@ import contextlib
 
 import torch
 
+from .data.batching import shape_bucket
+from .data.encode import IGNORE
+
 CHUNK_TOKENS = 2048
 
 # Below this share of target positions the last MLP runs on the target rows only; above it the gather and
@@ -23,17 +26,20 @@ ROW_SUBSET_BELOW = 0.9
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
+        """Rows whose target is IGNORE (filler rows, see `CausalLMLoss`) add nothing to the loss or gradient."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            counted = (t != IGNORE).float()
+            t = t.clamp(min=0)
             logits = (h @ weight.T).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * counted).sum()
             if grad is not None:
                 probs = (logits - lse[:, None]).exp_()  # softmax, reusing the logits' memory
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+                grad[start : start + chunk] = probs.mul_(counted[:, None]).to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
@@ -44,7 +50,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 def target_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies. `hidden` [N, D] are the states at target positions, `targets` [N]."""
+    """Sum of token cross-entropies. `hidden` [N, D] are the states at target positions, `targets` [N] (rows
+    with target IGNORE count for nothing)."""
     frozen_plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
     if not frozen_plain:  # a head with LoRA, a bias or trained weights: ordinary autograd
         return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
@@ -62,12 +69,15 @@ def _plain_head(lm) -> bool:
 class CausalLMLoss(torch.nn.Module):
     """One forward pass of a `Batch` -> summed cross-entropy of its target tokens.
 
+    With `shape_buckets`, the rows computed only at targets (the last MLP, the output layer) are filled up to a
+    `shape_bucket` size with non-target rows, whose results are never read: see `shape_bucket` for why.
     Distributed wrappers (DDP) wrap this module, so gradient synchronisation sees the whole computation.
     """
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, shape_buckets: bool = False):
         super().__init__()
         self.model = peft_model
+        self.shape_buckets = shape_buckets
         lm = peft_model.get_base_model()
         self.plain_head = _plain_head(lm)
         self.last_layer, self.last_mlp = _last_dense_mlp(lm)
@@ -80,18 +90,28 @@ class CausalLMLoss(torch.nn.Module):
             packed = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                           max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
         mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
-        where = batch.targets != -100
-        targets = batch.targets[where]
+        where = batch.targets.flatten() != IGNORE
+        rows = where.nonzero().squeeze(1)
+        if self.shape_buckets:
+            rows = _fill_rows(rows, where)
         inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, **packed)
         # A checkpointed layer is run again in the backward pass, without the hooks: the subset is for plain runs.
         subset = (self.last_mlp is not None and not getattr(self.last_layer, "gradient_checkpointing", False)
-                  and len(targets) < ROW_SUBSET_BELOW * where.numel())
-        with _rows_only(self.last_mlp, where.flatten().nonzero().squeeze(1)) if subset else contextlib.nullcontext():
+                  and len(rows) < ROW_SUBSET_BELOW * where.numel())
+        with _rows_only(self.last_mlp, rows) if subset else contextlib.nullcontext():
             if not self.plain_head:
-                logits = lm(**inputs).logits[where]
-                return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+                logits = lm(**inputs).logits.flatten(0, 1)[rows]
+                return torch.nn.functional.cross_entropy(logits.float(), batch.targets.flatten()[rows], reduction="sum")
             hidden = lm.get_decoder()(**inputs).last_hidden_state
-        return target_cross_entropy(hidden[where], lm.get_output_embeddings(), targets)
+        return target_cross_entropy(hidden.flatten(0, 1)[rows], lm.get_output_embeddings(), batch.targets.flatten()[rows])
+
+
+def _fill_rows(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The target rows and as many other rows as bring their count to its `shape_bucket` (if the pass has them).
+    Coarse buckets: only the last MLP and the output layer run on these rows, so filler costs little."""
+    extra = shape_bucket(len(rows), per_octave=4) - len(rows)
+    others = (~where).nonzero().squeeze(1)[:extra]
+    return torch.cat([rows, others]) if extra and len(others) == extra else rows
 
 
 def _last_dense_mlp(lm) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:

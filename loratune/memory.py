@@ -352,19 +352,13 @@ def measure_peak(fn, device: torch.device | str) -> int:
 
 
 def keep_freed_cpu_memory() -> None:
-    """Have glibc keep freed blocks for reuse instead of handing them back to the OS (Linux; for CPU training),
-    and oneDNN only a few compiled matrix products.
+    """Have glibc keep freed blocks for reuse instead of handing them back to the OS (Linux; for CPU training).
 
     A training step frees and re-allocates the same activation-sized tensors hundreds of times, and PyTorch's CPU
     allocator keeps no cache: glibc serves each block above its mmap threshold with fresh pages, every one a page
     fault and a page of zeroing. With the thresholds raised, 6 steps of the benchmark's tiny model took 190k page
     faults instead of 630k, and a step about 3% less time (medians of 6 alternating runs).
-
-    oneDNN likewise keeps the primitive of every matrix-product shape it meets, 1,024 by default. Packed rows
-    change shape every pass (shapes repeat only within a pass), so with a bf16 base that cache grew by about
-    0.4 GiB without a hit across passes. It reads its capacity at its first use: call this before any product.
     """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -488,9 +482,10 @@ def largest_pass(
 ) -> PassSize:
     """The pass with the highest peak: of the first epoch's passes, as training splits them, when the data's
     lengths and target counts are known; otherwise batch_size examples of max_length tokens, all targets."""
-    from .data.batching import epoch_steps, passes_per_step, split_step
+    from .data.batching import epoch_steps, passes_per_step, shape_bucket, split_step, wants_shape_buckets
 
     packing = cfg.packing if packing is None else packing
+    buckets = packing and wants_shape_buckets(torch.device(mm.device), mm.dtype)
     if lengths is None or not len(lengths):
         tokens = batch_size * cfg.max_length
         return PassSize(tokens, tokens, 1 if packing else batch_size, source=f"{batch_size} x max_length {cfg.max_length}")
@@ -501,6 +496,7 @@ def largest_pass(
                 continue
             rows = 1 if packing else len(examples)
             tokens = int(lengths[examples].sum()) if packing else rows * int(lengths[examples].max())
+            tokens = shape_bucket(tokens) if buckets else tokens
             size = PassSize(tokens, int(targets[examples].sum()), rows, tuple(examples),
                             "largest pass of the data's first epoch")
             total = mm.pass_bytes(size.tokens, size.targets, size.rows).total

@@ -39,6 +39,40 @@ def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_mod
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_shape_buckets_give_the_same_loss_and_gradients(tiny_model):
+    """A row filled up to its bucket size, and target rows filled with other rows: the loss and the adapters'
+    gradients are those of the exact row; the filler counts as padding, not as tokens."""
+    base = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    base.set_attn_implementation(NAME)
+    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
+    model = add_lora(base, cfg).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(5, 500, n) for n in (13, 21, 35)]  # 69 tokens: bucket 72
+    targets = [np.where(np.arange(len(x)) >= len(x) - 5, x, -100) for x in inputs]  # 5 target rows each
+    targets[0][-7:] = inputs[0][-7:]  # 17 target rows in all: filled to 20 (4 sizes per octave)
+    exact, filled = collate_packed(inputs, targets), collate_packed(inputs, targets, pad_id=0)
+    assert filled.input_ids.numel() == 72 and filled.padding == 3 and filled.n_tokens == exact.n_tokens == 69
+    assert filled.n_targets == exact.n_targets == 17
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    mlp_rows = []
+
+    def loss_and_grads(batch, buckets):
+        loss_module = CausalLMLoss(model, shape_buckets=buckets)
+        handle = loss_module.last_mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[-2]))
+        loss = loss_module(batch)
+        handle.remove()
+        return loss.detach(), torch.autograd.grad(loss, trainable)
+
+    want, got = loss_and_grads(exact, False), loss_and_grads(filled, True)
+    assert mlp_rows == [17, 20]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_chunked_loss_equals_full_logits_across_chunk_boundaries(monkeypatch):
     """Several chunks, the last one partial: same summed loss and hidden-state gradient as full fp32 logits."""
     monkeypatch.setattr("loratune.loss.CHUNK_TOKENS", 4)
