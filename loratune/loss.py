@@ -31,15 +31,16 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            counted = (t != IGNORE).float()
+            ignored = t == IGNORE
             t = t.clamp(min=0)
             logits = (h @ weight.T).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * counted).sum()
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).masked_fill_(ignored, 0).sum()
             if grad is not None:
                 probs = (logits - lse[:, None]).exp_()  # softmax, reusing the logits' memory
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start : start + chunk] = probs.mul_(counted[:, None]).to(weight.dtype) @ weight
+                # masked after the product: [chunk, hidden] is far smaller than [chunk, vocabulary]
+                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).masked_fill_(ignored[:, None], 0)
         ctx.save_for_backward(grad)
         return total
 

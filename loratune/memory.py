@@ -283,9 +283,9 @@ class MemoryModel:
 
         The largest of: down_proj's backward (the incoming gradient, the input gradient, and with dropout
         `_dropout_grad`); the gated product's backward (three [tokens, intermediate] gradients, after down_proj's
-        saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go through the MLP (the target rows in a last block run on them only). By then
-        the final norm's input and the loss's hidden-state gradient are freed. A 4-bit base also dequantises its
-        largest weight (not measured).
+        saved input is freed); an RMSNorm's backward (six fp32 [tokens, hidden], measured). `mlp_rows` rows go
+        through the MLP (the target rows in a last block run on them only). By then the final norm's input and the
+        loss's hidden-state gradient are freed. A 4-bit base also dequantises its largest weight (not measured).
         """
         s, e = self.shape, self.base_bytes
         d, i = s.hidden, s.intermediate
