@@ -70,13 +70,15 @@ class TrainConfig(BaseModel):
     # --- Training Guide: batch processing ------------------------------------------------------------
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         8,
-        description="Number of samples processed together (per forward pass; with packing, per pass on average). "
+        description="Number of samples processed together (per forward pass; with packing, a pass holds up to this "
+        "many times the longest example's tokens). "
         "Higher = faster training, more memory. 'auto' picks the largest that fits. Guide range: 4-16.",
     )
     gradient_accumulation_steps: int = Field(
         8,
         gt=0,
-        description="Number of forward passes before updating weights. Effective batch = batch_size x this. "
+        description="Number of forward passes before updating weights (with packing, at most: full passes may take "
+        "fewer). Effective batch = batch_size x this. "
         "Guide range: 4-32.",
     )
     max_length: int = Field(

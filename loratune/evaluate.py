@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
-from .data.batching import collate
+from .data.batching import collate, packed_groups
 from .data.prepare import TokenizedSet
 from .generate import generate_texts
 
@@ -27,9 +27,13 @@ def dataset_loss(loss_module, data: TokenizedSet, batch_size: int, packing: bool
     was_training = loss_module.training
     loss_module.eval()
     order = np.argsort(data.lengths, kind="stable")[rank::world]
+    if packing:
+        groups = packed_groups(order, data.lengths, batch_size)
+    else:
+        groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start : start + batch_size], packing, pad_id, buckets)
+    for examples in groups:
+        batch = collate(data, examples, packing, pad_id, buckets)
         total += float(loss_module(batch.to(device)))
         count += batch.n_targets
     loss_module.train(was_training)

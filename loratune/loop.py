@@ -25,7 +25,7 @@ from . import memory
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig, dump_yaml, guide_warnings
 from .console import Console, format_seconds
-from .data.batching import collate, epoch_steps, passes_per_step, split_step, wants_shape_buckets
+from .data.batching import collate, epoch_steps, split_step, wants_shape_buckets
 from .data.encode import encoder_for
 from .data.prepare import Prepared, prepare
 from .errors import UserError
@@ -175,6 +175,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     segment_start = time.perf_counter()
     elapsed_before = state.elapsed
     lengths, target_counts = data.train.lengths, data.train.target_counts
+    longest = int(lengths.max())
     epoch_plan: tuple[int, list] = (-1, [])
     loss_module.train()
     try:
@@ -188,8 +189,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     continue
                 examples = steps[state.step_in_epoch]
                 state.micro_batch = batch_size
-                n_passes = passes_per_step(len(examples), batch_size, world)
-                passes = split_step(examples, lengths, batch_size, n_passes, packing)
+                passes = split_step(examples, lengths, batch_size, packing, longest, world)
                 mine = passes[accelerator.process_index :: world]
                 step_targets = int(target_counts[examples].sum())  # the whole step, all processes
                 step_start = time.perf_counter()
@@ -225,7 +225,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     batch = loss_sum = partial = None
                     batch_size = _halve_after_oom(batch_size, world, mem, optimizer, state, device)
                     progress.note(f"step {state.step + 1}: out of memory; replaying it with batch_size {batch_size} "
-                                  f"x {math.ceil(per_step / world / batch_size)} passes (same effective batch)")
+                                  "(smaller passes, the same effective batch)")
                     metrics.write(event="out_of_memory", step=state.step + 1, batch_size=batch_size)
                     continue
 

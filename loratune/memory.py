@@ -482,7 +482,7 @@ def largest_pass(
 ) -> PassSize:
     """The pass with the highest peak: of the first epoch's passes, as training splits them, when the data's
     lengths and target counts are known; otherwise batch_size examples of max_length tokens, all targets."""
-    from .data.batching import epoch_steps, passes_per_step, shape_bucket, split_step, wants_shape_buckets
+    from .data.batching import epoch_steps, shape_bucket, split_step, wants_shape_buckets
 
     packing = cfg.packing if packing is None else packing
     buckets = packing and wants_shape_buckets(torch.device(mm.device), mm.dtype)
@@ -491,7 +491,7 @@ def largest_pass(
         return PassSize(tokens, tokens, 1 if packing else batch_size, source=f"{batch_size} x max_length {cfg.max_length}")
     best, best_bytes = None, -1
     for step in epoch_steps(len(lengths), batch_size * accumulation, cfg.seed, 0):
-        for examples in split_step(step, lengths, batch_size, passes_per_step(len(step), batch_size, 1), packing):
+        for examples in split_step(step, lengths, batch_size, packing, int(lengths.max())):
             if not examples:
                 continue
             rows = 1 if packing else len(examples)

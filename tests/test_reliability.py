@@ -23,11 +23,15 @@ def data(tmp_path):
     return (write_jsonl(tmp_path / "train.jsonl", varied_rows(36)), write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)))
 
 
+def _settings(model, data, out, **extra) -> dict:
+    # Unpacked, every step takes 3 passes, so a pass number names a point in a step; packed runs take fewer.
+    return dict(model=model, train_data=data[0], val_data=data[1], output_dir=out, epochs=2, batch_size=2,
+                gradient_accumulation_steps=3, save_every_steps=1, lora_dropout=0.1, precision="fp32", device="cpu",
+                learning_rate=1e-3, keep_checkpoints=2, packing=False) | extra
+
+
 def _flags(model, data, out, **extra):
-    settings = dict(model=model, train_data=data[0], val_data=data[1], output_dir=out, epochs=2, batch_size=2,
-                    gradient_accumulation_steps=3, save_every_steps=1, lora_dropout=0.1, precision="fp32",
-                    device="cpu", learning_rate=1e-3, keep_checkpoints=2, **extra)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    return [f"--{k.replace('_', '-')}={v}" for k, v in _settings(model, data, out, **extra).items()]
 
 
 def _run(flags, fault="", resume=False):
@@ -68,15 +72,35 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(ti
     assert not list((run / "checkpoints").glob(".*")), "leftovers of interrupted saves were not cleaned up"
 
 
-@pytest.mark.parametrize("sig", ["INT", "TERM"])
-def test_signal_saves_mid_step_and_resume_is_exact(tiny_model, data, tmp_path, sig):
+def _mid_step_pass(model, data, packing: bool) -> tuple[int, str]:
+    """The number of a training pass that is not the last of its step (after step 2), and the checkpoint a stop
+    after it saves, from the passes training will make."""
+    from loratune.data.batching import epoch_steps, split_step
+    from loratune.data.encode import encoder_for
+    from loratune.data.prepare import prepare
+    from loratune.model import load_tokenizer
+
+    cfg = TrainConfig(**_settings(model, data, "unused", packing=packing))
+    train_set = prepare(cfg, encoder_for(load_tokenizer(model), cfg)).train
+    lengths, done = train_set.lengths, 0
+    for step, examples in enumerate(epoch_steps(len(train_set), 6, cfg.seed, 0)):
+        n = len(split_step(examples, lengths, 2, packing, int(lengths.max())))
+        if step >= 2 and n > 1:
+            return done + 1, f"step-{step:06d}.1"
+        done += n
+    raise AssertionError("no step of the first epoch takes two passes")
+
+
+@pytest.mark.parametrize("sig, packing", [("INT", False), ("TERM", False), ("INT", True)])
+def test_signal_saves_mid_step_and_resume_is_exact(tiny_model, data, tmp_path, sig, packing):
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert _run(_flags(tiny_model, data, reference)).returncode == 0
-    result = _run(_flags(tiny_model, data, run), f"signal_at_pass:11:{sig}")  # after pass 11: mid-step
+    assert _run(_flags(tiny_model, data, reference, packing=packing)).returncode == 0
+    at, saved = _mid_step_pass(tiny_model, data, packing)
+    result = _run(_flags(tiny_model, data, run, packing=packing), f"signal_at_pass:{at}:{sig}")
     assert result.returncode == 128 + getattr(signal, f"SIG{sig}"), result.stderr[-1500:]  # 130 or 143, as the shell's
     assert f"SIG{sig}: checkpoint saved. Resume with: loratune train --resume {run}" in result.stderr
-    assert (run / "checkpoints" / "step-000003.2" / "partial_grads.pt").is_file()
-    assert _run(_flags(tiny_model, data, run), resume=True).returncode == 0
+    assert (run / "checkpoints" / saved / "partial_grads.pt").is_file()
+    assert _run(_flags(tiny_model, data, run, packing=packing), resume=True).returncode == 0
     _same(run / "last", reference / "last")
 
 

@@ -4,8 +4,11 @@ An optimizer step always takes `batch_size x gradient_accumulation_steps` exampl
 order whether or not we pack: the effective batch means what the Training Guide says. Inside a step the
 examples are regrouped for speed, which changes nothing in the update because the step's loss is normalised
 by the step's total target-token count:
-- packing: the step's examples are split into `gradient_accumulation_steps` forward passes of about equal token
-  count, each one packed row with no padding (so `batch_size` is the number of examples per pass on average);
+- packing: a pass is one row of examples back to back, with no padding, holding at most `batch_size` times the
+  data's longest example in tokens: the size of the largest padded batch, so memory peaks no higher than
+  padding would, while each pass is full. A step takes as few such passes of about equal token count as hold
+  its examples, at most `gradient_accumulation_steps` of them; every pass costs a fixed time beyond its tokens'
+  (most of a pass of a short row on a small model), so fewer, fuller passes are faster;
 - no packing: sorted by length and cut into passes of `batch_size` examples, so padding stays small.
 
 On a CPU with a 16-bit base, packed rows are padded up to a few fixed sizes (`shape_bucket`): oneDNN, which runs
@@ -31,26 +34,44 @@ def epoch_steps(n_examples: int, per_step: int, seed: int, epoch: int) -> list[n
     return [order[i : i + per_step] for i in range(0, n_examples, per_step)]
 
 
-def split_step(step: np.ndarray, lengths: np.ndarray, batch_size: int, n_passes: int, packing: bool) -> list[list[int]]:
-    """A step's examples as `n_passes` forward passes (some may be empty when the step is short)."""
-    if packing:
-        # Longest-first onto the lightest pass: the passes end up within one example's length of each other.
-        ordered = sorted(step.tolist(), key=lambda i: (-lengths[i], i))
-        heap = [(0, p) for p in range(n_passes)]
-        passes: list[list[int]] = [[] for _ in range(n_passes)]
-        for i in ordered:
-            tokens, p = heapq.heappop(heap)
-            passes[p].append(i)
-            heapq.heappush(heap, (tokens + int(lengths[i]), p))
-        return passes
-    ordered = sorted(step.tolist(), key=lambda i: (lengths[i], i))
-    passes = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return passes + [[] for _ in range(n_passes - len(passes))]
+def split_step(step: np.ndarray, lengths: np.ndarray, batch_size: int, packing: bool, longest: int,
+               world_size: int = 1) -> list[list[int]]:
+    """A step's examples as forward passes, as many for each of `world_size` processes (some may be empty when the
+    step is short). `longest`: the data's longest example in tokens, which sets a packed pass's token budget."""
+    if not packing:
+        ordered = sorted(step.tolist(), key=lambda i: (lengths[i], i))
+        passes = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+        return passes + [[] for _ in range(-len(passes) % world_size)]  # each process does as many
+    budget = batch_size * longest
+    n_passes = world_size * math.ceil(math.ceil(int(lengths[step].sum()) / budget) / world_size)
+    while True:  # the fewest passes whose balanced loads fit the budget (one or two tries in practice)
+        passes, heaviest = _balanced(step, lengths, n_passes)
+        if heaviest <= budget or n_passes >= len(step):
+            return passes
+        n_passes += world_size
 
 
-def passes_per_step(n_examples: int, batch_size: int, world_size: int) -> int:
-    """Forward passes for a step of n examples, a multiple of the process count so each process does the same."""
-    return world_size * math.ceil(math.ceil(n_examples / batch_size) / world_size)
+def _balanced(step: np.ndarray, lengths: np.ndarray, n_passes: int) -> tuple[list[list[int]], int]:
+    """Longest-first onto the lightest pass: the passes end up within one example's length of each other."""
+    ordered = sorted(step.tolist(), key=lambda i: (-lengths[i], i))
+    heap = [(0, p) for p in range(n_passes)]
+    passes: list[list[int]] = [[] for _ in range(n_passes)]
+    for i in ordered:
+        tokens, p = heapq.heappop(heap)
+        passes[p].append(i)
+        heapq.heappush(heap, (tokens + int(lengths[i]), p))
+    return passes, max(tokens for tokens, _ in heap)
+
+
+def packed_groups(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Examples in this order cut into packed passes of at most `batch_size` times the data's longest example."""
+    budget, groups, start, tokens = batch_size * int(lengths.max(initial=1)), [], 0, 0
+    for k, i in enumerate(order):
+        if tokens + lengths[i] > budget and k > start:
+            groups.append(order[start:k])
+            start, tokens = k, 0
+        tokens += int(lengths[i])
+    return groups + [order[start:]] if start < len(order) else groups
 
 
 def shape_bucket(n: int, per_octave: int = 16) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import UserError
-from .batching import epoch_steps, passes_per_step, split_step
+from .batching import epoch_steps, split_step
 from .encode import Encoder
 from .prepare import DataReport, Fit, TokenizedSet, fit, load_sets, recommend_max_length
 
@@ -98,7 +98,7 @@ def padding_share(lengths: np.ndarray, batch_size: int, accumulation: int, seed:
     """Share of padded-batch tokens that would be padding, with the trainer's own grouping of an epoch."""
     real = padded = 0
     for step in epoch_steps(len(lengths), batch_size * accumulation, seed, 0):
-        for batch in split_step(step, lengths, batch_size, passes_per_step(len(step), batch_size, 1), packing=False):
+        for batch in split_step(step, lengths, batch_size, packing=False, longest=int(lengths.max())):
             if batch:
                 real += int(lengths[batch].sum())
                 padded += len(batch) * int(lengths[batch].max())
