@@ -489,9 +489,9 @@ def largest_pass(
     if lengths is None or not len(lengths):
         tokens = batch_size * cfg.max_length
         return PassSize(tokens, tokens, 1 if packing else batch_size, source=f"{batch_size} x max_length {cfg.max_length}")
-    best, best_bytes = None, -1
+    best, best_bytes, longest = None, -1, int(lengths.max())
     for step in epoch_steps(len(lengths), batch_size * accumulation, cfg.seed, 0):
-        for examples in split_step(step, lengths, batch_size, packing, int(lengths.max())):
+        for examples in split_step(step, lengths, batch_size, packing, longest):
             if not examples:
                 continue
             rows = 1 if packing else len(examples)

@@ -96,9 +96,9 @@ def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -
 
 def padding_share(lengths: np.ndarray, batch_size: int, accumulation: int, seed: int) -> float:
     """Share of padded-batch tokens that would be padding, with the trainer's own grouping of an epoch."""
-    real = padded = 0
+    real, padded, longest = 0, 0, int(lengths.max())
     for step in epoch_steps(len(lengths), batch_size * accumulation, seed, 0):
-        for batch in split_step(step, lengths, batch_size, packing=False, longest=int(lengths.max())):
+        for batch in split_step(step, lengths, batch_size, packing=False, longest=longest):
             if batch:
                 real += int(lengths[batch].sum())
                 padded += len(batch) * int(lengths[batch].max())
