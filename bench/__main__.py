@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from loratune.data.batching import epoch_steps
-from loratune.model import DTYPES, choose_dtype, load_tokenizer, resolve_model
-from loratune.tiny import make_tiny_model
+from loratune.core.device import DTYPES, choose_dtype
+from loratune.modeling.model import load_tokenizer, resolve_model
+from loratune.modeling.tiny import make_tiny_model
 
 from .flops import matmul_peak, model_flops
 from .report import ROOT, TRAINERS, machine, render, summarize

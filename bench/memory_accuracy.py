@@ -17,9 +17,12 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loratune.config import TrainConfig
-from loratune.memory import MemoryModel, measure_pass, read_shape, shape_from_config
-from loratune.model import choose_dtype, load_model, resolve_model
+from loratune.core.config import TrainConfig
+from loratune.memory.planner import MemoryModel, read_shape, shape_from_config
+
+from .measure import measure_pass
+from loratune.core.device import choose_dtype
+from loratune.modeling.model import load_model, resolve_model
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                tie_word_embeddings=True)

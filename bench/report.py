@@ -155,7 +155,7 @@ def _yes(ok: bool) -> str:
 def machine(device: str) -> dict:
     import torch
 
-    from loratune.model import cpu_name
+    from loratune.core.device import cpu_name
 
     meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else ["", "0"]
     packages = ("torch", "transformers", "peft", "trl", "accelerate")

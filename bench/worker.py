@@ -25,8 +25,9 @@ import transformers
 import trl  # noqa: F401
 
 from loratune import TrainConfig, train
-from loratune.loop import lr_factor
-from loratune.model import DTYPES, load_tokenizer
+from loratune.training.loop import lr_factor
+from loratune.core.device import DTYPES
+from loratune.modeling.model import load_tokenizer
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loratune.tiny import corpus_lines
+from loratune.modeling.tiny import corpus_lines
 
 IGNORE = -100
 # Log-normal token lengths: (median, sigma, min, max). Medians 80 and 40 with sigma 0.9 give means of about

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig, guide_warnings, resolve
-from .errors import BadRowError, UserError
+from .core.config import PRESETS, TrainConfig, guide_warnings, resolve
+from .core.errors import BadRowError, UserError
 
 FIELD_GROUPS = {
     "model": "Model", "train_data": "Data", "batch_size": "Training Guide: batch processing",
@@ -96,7 +96,7 @@ def _resolve(args: argparse.Namespace, default_preset: str | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .training.loop import train
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.num_processes)
@@ -160,8 +160,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from .generate import generate_texts
-    from .inference import load_run, prompt_examples, prompt_text, text_prompt
+    from .data.formats import prompt_text
+    from .inference.run import load_run, prompt_examples, text_prompt
+    from .modeling.generate import generate_texts
 
     if (args.prompt is None) == (args.file is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
@@ -183,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import evaluate_run
+    from .inference.evaluate import evaluate_run
 
     summary = evaluate_run(args.run_dir, args.data, report=args.report, adapter=args.adapter, generate=args.generate,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -202,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import chat
+    from .inference.chat import chat
 
     chat(args.run_dir, adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p)
@@ -210,7 +211,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .training.report import write_report
 
     plot, report = write_report(args.run_dir)
     print(f"wrote {report}" + (f" and {plot}" if plot.is_file() else ""))
@@ -218,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .export import merge
+    from .inference.merge import merge
 
     out = merge(args.run_dir, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
@@ -228,7 +229,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from .data.encode import encoder_for
     from .data.inspect import inspect_data, render
-    from .model import load_tokenizer, resolve_model
+    from .modeling.model import load_tokenizer, resolve_model
 
     cfg = _resolve(args).config
     if not cfg.train_data:
@@ -239,8 +240,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .config import parse_bytes
-    from .memory import plan_run
+    from .core.config import parse_bytes
+    from .memory.planner import plan_run
 
     device = None
     if args.device and ":" in args.device:  # a device index (cuda:1) is the plan's, not a config value

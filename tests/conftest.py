@@ -18,7 +18,7 @@ def _cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random tiny Llama with a ChatML template (built once per test session)."""
-    from loratune.tiny import make_tiny_model
+    from loratune.modeling.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_plain_model(tmp_path_factory) -> str:
     """The same, without a chat template (a 'base' model)."""
-    from loratune.tiny import make_tiny_model
+    from loratune.modeling.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny_plain") / "model", chat=False))
 

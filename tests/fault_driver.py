@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from loratune import loss
+from loratune.modeling import loss
 from loratune.cli import main
 
 kind, _, spec = os.environ.get("FAULT", "").partition(":")

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 from loratune.data.formats import Example
-from loratune.generate import generate_texts
-from loratune.inference import load_run
+from loratune.modeling.generate import generate_texts
+from loratune.inference.run import load_run
 
 
 def test_chat_from_a_script_streams_replies_keeps_history_and_resets(tiny_run):

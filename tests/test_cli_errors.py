@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import varied_rows, write_jsonl
 
 from loratune.cli import main
-
-from conftest import varied_rows, write_jsonl
 
 
 def _setup_bad_model(kind):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from loratune.config import GUIDE_FIELDS, PRESETS, TrainConfig, guide_warnings, resolve
-from loratune.errors import UserError
+from loratune.core.config import GUIDE_FIELDS, PRESETS, TrainConfig, guide_warnings, resolve
+from loratune.core.errors import UserError
 
 GUIDE_DEFAULTS = {
     "batch_size": 8, "gradient_accumulation_steps": 8, "max_length": 1024, "learning_rate": 2e-4, "epochs": 20,

@@ -6,15 +6,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_jsonl
 
 from loratune import TrainConfig
-from loratune.config import resolve
+from loratune.core.config import resolve
 from loratune.data.formats import Example, RowError, detect_format, require_answers, to_example
 from loratune.data.load import BadRows, open_source
 from loratune.data.prepare import read_examples
-from loratune.errors import UserError
-
-from conftest import write_jsonl
+from loratune.core.errors import UserError
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}]

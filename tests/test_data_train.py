@@ -6,10 +6,9 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_jsonl
 
 from loratune import TrainConfig, train
-
-from conftest import write_jsonl
 
 N = 8
 

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import varied_rows, write_jsonl
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("packing", ["--packing", "--no-packing"])

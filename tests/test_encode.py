@@ -165,7 +165,7 @@ def _sentencepiece_style_tokenizer(template):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loratune.tiny import corpus_lines
+    from loratune.modeling.tiny import corpus_lines
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")

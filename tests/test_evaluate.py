@@ -4,7 +4,7 @@ import math
 import pytest
 
 from loratune.cli import main
-from loratune.evaluate import evaluate_run
+from loratune.inference.evaluate import evaluate_run
 
 
 def test_eval_reproduces_the_validation_loss_and_scores_generations(tiny_run, tmp_path):

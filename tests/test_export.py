@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
-from loratune.errors import UserError
-from loratune.export import merge
+from loratune.core.errors import UserError
+from loratune.inference.merge import merge
 
 
 def _logits(model, ids):

@@ -10,14 +10,13 @@ import types
 
 import numpy as np
 import pytest
+from conftest import write_jsonl
 
 from loratune import TrainConfig
 from loratune.cli import main
 from loratune.data.encode import encoder_for
 from loratune.data.inspect import inspect_data, padding_share
-from loratune.model import load_tokenizer
-
-from conftest import write_jsonl
+from loratune.modeling.model import load_tokenizer
 
 PROMPTS = [60] * 197 + [90] + [260] * 2  # totals: 197 x 100, 1 x 130, 2 x 300
 

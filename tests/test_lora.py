@@ -1,10 +1,9 @@
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import pytest
-
-from loratune import lora
-from loratune.lora import FusedLoraLinear, drop_positions
+from loratune.modeling import lora
+from loratune.modeling.lora import FusedLoraLinear, drop_positions
 
 
 def _layers(dropout: float, dtype=torch.float32):

@@ -3,10 +3,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from loratune.attention import NAME
+from loratune.modeling.attention import NAME
 from loratune.data.batching import collate_packed
-from loratune.loss import CausalLMLoss, target_cross_entropy
-from loratune.model import add_lora, load_model
+from loratune.modeling.loss import CausalLMLoss, target_cross_entropy
+from loratune.modeling.model import add_lora, load_model
 
 
 def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_model):
@@ -75,7 +75,7 @@ def test_shape_buckets_give_the_same_loss_and_gradients(tiny_model):
 
 def test_chunked_loss_equals_full_logits_across_chunk_boundaries(monkeypatch):
     """Several chunks, the last one partial: same summed loss and hidden-state gradient as full fp32 logits."""
-    monkeypatch.setattr("loratune.loss.CHUNK_TOKENS", 4)
+    monkeypatch.setattr("loratune.modeling.loss.CHUNK_TOKENS", 4)
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
     hidden = torch.randn(11, 16, generator=gen, requires_grad=True)

@@ -4,12 +4,11 @@ import sys
 from importlib import metadata
 
 import pytest
-
-from loratune import model as model_module
-from loratune.errors import UserError
-from loratune.model import resolve_model
-
 from conftest import write_jsonl
+
+from loratune.modeling import model as model_module
+from loratune.core.errors import UserError
+from loratune.modeling.model import resolve_model
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +68,7 @@ def test_short_fine_tune_of_the_real_model_improves_the_held_out_metric(smollm2,
     from pathlib import Path
 
     from loratune import TrainConfig, train
-    from loratune.config import PRESETS
+    from loratune.core.config import PRESETS
 
     quick = PRESETS["quickstart"].values
     test_rows = Path(quick["test_data"]).read_text().splitlines()[:16]
@@ -90,9 +89,10 @@ def test_plan_of_the_default_model_is_itemised_and_within_25_percent_of_a_measur
 
     from loratune import TrainConfig
     from loratune.cli import main
-    from loratune.config import PRESETS
-    from loratune.memory import MemoryModel, measure_pass, read_shape
-    from loratune.model import load_model
+    from loratune.core.config import PRESETS
+    from bench.measure import measure_pass
+    from loratune.memory.planner import MemoryModel, read_shape
+    from loratune.modeling.model import load_model
 
     assert main(["plan", "--preset", "quickstart", "--precision", "fp32", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loratune.attention import NAME
+from loratune.modeling.attention import NAME
 from loratune.data.batching import collate_packed
 
 
@@ -36,7 +36,7 @@ def test_packed_attention_values_and_gradients_equal_attention_per_example(windo
     """Both paths: SDPA's CPU kernels per example (causal), and autograd through slices (here a sliding window)."""
     from types import SimpleNamespace
 
-    from loratune.attention import packed_attention
+    from loratune.modeling.attention import packed_attention
 
     gen = torch.Generator().manual_seed(0)
     lengths = [3, 9, 1, 6]
@@ -65,7 +65,7 @@ def test_packed_attention_of_a_bf16_model_on_cpu_is_computed_in_fp32():
     """PyTorch's CPU flash kernels run bf16 slower than fp32 (and round more): a bf16 model attends in fp32."""
     from types import SimpleNamespace
 
-    from loratune.attention import packed_attention
+    from loratune.modeling.attention import packed_attention
 
     gen = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)

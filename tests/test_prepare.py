@@ -3,14 +3,13 @@ refusal to train on examples with nothing to learn."""
 
 import numpy as np
 import pytest
+from conftest import varied_rows, write_jsonl
 
 from loratune import TrainConfig
 from loratune.data.encode import IGNORE, Encoder, encoder_for
 from loratune.data.prepare import fit, prepare, recommend_max_length, windows
-from loratune.errors import UserError
-from loratune.model import load_tokenizer
-
-from conftest import varied_rows, write_jsonl
+from loratune.core.errors import UserError
+from loratune.modeling.model import load_tokenizer
 
 
 @pytest.fixture

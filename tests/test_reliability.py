@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import varied_rows, write_jsonl
 from safetensors.torch import load_file
 
-from loratune import TrainConfig, loss, train
-from loratune import checkpoint as ckpt
-from loratune.errors import UserError
-
-from conftest import varied_rows, write_jsonl
+from loratune import TrainConfig, train
+from loratune.modeling import loss
+from loratune.training import checkpoint as ckpt
+from loratune.core.errors import UserError
 
 DRIVER = str(Path(__file__).with_name("fault_driver.py"))
 
@@ -78,7 +78,7 @@ def _mid_step_pass(model, data, packing: bool) -> tuple[int, str]:
     from loratune.data.batching import epoch_steps, split_step
     from loratune.data.encode import encoder_for
     from loratune.data.prepare import prepare
-    from loratune.model import load_tokenizer
+    from loratune.modeling.model import load_tokenizer
 
     cfg = TrainConfig(**_settings(model, data, "unused", packing=packing))
     train_set = prepare(cfg, encoder_for(load_tokenizer(model), cfg)).train
@@ -197,7 +197,7 @@ def test_output_dir_that_cannot_be_written(tiny_model, data, tmp_path):
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, data, tmp_path, monkeypatch):
     import errno
 
-    from loratune import checkpoint
+    from loratune.training import checkpoint
 
     real, calls = checkpoint.torch.save, {"n": 0}
 

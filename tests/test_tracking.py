@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 
 from loratune import TrainConfig
-from loratune.errors import UserError
-from loratune.tracking import Trackers
+from loratune.core.errors import UserError
+from loratune.training.tracking import Trackers
 
 
 def _scalars(folder):
@@ -46,9 +46,9 @@ def test_a_missing_tracker_package_is_one_clear_error_before_anything_starts(tmp
 
 
 def test_training_with_report_to_tensorboard_logs_every_metrics_record(tiny_model, tmp_path):
-    from loratune import train
-
     from conftest import varied_rows, write_jsonl
+
+    from loratune import train
 
     run = tmp_path / "run"
     summary = train(TrainConfig(

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import varied_rows, write_jsonl
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
-from loratune.errors import UserError
-from loratune.loop import lr_factor, train
-
-from conftest import varied_rows, write_jsonl
+from loratune.core.errors import UserError
+from loratune.training.loop import lr_factor, train
 
 
 def _config(model, tmp_path, name, rows=24, **overrides):
@@ -77,7 +76,7 @@ def test_without_validation_nothing_is_said_of_validation_loss(tiny_model, tmp_p
 
 def test_torch_compile_keeps_the_loss(tmp_path):
     """Compiled decoder layers train like eager ones: the same loss at every step and the same adapter."""
-    from loratune.tiny import make_tiny_model
+    from loratune.modeling.tiny import make_tiny_model
 
     model = str(make_tiny_model(tmp_path / "model", layers=1))  # one layer: fewer graphs to compile
     graphs = torch._dynamo.utils.counters["stats"]

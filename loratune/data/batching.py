@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..attention import packed_boundaries
 from .encode import IGNORE
 
 
@@ -166,3 +165,11 @@ def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int)
     position_ids = torch.arange(width)[None].expand(len(ids), -1)
     return Batch(torch.from_numpy(input_ids), position_ids, torch.from_numpy(targets),
                  attention_mask=torch.from_numpy(mask))
+
+
+def packed_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """Example boundaries of a packed row from its restarting position ids: [0, end_1, end_2, ..., T]."""
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).reshape(-1)
+    total = torch.tensor([pos.numel()], device=pos.device)
+    return torch.cat([starts, total]).to(torch.int32)

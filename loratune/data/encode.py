@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .formats import Example, RowError
 
 IGNORE = -100

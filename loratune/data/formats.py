@@ -143,3 +143,8 @@ def _chat(turns: Any, col: str) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in messages[1:]):  # an opening assistant turn answers nothing
         raise RowError(f"field {col!r} has no assistant turn after a user or system turn: nothing to learn from")
     return messages
+
+
+def prompt_text(ex: Example) -> str:
+    """The user's part of an example, for showing next to an answer."""
+    return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]

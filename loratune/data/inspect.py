@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..errors import UserError
+from ..core.config import TrainConfig
+from ..core.errors import UserError
 from .batching import epoch_steps, split_step
 from .encode import Encoder
 from .prepare import DataReport, Fit, TokenizedSet, fit, load_sets, recommend_max_length
@@ -118,7 +118,7 @@ def memory_lines(cfg: TrainConfig, max_lengths: list[int]) -> list[str]:
     Hook: `loratune.memory.peak_bytes(cfg) -> int`, the estimated peak device memory of training with `cfg`.
     """
     try:
-        from ..memory import peak_bytes  # type: ignore[attr-defined]
+        from ..memory.planner import peak_bytes  # type: ignore[attr-defined]
     except ImportError:
         return []
     out = []

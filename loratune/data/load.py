@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import file_digest
-from ..errors import BadRowError, UserError, first_line
+from ..core.errors import BadRowError, UserError, first_line
+from ..core.files import file_digest
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 Rows = Iterator[tuple[str, dict[str, Any]]]

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint import atomic_dir
-from ..config import TrainConfig
-from ..errors import UserError
-from ..model import cache_dir
+from ..core.cache import cache_dir
+from ..core.config import TrainConfig
+from ..core.errors import UserError
+from ..core.files import atomic_dir
 from .encode import IGNORE, Encoder
 from .formats import Example, RowError, check_columns, check_mapping, detect_format, require_answers, to_example
 from .load import BadRows, open_source

@@ -18,11 +18,9 @@ The training loop goes through `RunMemory` (batch_size auto, the check before tr
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, parse_bytes
-from .errors import UserError
-from .loss import CHUNK_TOKENS, ROW_SUBSET_BELOW
+from ..core.config import TrainConfig, parse_bytes
+from ..core.errors import UserError
+from ..modeling.loss import CHUNK_TOKENS, ROW_SUBSET_BELOW
 
 GiB = 2**30
 ADAPTER = 4  # bytes per LoRA value: weights, gradients and optimizer state are fp32 whatever the base
@@ -77,7 +75,7 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
     """The shape of the model at `model_path` (a folder or hub id) with cfg's LoRA; reads config.json only."""
     from transformers import AutoConfig
 
-    from .model import hub_hint
+    from ..modeling.model import hub_hint
 
     try:
         config = AutoConfig.from_pretrained(model_path)
@@ -96,7 +94,7 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    from .model import add_lora, supports_packing
+    from ..modeling.model import add_lora, supports_packing
 
     with torch.device("meta"):
         model = add_lora(AutoModelForCausalLM.from_config(config), cfg)
@@ -310,104 +308,12 @@ def _loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) ->
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from .model import DTYPES
+    from ..core.device import DTYPES
 
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
 
 
 # --- Measuring -----------------------------------------------------------------------------------------------
-
-
-def measure_peak(fn, device: torch.device | str) -> int:
-    """Peak increase of allocated memory while `fn()` runs, in bytes.
-
-    CUDA: `torch.cuda.max_memory_allocated` over the call. CPU: the CPU allocator's running total, replayed from
-    the profiler's allocation events (every allocation and free the allocator makes, with the total after each);
-    unlike the process's resident size it is not blurred by the C allocator keeping freed pages.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device.type:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
-def keep_freed_cpu_memory() -> None:
-    """Have glibc keep freed blocks for reuse instead of handing them back to the OS (Linux; for CPU training).
-
-    A training step frees and re-allocates the same activation-sized tensors hundreds of times, and PyTorch's CPU
-    allocator keeps no cache: glibc serves each block above its mmap threshold with fresh pages, every one a page
-    fault and a page of zeroing. With the thresholds raised, 6 steps of the benchmark's tiny model took 190k page
-    faults instead of 630k, and a step about 3% less time (medians of 6 alternating runs).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (e.g. musl): leave it as it is
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # the largest glibc accepts on 64-bit
-    libc.mallopt(m_trim_threshold, 256 * 2**20)
-
-
-def peak_memory(device) -> dict:
-    """The run's peak memory, for summary.json: tensors on a CUDA device, else the process's resident memory."""
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA tensors"}
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
-            "peak_memory_of": "process resident memory"}
-
-
-def measure_pass(base, cfg: TrainConfig, lengths: list[int], answer_share: float = 1.0, seed: int = 0):
-    """Measured peak increase of allocated memory in one forward + backward pass, set up as training sets it up;
-    returns it with the pass's Batch (for `MemoryModel.batch_bytes`).
-
-    `base` is a loaded transformers model (any weights); it gets cfg's LoRA, attention and checkpointing. The pass
-    holds random examples of these lengths whose last `answer_share` of tokens carry loss. One pass runs first, so
-    the adapters' gradients already exist, as in every pass of a step after the first.
-    """
-    from .attention import NAME as PACKED_ATTENTION
-    from .data.batching import collate_packed, collate_padded
-    from .data.encode import IGNORE
-    from .loss import CausalLMLoss
-    from .model import add_lora, enable_checkpointing, supports_packing
-
-    packing = cfg.packing and supports_packing(base)
-    if packing:
-        base.set_attn_implementation(PACKED_ATTENTION)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(base)
-    loss = CausalLMLoss(add_lora(base, cfg)).train()
-    rng = np.random.default_rng(seed)
-    ids = [rng.integers(0, base.config.get_text_config().vocab_size, n) for n in lengths]
-    labels = [np.where(np.arange(len(x)) >= len(x) * (1 - answer_share), x, IGNORE) for x in ids]
-    batch = collate_packed(ids, labels) if packing else collate_padded(ids, labels, pad_id=0)
-    batch = batch.to(base.device)
-    loss(batch).backward()
-    return measure_peak(lambda: loss(batch).backward(), base.device), batch
 
 
 # --- The device's memory -----------------------------------------------------------------------------------------
@@ -480,7 +386,7 @@ def largest_pass(
 ) -> PassSize:
     """The pass with the highest peak: of the first epoch's passes, as training splits them, when the data's
     lengths and target counts are known; otherwise batch_size examples of max_length tokens, all targets."""
-    from .data.batching import epoch_steps, shape_bucket, split_step, wants_shape_buckets
+    from ..data.batching import epoch_steps, shape_bucket, split_step, wants_shape_buckets
 
     packing = cfg.packing if packing is None else packing
     buckets = packing and wants_shape_buckets(torch.device(mm.device), mm.dtype)
@@ -534,7 +440,7 @@ class Plan:
         return json.dumps(asdict(self), indent=1)
 
     def text(self) -> str:
-        from .console import format_seconds
+        from ..core.console import format_seconds
 
         p = self.largest_pass
         width = max(len(k) for k in self.items) + 2
@@ -852,9 +758,9 @@ def plan_run(
     target, dtype, model_path, shape = _setup(cfg, gpu_memory, device)
     lengths = targets = None
     if cfg.train_data:
-        from .data.encode import encoder_for
-        from .data.prepare import prepare
-        from .model import load_tokenizer
+        from ..data.encode import encoder_for
+        from ..data.prepare import prepare
+        from ..modeling.model import load_tokenizer
 
         data = prepare(cfg, encoder_for(load_tokenizer(model_path), cfg)).train  # tokenizer only, no weights
         lengths, targets = data.lengths, data.target_counts
@@ -884,7 +790,8 @@ def peak_bytes(cfg: TrainConfig) -> int:
 
 def _setup(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None):
     """The device, base dtype, model folder and shape a plan is for (refusing 4-bit loading off CUDA)."""
-    from .model import DTYPES, choose_dtype, four_bit_config, resolve_device, resolve_model
+    from ..core.device import DTYPES, choose_dtype, resolve_device
+    from ..modeling.model import four_bit_config, resolve_model
 
     if gpu_memory is not None and device is None:  # a GPU that may not be here: plan as training would pick
         target = torch.device("cuda")

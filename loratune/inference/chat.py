@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from .data.formats import Example
-from .generate import generate_texts
-from .inference import PLAIN_FORMATS, load_run, text_prompt
+from ..data.formats import Example
+from ..modeling.generate import generate_texts
+from .run import PLAIN_FORMATS, load_run, text_prompt
 
 
 def _streamer(tokenizer, out):

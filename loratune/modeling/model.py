@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -18,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .data.load import FILE_TYPES
-from .errors import UserError, first_line
+from ..core.cache import cache_dir
+from ..core.errors import UserError, first_line
+from ..data.load import FILE_TYPES
 from .lora import FusedLoraLinear
 
 
@@ -46,11 +46,6 @@ MODEL_KINDS = (f"a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder (
                "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune")
-
-
-# --- Finding the model ----------------------------------------------------------------------------------
 
 
 def resolve_model(name: str) -> str:
@@ -140,29 +135,12 @@ def _convert(gguf: Path, out: Path) -> None:
     config = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(quantized.state_dict(), assign=True, strict=False)
+    model.load_state_dict(quantized.state_dict(), assign=True)
     model.tie_weights()
     model.generation_config = quantized.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-
-# --- Number format --------------------------------------------------------------------------------------
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a `device` setting means (auto: CUDA, else Apple's MPS, else CPU), or a named one such as cuda:1."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    gpus = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    kind = name.split(":")[0]
-    if not gpus.get(kind, True):  # else a run would fail later, or (mps) quietly train on the CPU
-        here = ", ".join(["auto", "cpu", *(k for k, ok in gpus.items() if ok)])
-        raise UserError(f"device = {name!r}: PyTorch sees no {'CUDA' if kind == 'cuda' else 'MPS (Apple)'} GPU "
-                        f"here; use {here}")
-    return torch.device(name)
 
 
 def check_kernels(cfg, device: torch.device) -> None:
@@ -177,67 +155,6 @@ def check_kernels(cfg, device: torch.device) -> None:
         raise UserError("torch_compile on a CPU needs a C++ compiler (g++ or clang++, or CXX set to one); "
                         "install one or set torch_compile: false")
 
-
-def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The frozen base's dtype. `auto`: bf16 (fp16 without bf16) on GPUs; on CPUs bf16 only where measured faster."""
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"precision = 'fp16' needs a CUDA GPU; on {device.type} use bf16 or fp32 (or auto)")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("precision = 'bf16': this GPU has no bf16 support; use fp16 or auto")
-    if precision != "auto":
-        return DTYPES[precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_bf16_speedup() >= 1.3:
-        return torch.bfloat16
-    return torch.float32
-
-
-@functools.cache
-def cpu_bf16_speedup() -> float:
-    """bf16 over fp32 matrix-product speed on this CPU, measured once and remembered per CPU and torch version.
-
-    Many CPUs advertise bf16 instructions yet run bf16 products slower than fp32, so we measure rather than trust.
-    """
-    cpu = cpu_name()
-    record = cache_dir() / "cpu-bf16.json"
-    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(known, indent=1))
-        except OSError:  # an unwritable cache only costs the next run this measurement
-            pass
-    return known[key]
-
-
-def _matmul_seconds(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 # --- Loading --------------------------------------------------------------------------------------------
@@ -388,3 +305,9 @@ def add_lora(model, cfg):
             f"{', '.join(names)} (or use all-linear)"
         ) from None
     return peft_model
+
+
+def generation_end_ids(model) -> set[int]:
+    """The end tokens in the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import TrainConfig
-from .data.encode import Encoder
-from .data.formats import SHAPES, Example, RowError, to_example
-from .errors import UserError
-from .model import choose_dtype, load_model, load_tokenizer, quiet_peft, resolve_model
+from ..core.config import TrainConfig, read_run_config
+from ..core.device import choose_dtype
+from ..core.errors import UserError
+from ..data.encode import Encoder
+from ..data.formats import SHAPES, Example, RowError, to_example
+from ..modeling.model import generation_end_ids, load_model, load_tokenizer, quiet_peft, resolve_model
 
 # Data shapes whose prompts are raw text: no chat template, no conversation.
 PLAIN_FORMATS = ("prompt_completion", "text")
@@ -37,13 +37,6 @@ def locate_run(path: str | Path, adapter: str = "adapter") -> tuple[Path, Path]:
     if root is None:
         raise UserError(f"{path}: not a loratune run folder (no config.yaml here or above it)")
     return root, adapter_path(root, adapter if root == path else str(path.resolve()))
-
-
-def read_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a loratune run folder (no config.yaml)")
-    return TrainConfig(**yaml.safe_load(path.read_text()))
 
 
 def adapter_path(run_dir: str | Path, adapter: str = "adapter") -> Path:
@@ -77,12 +70,6 @@ def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = 
     return LoadedRun(model, tokenizer, encoder, cfg, data_format, run_dir, folder)
 
 
-def generation_end_ids(model) -> set[int]:
-    """The end tokens in the model's generation config."""
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 def run_end_ids(tokenizer, model) -> set[int]:
     """Where generation from a trained run stops: the end tokens training taught (end of sequence, the chat
     template's end of turn; the tokenizer saved with the adapter carries that template) and the model's own."""
@@ -100,7 +87,7 @@ def _trained_format(run_dir, cfg: TrainConfig) -> str:
 def prompt_examples(path: str, data_format: str, columns: dict[str, str]) -> list[Example]:
     """The prompts of a file's rows (any shape the run could train on; answers may be absent), formatted as in
     training."""
-    from .data.load import BadRows, read_rows
+    from ..data.load import BadRows, read_rows
 
     examples = []
     for where, row in read_rows(path, BadRows(skip=False)):
@@ -147,7 +134,3 @@ def text_prompt(text: str, data_format: str) -> Example:
         return Example(prompt=text)
     return Example(messages=[{"role": "user", "content": text}, {"role": "assistant", "content": ""}])
 
-
-def prompt_text(ex: Example) -> str:
-    """The user's part of an example, for showing next to an answer."""
-    return ex.prompt if ex.messages is None else [m for m in ex.messages if m["role"] == "user"][-1]["content"]

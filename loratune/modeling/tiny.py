@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .data.encode import BUILTIN_TEMPLATES
+from ..data.encode import BUILTIN_TEMPLATES
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
@@ -18,7 +18,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 def corpus_lines() -> list[str]:
     """Text the project ships: the quickstart task's examples."""
     lines = []
-    for path in sorted((Path(__file__).parent / "quickstart" / "data").glob("*.jsonl")):
+    for path in sorted((Path(__file__).parents[1] / "quickstart" / "data").glob("*.jsonl")):
         for row in map(json.loads, path.read_text().splitlines()):
             lines += [row["input"], row["output"]]
     return lines

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..core.errors import UserError
 
 # report_to name -> the package it needs (also the name of loratune's extra that installs it)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}

@@ -10,9 +10,6 @@ Folders are written to a temporary sibling, flushed to disk, then renamed into p
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
 import os
 import random
@@ -23,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.files import _io_message, atomic_dir, check_replaceable
 
 CHECKPOINTS = "checkpoints"
 
@@ -61,46 +59,6 @@ class TrainState:
         return cls(**json.loads(text))
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary folder; on success it replaces `final` in one rename. On failure nothing changes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():  # replace: move the old one aside first, so a crash leaves one of the two whole
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except OSError as e:
-        raise UserError(_io_message(final, e)) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def recover_replaced(final: Path) -> None:
     """Undo a replacement cut short between its two renames: put the previous version back."""
     if not final.exists():
@@ -120,30 +78,6 @@ def clean_leftovers(run: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(_io_message(path, e)) from None
-
-
-def _io_message(path: Path, e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return f"disk full while writing {path}; nothing half-written was kept. Free space and resume with --resume"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: permission denied (choose another output_dir)"
-    return f"cannot write {path}: {e.strerror or e}"
-
-
-# --- The run folder -----------------------------------------------------------------------------------------
-
 
 # What a run writes into its folder (eval-*.jsonl are `loratune eval` reports; dot-files are temporaries).
 RUN_ENTRIES = {"adapter", "last", CHECKPOINTS, "config.yaml", "data.json", "fingerprint.json", "metrics.jsonl",
@@ -154,19 +88,6 @@ def is_run_entry(entry: Path) -> bool:
     return entry.name in RUN_ENTRIES or entry.name.startswith(".") or (
         entry.name.startswith("eval-") and entry.suffix == ".jsonl")
 
-
-def check_replaceable(path: Path, option: str, ours) -> None:
-    """`--overwrite` deletes `path`: only when everything in it is something loratune wrote (`ours(entry)`), and
-    never the working folder or one above it. A wrong --output-dir must not cost the user their data."""
-    here = Path.cwd().resolve()
-    if path.resolve() in (here, *here.parents):
-        raise UserError(f"{option} {path}: is the working folder or contains it; --overwrite would delete it. "
-                        "Choose a new folder")
-    foreign = sorted(entry.name for entry in path.iterdir() if not ours(entry))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{option} {path}: holds files loratune did not write ({shown}); --overwrite only replaces "
-                        "loratune's own output. Choose a new folder")
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
@@ -262,16 +183,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files in name order."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

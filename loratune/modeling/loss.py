@@ -13,8 +13,8 @@ import contextlib
 
 import torch
 
-from .data.batching import shape_bucket
-from .data.encode import IGNORE
+from ..data.batching import shape_bucket
+from ..data.encode import IGNORE
 
 CHUNK_TOKENS = 2048
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write
-from .console import format_seconds
-from .errors import UserError
+from ..core.console import format_seconds
+from ..core.errors import UserError
+from ..core.files import atomic_write
 
 SAMPLE_CHARS = 600  # longer prompts and answers are cut in the report
 
@@ -203,10 +203,10 @@ def _test_section(summary, config: dict) -> list[str]:
 
 def _test_examples(config: dict, n: int) -> list[tuple[str, str]]:
     """(prompt, reference) of the first test examples, the ones training generated its samples for."""
-    from .config import TrainConfig
-    from .data.encode import Encoder
-    from .data.prepare import read_examples
-    from .inference import prompt_text
+    from ..core.config import TrainConfig
+    from ..data.encode import Encoder
+    from ..data.formats import prompt_text
+    from ..data.prepare import read_examples
 
     if not config.get("test_data") or not Path(config["test_data"]).exists():
         return []
@@ -225,7 +225,7 @@ def _block(text: str) -> list[str]:
 
 def _data_section(run: Path, summary) -> list[str]:
     """The data lines training printed at its start (from data.json), and the tokens it went through."""
-    from .data.prepare import DataReport, Fit
+    from ..data.prepare import DataReport, Fit
 
     lines = []
     raw = _read_json(run / "data.json")

@@ -253,7 +253,7 @@ class Preset(BaseModel):
 
 
 def _quickstart_data(split: str) -> str:
-    return str(Path(__file__).parent / "quickstart" / "data" / f"{split}.jsonl")
+    return str(Path(__file__).parents[1] / "quickstart" / "data" / f"{split}.jsonl")
 
 
 PRESETS: dict[str, Preset] = {
@@ -509,3 +509,10 @@ def _closest(name: str, choices) -> str | None:
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a loratune run folder (no config.yaml)")
+    return TrainConfig(**yaml.safe_load(path.read_text()))

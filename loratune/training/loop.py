@@ -20,22 +20,32 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import memory
-from .attention import NAME as PACKED_ATTENTION
-from .config import TrainConfig, dump_yaml, guide_warnings
-from .console import Console, format_seconds
-from .data.batching import collate, epoch_steps, split_step, wants_shape_buckets
-from .data.encode import encoder_for
-from .data.prepare import Prepared, prepare
-from .errors import UserError
-from .evaluate import answer, dataset_loss, score
-from .inference import generation_end_ids, prompt_text, read_run_config
-from .loss import CausalLMLoss
-from .model import (
-    add_lora, apply_liger, check_kernels, choose_dtype, compile_layers, enable_checkpointing, load_model,
-    load_tokenizer, resolve_device, resolve_model, supports_packing,
+from ..core.config import TrainConfig, dump_yaml, guide_warnings, read_run_config
+from ..core.console import Console, format_seconds
+from ..core.device import choose_dtype, keep_freed_cpu_memory, peak_memory, resolve_device
+from ..core.errors import UserError
+from ..core.files import atomic_dir, atomic_write, file_digest
+from ..data.batching import collate, epoch_steps, split_step, wants_shape_buckets
+from ..data.encode import encoder_for
+from ..data.formats import prompt_text
+from ..data.prepare import Prepared, prepare
+from ..memory import planner as memory
+from ..modeling.attention import NAME as PACKED_ATTENTION
+from ..modeling.evaluate import answer, dataset_loss, score
+from ..modeling.loss import CausalLMLoss
+from ..modeling.model import (
+    add_lora,
+    apply_liger,
+    check_kernels,
+    compile_layers,
+    enable_checkpointing,
+    generation_end_ids,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    supports_packing,
 )
+from . import checkpoint as ckpt
 from .report import write_report
 from .tracking import Trackers
 
@@ -66,7 +76,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     wanted = resolve_device(cfg.device)
     check_kernels(cfg, wanted)
     if wanted.type == "cpu":
-        memory.keep_freed_cpu_memory()
+        keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
     main = accelerator.is_main_process
@@ -153,9 +163,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         state, partial = _resume(run, cfg, fingerprint, model, optimizer, scheduler, console)
         _check_step_shape(state, partial, per_step, world)
     elif main:
-        ckpt.atomic_write(run / "config.yaml", dump_yaml(cfg))
-        ckpt.atomic_write(run / "data.json", json.dumps(asdict(data.report), indent=1))
-        ckpt.atomic_write(run / "fingerprint.json", json.dumps(fingerprint, indent=1))
+        atomic_write(run / "config.yaml", dump_yaml(cfg))
+        atomic_write(run / "data.json", json.dumps(asdict(data.report), indent=1))
+        atomic_write(run / "fingerprint.json", json.dumps(fingerprint, indent=1))
         (run / "metrics.jsonl").write_text("")
     state.examples_per_step = per_step
     # The micro-batch of an interrupted step must stay the same for its passes to line up; else the config's.
@@ -341,10 +351,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "test_before": test_before,
         "test_after": test_after,
     }
-    summary |= memory.peak_memory(device)
+    summary |= peak_memory(device)
     trackers.finish(summary)
     if main:
-        ckpt.atomic_write(run / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(run / "summary.json", json.dumps(summary, indent=1))
         write_report(run)
         best = ("" if state.best_val_loss is None  # no validation set (or none of it fit max_length)
                 else f". Best validation loss {state.best_val_loss:.4f} at step {state.best_step}")
@@ -464,7 +474,7 @@ class _Metrics:
         self.path, self.state, self.trackers, self.enabled = path, state, trackers, enabled
         if enabled and path.is_file():
             lines = path.read_text().splitlines(keepends=True)[: state.metrics_lines]
-            ckpt.atomic_write(path, "".join(lines))
+            atomic_write(path, "".join(lines))
 
     def write(self, **record) -> None:
         self.state.metrics_lines += 1
@@ -491,7 +501,7 @@ class _BestAdapter:
 
 def _save_adapter(path: Path, model, tokenizer, template: str) -> None:
     """The adapter in PEFT's format, with the tokenizer and chat template it was trained with."""
-    with ckpt.atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
@@ -509,9 +519,9 @@ def _fingerprint(cfg: TrainConfig, model_path: str) -> dict:
     for key in ("train_data", "val_data"):
         value = getattr(cfg, key)
         if value and Path(value).exists():
-            out[key] = ckpt.file_digest(value)
+            out[key] = file_digest(value)
     weights = [p for p in Path(model_path).glob("*.safetensors")] if Path(model_path).is_dir() else []
-    out["model"] = ckpt.file_digest(weights[0]) if len(weights) == 1 else model_path
+    out["model"] = file_digest(weights[0]) if len(weights) == 1 else model_path
     return out
 
 

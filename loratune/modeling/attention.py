@@ -129,10 +129,3 @@ def _flash_varlen_ok() -> bool:
 
 AttentionInterface.register(NAME, packed_attention)
 
-
-def packed_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
-    """Example boundaries of a packed row from its restarting position ids: [0, end_1, end_2, ..., T]."""
-    pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos == 0).reshape(-1)
-    total = torch.tensor([pos.numel()], device=pos.device)
-    return torch.cat([starts, total]).to(torch.int32)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .errors import UserError, first_line
-from .inference import locate_run, read_run_config, run_end_ids
-from .model import DTYPES, load_model, load_tokenizer, nf4_config, quiet_peft, resolve_model
+from ..core.config import read_run_config
+from ..core.device import DTYPES
+from ..core.errors import UserError, first_line
+from ..core.files import atomic_dir, check_replaceable
+from ..modeling.model import load_model, load_tokenizer, nf4_config, quiet_peft, resolve_model
+from .run import locate_run, run_end_ids
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
@@ -34,7 +36,7 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         if not overwrite or not out.is_dir():
             raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
         marked = (out / MERGE_RECORD).is_file()
-        ckpt.check_replaceable(out, "--out", lambda entry: marked or entry.name.startswith("."))
+        check_replaceable(out, "--out", lambda entry: marked or entry.name.startswith("."))
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     run_dir, folder = locate_run(run_dir, adapter)
@@ -50,7 +52,7 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
     _stop_at_training_end_tokens(model, folder)
-    with ckpt.atomic_dir(out.resolve()) as tmp:  # resolved: "." has no name to write next to
+    with atomic_dir(out.resolve()) as tmp:  # resolved: "." has no name to write next to
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         for f in folder.iterdir():  # the tokenizer and chat template exactly as saved with the adapter
             if f.is_file() and f.name not in ADAPTER_FILES:
