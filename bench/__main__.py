@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loratune.data.batching import epoch_steps
 from loratune.core.device import DTYPES, choose_dtype
+from loratune.data.batching import epoch_steps
 from loratune.modeling.model import load_tokenizer, resolve_model
 from loratune.modeling.tiny import make_tiny_model
 
@@ -39,10 +39,18 @@ class Setting:
 
 # batch_size 8 as the Training Guide's default (padding depends on it). The 135M model gets a smaller step and fewer
 # of them: on a 2-core CPU each of its runs takes minutes.
-FULL = {"tiny": Setting(steps=8, batch_size=8, grad_accum=8), "smollm2-135m": Setting(steps=2, batch_size=8, grad_accum=4)}
-QUICK = {"tiny": Setting(steps=3, batch_size=4, grad_accum=2), "smollm2-135m": Setting(steps=2, batch_size=4, grad_accum=2)}
+FULL = {
+    "tiny": Setting(steps=8, batch_size=8, grad_accum=8),
+    "smollm2-135m": Setting(steps=2, batch_size=8, grad_accum=4),
+}
+QUICK = {
+    "tiny": Setting(steps=3, batch_size=4, grad_accum=2),
+    "smollm2-135m": Setting(steps=2, batch_size=4, grad_accum=2),
+}
 # Training Guide defaults, the same for every trainer.
-HYPER = dict(learning_rate=2e-4, warmup_ratio=0.05, lora_r=8, lora_alpha=32, lora_dropout=0.05, max_length=1024, seed=42)
+HYPER = dict(
+    learning_rate=2e-4, warmup_ratio=0.05, lora_r=8, lora_alpha=32, lora_dropout=0.05, max_length=1024, seed=42
+)
 TINY = dict(hidden_size=256, layers=4, heads=4, kv_heads=2, vocab_size=1024)
 
 
@@ -54,13 +62,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, help="repetitions per trainer (default 3, or 1 with --quick)")
     p.add_argument("--steps", type=int, help="optimizer steps (default per model)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="number format of the frozen base, for all "
-                   "trainers (default: what loratune's precision auto picks here: bf16 on CUDA, and on a CPU whose "
-                   "bf16 matrix products are measured faster than fp32; else fp32)")
-    p.add_argument("--work", type=Path, help="keep the models, data, logs and runs here (default: a temporary "
-                   "folder, removed at the end)")
-    p.add_argument("--out", type=Path, help="where the table goes (default bench/results/latest.{md,json} for a "
-                   "full run, quick.{md,json} with --quick, partial.{md,json} for a subset of models or trainers)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="number format of the frozen base, for all "
+        "trainers (default: what loratune's precision auto picks here: bf16 on CUDA, and on a CPU whose "
+        "bf16 matrix products are measured faster than fp32; else fp32)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="keep the models, data, logs and runs here (default: a temporary folder, removed at the end)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where the table goes (default bench/results/latest.{md,json} for a "
+        "full run, quick.{md,json} with --quick, partial.{md,json} for a subset of models or trainers)",
+    )
     args = p.parse_args(argv)
     models, trainers = args.models.split(","), args.trainers.split(",")
     for chosen, allowed in ((models, FULL), (trainers, TRAINERS)):
@@ -77,8 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     host = machine(device)  # first: its reading of how busy the CPU is must not include our own work
     print(f"measuring the {device} matrix-product peak ...", flush=True)
     peaks = {name: matmul_peak(DTYPES[name], device) for name in ("fp32", "bf16")}
-    report = {"machine": host, "device": device, "precision": precision, "reps": reps, "quick": args.quick,
-              "peak_flops": peaks, "hyperparameters": HYPER, "models": {}}
+    report = {
+        "machine": host,
+        "device": device,
+        "precision": precision,
+        "reps": reps,
+        "quick": args.quick,
+        "peak_flops": peaks,
+        "hyperparameters": HYPER,
+        "models": {},
+    }
 
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as tmp:
         work = args.work or Path(tmp)
@@ -98,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"written to {out.with_suffix('.md')} and .json")
 
 
-def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, device: str, precision: str,
-                work: Path) -> dict:
+def bench_model(
+    name: str, setting: Setting, trainers: list[str], reps: int, device: str, precision: str, work: Path
+) -> dict:
     work.mkdir(parents=True)
     model_path = str(make_tiny_model(work / "model", **TINY)) if name == "tiny" else resolve_model(name)
     per_step = setting.batch_size * setting.grad_accum
@@ -111,18 +139,35 @@ def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, dev
     # loratune shuffles the rows itself; the reference trainers read them in the order it will use.
     order = np.concatenate(epoch_steps(n, per_step, HYPER["seed"], 0)).tolist()
     tokens = work / "tokens.json"
-    tokens.write_text(json.dumps({"input_ids": [workload.input_ids[i] for i in order],
-                                  "labels": [workload.labels[i] for i in order]}))
-    base = dict(model_path=model_path, data=str(workload.write_jsonl(work / "train.jsonl")), tokens=str(tokens),
-                device=device, precision=precision, steps=setting.steps, batch_size=setting.batch_size,
-                grad_accum=setting.grad_accum, **HYPER)
+    tokens.write_text(
+        json.dumps({"input_ids": [workload.input_ids[i] for i in order], "labels": [workload.labels[i] for i in order]})
+    )
+    base = dict(
+        model_path=model_path,
+        data=str(workload.write_jsonl(work / "train.jsonl")),
+        tokens=str(tokens),
+        device=device,
+        precision=precision,
+        steps=setting.steps,
+        batch_size=setting.batch_size,
+        grad_accum=setting.grad_accum,
+        **HYPER,
+    )
     stats = {
-        "label": _label(name, model_path), "examples": n, "tokens": int(lengths.sum()), "targets": int(targets.sum()),
-        "flops": model_flops(model_path, lengths, targets, HYPER["lora_r"]), "length_median": int(np.median(lengths)),
-        "length_p90": int(np.percentile(lengths, 90)), "length_max": int(lengths.max()),
+        "label": _label(name, model_path),
+        "examples": n,
+        "tokens": int(lengths.sum()),
+        "targets": int(targets.sum()),
+        "flops": model_flops(model_path, lengths, targets, HYPER["lora_r"]),
+        "length_median": int(np.median(lengths)),
+        "length_p90": int(np.percentile(lengths, 90)),
+        "length_max": int(lengths.max()),
     }
-    print(f"\n{name}: {n} examples, {stats['tokens']:,} tokens ({stats['targets']:,} answer targets), lengths median "
-          f"{stats['length_median']}, p90 {stats['length_p90']}, max {stats['length_max']}", flush=True)
+    print(
+        f"\n{name}: {n} examples, {stats['tokens']:,} tokens ({stats['targets']:,} answer targets), lengths median "
+        f"{stats['length_median']}, p90 {stats['length_p90']}, max {stats['length_max']}",
+        flush=True,
+    )
 
     results = {t: [] for t in trainers}
     for rep in range(reps):
@@ -130,8 +175,11 @@ def bench_model(name: str, setting: Setting, trainers: list[str], reps: int, dev
             run_dir = work / f"{trainer}-{rep}"
             result = run_worker(base | {"trainer": trainer, "out_dir": str(run_dir / "output")}, run_dir)
             results[trainer].append(result)
-            print(f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
-                  f"tokens/s  loss {result['losses'][-1]:.4f}  peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
+                f"tokens/s  loss {result['losses'][-1]:.4f}  peak RSS {result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
     return {"results": results, "workload": stats}
 
 
@@ -139,12 +187,20 @@ def run_worker(spec: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True)
     spec_file, result_file, log = run_dir / "spec.json", run_dir / "result.json", run_dir / "log.txt"
     spec_file.write_text(json.dumps(spec))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
     start = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "bench.worker", str(spec_file), str(result_file)], cwd=ROOT,
-                              env=env, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.worker", str(spec_file), str(result_file)],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise SystemExit(f"{spec['trainer']} failed (exit {done.returncode}); end of its log:\n{tail}")
@@ -153,8 +209,10 @@ def run_worker(spec: dict, run_dir: Path) -> dict:
 
 def _label(name: str, model_path: str) -> str:
     if name == "tiny":
-        return (f"tiny random Llama (hidden {TINY['hidden_size']}, {TINY['layers']} layers, {TINY['heads']} heads, "
-                f"vocab {TINY['vocab_size']})")
+        return (
+            f"tiny random Llama (hidden {TINY['hidden_size']}, {TINY['layers']} layers, {TINY['heads']} heads, "
+            f"vocab {TINY['vocab_size']})"
+        )
     return f"{name} ({Path(model_path).name})"
 
 

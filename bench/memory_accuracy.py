@@ -18,14 +18,20 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratune.core.config import TrainConfig
-from loratune.memory.planner import MemoryModel, read_shape, shape_from_config
-
-from .measure import measure_pass
 from loratune.core.device import choose_dtype
+from loratune.memory.planner import MemoryModel, read_shape, shape_from_config
 from loratune.modeling.model import load_model, resolve_model
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-               tie_word_embeddings=True)
+from .measure import measure_pass
+
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
 
 # label: (model: config sizes and block count, or a built-in name), example lengths, answer share, settings
@@ -34,8 +40,12 @@ CASES = {
     "tiny, 2 blocks, padded": ((TINY, 2), [300, 250, 10, 100], 1.0, {"packing": False}),
     "tiny, 2 blocks, LoRA on q and v only": ((TINY, 2), [200, 150], 1.0, {"lora_target_modules": "q_proj,v_proj"}),
     "tiny, 3 blocks, checkpointing": ((TINY, 3), [300, 200], 1.0, {"gradient_checkpointing": True}),
-    "wider, vocab 100: the backward pass sets the peak": (({**TINY, "hidden_size": 128, "intermediate_size": 512,
-                                                           "vocab_size": 100}, 2), [1000], 1.0, {}),
+    "wider, vocab 100: the backward pass sets the peak": (
+        ({**TINY, "hidden_size": 128, "intermediate_size": 512, "vocab_size": 100}, 2),
+        [1000],
+        1.0,
+        {},
+    ),
     "tiny, vocab 8000, two loss chunks": (({**TINY, "vocab_size": 8000}, 2), [1500, 1500, 1200], 1.0, {}),
     "SmolLM2 sizes, 2 blocks, 30% answers, no dropout": ((SMOLLM2, 2), [600, 424], 0.3, {"lora_dropout": 0.0}),
     "SmolLM2 sizes, 2 blocks, bf16 base": ((SMOLLM2, 2), [300, 212], 1.0, {"precision": "bf16"}),
@@ -43,7 +53,10 @@ CASES = {
 DEFAULT_MODEL = {  # the real default model, all 30 blocks; --default-model adds them (minutes on a CPU)
     "smollm2-135m, quickstart pass (4 x 256)": ("smollm2-135m", [256, 256, 256, 256], 0.35, {}),
     "smollm2-135m, quickstart pass, checkpointing": (
-        "smollm2-135m", [256, 256, 256, 256], 0.35, {"gradient_checkpointing": True}
+        "smollm2-135m",
+        [256, 256, 256, 256],
+        0.35,
+        {"gradient_checkpointing": True},
     ),
 }
 CUDA_CASES = {  # the Guide's default pass, 8 x 1024 tokens, on a GPU
@@ -81,14 +94,19 @@ def main() -> None:
         cases |= DEFAULT_MODEL
     if device.type == "cuda":
         cases |= CUDA_CASES
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}\n")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}\n"
+    )
     print("| case | tokens | base | measured MiB | estimated MiB | estimated / measured |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for label, case in cases.items():
         start = time.perf_counter()
         tokens, dtype, measured, estimated = run_case(*case, device)
-        print(f"| {label} | {tokens:,} | {dtype} | {measured / 2**20:,.1f} | {estimated / 2**20:,.1f} | "
-              f"{estimated / measured:.3f} |", flush=True)
+        print(
+            f"| {label} | {tokens:,} | {dtype} | {measured / 2**20:,.1f} | {estimated / 2**20:,.1f} | "
+            f"{estimated / measured:.3f} |",
+            flush=True,
+        )
         print(f"  ({time.perf_counter() - start:.0f}s)", flush=True, file=sys.stderr)
 
 

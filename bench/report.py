@@ -53,8 +53,9 @@ def _checks(runs: dict, precision: str) -> dict:
     workload = runs["workload"]
     return {
         "same_tokens": all(r["tokens"] == workload["tokens"] and r["targets"] == workload["targets"] for r in results),
-        "same_lrs": all(len(x) == len(lrs[0]) and all(abs(a - b) <= 1e-9 + 1e-6 * abs(b) for a, b in zip(x, lrs[0]))
-                        for x in lrs),
+        "same_lrs": all(
+            len(x) == len(lrs[0]) and all(abs(a - b) <= 1e-9 + 1e-6 * abs(b) for a, b in zip(x, lrs[0])) for x in lrs
+        ),
         "first_loss_spread": spread,
         # fp32 agrees to rounding; bf16 bases differ by kernel (padded, packed, flash) at the percent level
         "same_first_loss": spread <= (1e-4 if precision == "fp32" else 1e-2),
@@ -68,14 +69,22 @@ def targets(report: dict) -> list[tuple[str, bool]]:
         rows = models.get(model, {}).get("trainers", {})
         if "loratune" in rows and other in rows:
             ratio = rows["loratune"]["tokens_per_s"] / rows[other]["tokens_per_s"]
-            out.append((f"{model}: loratune >= {minimum:g}x {TRAINERS[other][:3]} real tokens/s: {ratio:.2f}x",
-                        ratio >= minimum))
+            out.append(
+                (
+                    f"{model}: loratune >= {minimum:g}x {TRAINERS[other][:3]} real tokens/s: {ratio:.2f}x",
+                    ratio >= minimum,
+                )
+            )
     for model, summary in models.items():
         rows = summary["trainers"]
         if "loratune" in rows and "hf" in rows:
             change = rows["loratune"]["loss_change"]
-            out.append((f"{model}: final loss within {LOSS_TOLERANCE:.0%} of (a): {change:+.2%}",
-                        abs(change) <= LOSS_TOLERANCE))
+            out.append(
+                (
+                    f"{model}: final loss within {LOSS_TOLERANCE:.0%} of (a): {change:+.2%}",
+                    abs(change) <= LOSS_TOLERANCE,
+                )
+            )
             mine, theirs = rows["loratune"]["peak_mib"], rows["hf"]["peak_mib"]
             out.append((f"{model}: peak memory no higher than (a): {mine:.0f} vs {theirs:.0f} MiB", mine <= theirs))
     return out
@@ -89,20 +98,29 @@ def render(report: dict) -> str:
         "## Benchmark: LoRA fine-tuning, same workload, three trainers",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m['versions']}; loratune {m['commit']}; {m['date']}.",
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; {m['versions']}; loratune {m['commit']}; {m['date']}.",
         f"Device {report['device']}, frozen base in {report['precision']} for every trainer. Matrix-product peak "
         f"measured here: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s"
-        + (" (bf16 is the slower format here, so MFU over its peak can pass 100%; the fp32 column is the distance "
-           "to this machine's limit)" if peaks["bf16"] < peaks["fp32"] else "") + ". "
+        + (
+            " (bf16 is the slower format here, so MFU over its peak can pass 100%; the fp32 column is the distance "
+            "to this machine's limit)"
+            if peaks["bf16"] < peaks["fp32"]
+            else ""
+        )
+        + ". "
         f"Medians of {report['reps']} repetition{'s' * (report['reps'] > 1)}"
-        + (" (--quick: a check of the harness, not a measurement)" if report["quick"] else "") + ".",
+        + (" (--quick: a check of the harness, not a measurement)" if report["quick"] else "")
+        + ".",
         f"Every trainer: LoRA r={h['lora_r']}, alpha={h['lora_alpha']}, dropout={h['lora_dropout']} on all linear "
         f"layers of the blocks; AdamW lr={h['learning_rate']:g}, weight decay 0, warmup {h['warmup_ratio']:g} then "
         "cosine, gradient clipping 1.0; the same examples in every optimizer step; loss on answer tokens only.",
     ]
     if m["busy_share"] >= 0.2:  # timings taken while other processes compete for the cores mean little
-        lines.append(f"Warning: other processes used {m['busy_share']:.0%} of the CPU when the benchmark started, so "
-                     "these timings are not a measurement of the trainers alone.")
+        lines.append(
+            f"Warning: other processes used {m['busy_share']:.0%} of the CPU when the benchmark started, so "
+            "these timings are not a measurement of the trainers alone."
+        )
     for summary in report["models"].values():
         s, rows, checks = summary["setting"], summary["trainers"], summary["checks"]
         lines += [
@@ -131,7 +149,8 @@ def render(report: dict) -> str:
             f"{summary['targets']:,}: {_yes(checks['same_tokens'])}; same learning rate at every step: "
             f"{_yes(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
             f"{_yes(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
-            + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items()) + ".",
+            + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items())
+            + ".",
         ]
     checked = targets(report)
     if checked:
@@ -191,10 +210,12 @@ def _busy_share(seconds: float = 2.0) -> float:
 
 def _commit() -> str:
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "loratune"],
-                               capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "loratune"], capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "(not a git checkout)"
     return commit + (" with uncommitted changes to loratune/" if dirty else "")

@@ -25,9 +25,9 @@ import transformers
 import trl  # noqa: F401
 
 from loratune import TrainConfig, train
-from loratune.training.loop import lr_factor
 from loratune.core.device import DTYPES
 from loratune.modeling.model import load_tokenizer
+from loratune.training.loop import lr_factor
 
 
 def main() -> None:
@@ -84,32 +84,55 @@ def run_reference(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])  # as loratune does right before adding the adapters: same initial LoRA weights
-    lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=spec["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora, autocast_adapter_dtype=True).to(spec["device"])
 
     data = datasets.Dataset.from_dict(json.loads(Path(spec["tokens"]).read_text()))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"],
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"], weight_decay=0.0
+    )
     warmup = math.ceil(spec["warmup_ratio"] * spec["steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", warmup, spec["steps"]))
     common = dict(
-        output_dir=spec["out_dir"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=spec["learning_rate"],
-        max_grad_norm=1.0, seed=spec["seed"], bf16=dtype == torch.bfloat16, gradient_checkpointing=False,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
+        output_dir=spec["out_dir"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"],
+        learning_rate=spec["learning_rate"],
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=False,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=spec["device"] == "cpu",
     )
     if padding_free:
         # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
         # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
         args = SFTConfig(**common, padding_free=True, packing=False, max_length=None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             optimizers=(optimizer, scheduler))
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer, optimizers=(optimizer, scheduler)
+        )
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collator,
-                          optimizers=(optimizer, scheduler))
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=data,
+            data_collator=collator,
+            optimizers=(optimizer, scheduler),
+        )
     counter = _CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     clock = _Clock(spec["device"])
@@ -117,8 +140,13 @@ def run_reference(spec: dict) -> dict:
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     return {
-        "seconds": clock.seconds, "tokens": counter.real, "processed_tokens": counter.processed, "targets": counter.targets,
-        "losses": [e["loss"] for e in logs], "lrs": [e["learning_rate"] for e in logs], "attention": attention,
+        "seconds": clock.seconds,
+        "tokens": counter.real,
+        "processed_tokens": counter.processed,
+        "targets": counter.targets,
+        "losses": [e["loss"] for e in logs],
+        "lrs": [e["learning_rate"] for e in logs],
+        "attention": attention,
     }
 
 
@@ -167,19 +195,36 @@ class _Clock(transformers.TrainerCallback):
 def run_loratune(spec: dict) -> dict:
     out = Path(spec["out_dir"])
     config = TrainConfig(
-        model=spec["model_path"], train_data=spec["data"], val_ratio=0, batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"], max_length=spec["max_length"],
-        learning_rate=spec["learning_rate"], epochs=1, max_steps=spec["steps"], warmup_ratio=spec["warmup_ratio"],
-        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], seed=spec["seed"],
-        precision=spec["precision"], device=spec["device"], early_stopping_patience=0, output_dir=str(out),
+        model=spec["model_path"],
+        train_data=spec["data"],
+        val_ratio=0,
+        batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_length=spec["max_length"],
+        learning_rate=spec["learning_rate"],
+        epochs=1,
+        max_steps=spec["steps"],
+        warmup_ratio=spec["warmup_ratio"],
+        lora_r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=spec["lora_dropout"],
+        seed=spec["seed"],
+        precision=spec["precision"],
+        device=spec["device"],
+        early_stopping_patience=0,
+        output_dir=str(out),
     )
     summary = train(config, overwrite=True)
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "train"]
     return {
-        "seconds": sum(r["seconds"] for r in steps), "tokens": summary["tokens"], "targets": summary["target_tokens"],
+        "seconds": sum(r["seconds"] for r in steps),
+        "tokens": summary["tokens"],
+        "targets": summary["target_tokens"],
         "processed_tokens": round(sum(r["tokens"] / (1 - r["padding_share"]) for r in steps)),
-        "losses": [r["loss"] for r in steps], "lrs": [r["lr"] for r in steps],
-        "attention": "packed" if summary["packing"] else "sdpa", "loop_seconds": summary["train_seconds"],
+        "losses": [r["loss"] for r in steps],
+        "lrs": [r["lr"] for r in steps],
+        "attention": "packed" if summary["packing"] else "sdpa",
+        "loop_seconds": summary["train_seconds"],
     }
 
 

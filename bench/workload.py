@@ -48,8 +48,10 @@ def make_workload(tokenizer, n_examples: int, seed: int) -> Workload:
     rng = np.random.default_rng(seed)
     words = " ".join(corpus_lines()).split()
     rows = [
-        {"input": _text(tokenizer, words, _length(rng, PROMPT_LENGTHS), rng),
-         "output": _text(tokenizer, words, _length(rng, ANSWER_LENGTHS), rng)}
+        {
+            "input": _text(tokenizer, words, _length(rng, PROMPT_LENGTHS), rng),
+            "output": _text(tokenizer, words, _length(rng, ANSWER_LENGTHS), rng),
+        }
         for _ in range(n_examples)
     ]
     encoded = [encode(tokenizer, row["input"], row["output"]) for row in rows]
@@ -79,7 +81,7 @@ def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     if not full.startswith(head):
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
     prompt_ids = tokenizer(head, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(full[len(head):].rstrip(), add_special_tokens=False).input_ids
+    answer_ids = tokenizer(full[len(head) :].rstrip(), add_special_tokens=False).input_ids
     if answer_ids[-1:] != [tokenizer.eos_token_id]:
         answer_ids.append(tokenizer.eos_token_id)
     bos = tokenizer.bos_token_id

@@ -1,7 +1,7 @@
 """loratune: fine-tune causal language models with LoRA.
 
-    from loratune import TrainConfig, train
-    summary = train(TrainConfig(train_data="data.jsonl", epochs=3))
+from loratune import TrainConfig, train
+summary = train(TrainConfig(train_data="data.jsonl", epochs=3))
 """
 
 from .core.config import TrainConfig

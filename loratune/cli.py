@@ -13,9 +13,13 @@ from .core.config import PRESETS, TrainConfig, guide_warnings, resolve
 from .core.errors import BadRowError, UserError
 
 FIELD_GROUPS = {
-    "model": "Model", "train_data": "Data", "batch_size": "Training Guide: batch processing",
-    "learning_rate": "Training Guide: learning", "lora_r": "Training Guide: LoRA",
-    "lr_scheduler": "Optimizer and schedule", "precision": "Speed and memory",
+    "model": "Model",
+    "train_data": "Data",
+    "batch_size": "Training Guide: batch processing",
+    "learning_rate": "Training Guide: learning",
+    "lora_r": "Training Guide: LoRA",
+    "lr_scheduler": "Optimizer and schedule",
+    "precision": "Speed and memory",
     "eval_every_steps": "Evaluation, stopping and outputs",
 }
 
@@ -23,8 +27,12 @@ FIELD_GROUPS = {
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """A flag per TrainConfig field, with the field's description as help (values are validated by the config)."""
     parser.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="start from an example configuration: "
-                        + " ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="start from an example configuration: "
+        + " ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
+    )
     group = parser
     for name, field in TrainConfig.model_fields.items():
         if name in FIELD_GROUPS:
@@ -67,14 +75,22 @@ def _bool_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 
 def _ranged(kind, above=None, at_least=None, at_most=None):
     """An argparse type: `kind` within bounds, else argparse's one-line error saying what is allowed."""
-    rules = [(test, bound, f"{sign} {bound}") for test, sign, bound in
-             ((operator.gt, ">", above), (operator.ge, ">=", at_least), (operator.le, "<=", at_most)) if bound is not None]
+    rules = [
+        (test, bound, f"{sign} {bound}")
+        for test, sign, bound in (
+            (operator.gt, ">", above),
+            (operator.ge, ">=", at_least),
+            (operator.le, "<=", at_most),
+        )
+        if bound is not None
+    ]
 
     def parse(text: str):
         value = kind(text)
         if not all(test(value, bound) for test, bound, _ in rules):
             raise argparse.ArgumentTypeError(f"{text}: must be " + " and ".join(words for _, _, words in rules))
         return value
+
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
 
@@ -83,8 +99,10 @@ def _flags(args: argparse.Namespace) -> dict:
     flags = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
     if args.data is not None:
         if "train_data" in flags:  # one would silently win over the other
-            raise UserError(f"--data {args.data} and --train-data {flags['train_data']} both give the training data: "
-                            "give one of them")
+            raise UserError(
+                f"--data {args.data} and --train-data {flags['train_data']} both give the training data: "
+                "give one of them"
+            )
         flags["train_data"] = args.data
     return flags
 
@@ -140,8 +158,16 @@ def _relaunch(processes: int) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "loratune", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "loratune",
+        *argv,
+    ]
     return subprocess.call(command)
 
 
@@ -172,8 +198,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         examples = prompt_examples(args.file, run.data_format, run.config.columns)
     outputs = generate_texts(
-        run.model, run.tokenizer, [run.encoder.prompt_ids(ex) for ex in examples], run.encoder.end_ids,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        run.model,
+        run.tokenizer,
+        [run.encoder.prompt_ids(ex) for ex in examples],
+        run.encoder.end_ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     for ex, text in zip(examples, outputs):
         print(text if args.prompt is not None else json.dumps({"prompt": prompt_text(ex), "generated": text}))
@@ -186,8 +217,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .inference.evaluate import evaluate_run
 
-    summary = evaluate_run(args.run_dir, args.data, report=args.report, adapter=args.adapter, generate=args.generate,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    summary = evaluate_run(
+        args.run_dir,
+        args.data,
+        report=args.report,
+        adapter=args.adapter,
+        generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     print(f"{args.data}: {summary['scored_examples']} examples, {summary['target_tokens']:,} answer tokens")
     table = Table()
     for column in ("", "base model", "fine-tuned"):
@@ -205,8 +243,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .inference.chat import chat
 
-    chat(args.run_dir, adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p)
+    chat(
+        args.run_dir,
+        adapter=args.adapter,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     return 0
 
 
@@ -253,8 +297,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--gpu-memory {args.gpu_memory!r}: {e}") from None
     if args.tokens_per_second is not None and args.tokens_per_second <= 0:
         raise UserError(f"--tokens-per-second {args.tokens_per_second}: must be > 0")
-    plan = plan_run(resolved.config, gpu_memory=gpu_memory, device=device or args.device,
-                    tokens_per_second=args.tokens_per_second)
+    plan = plan_run(
+        resolved.config, gpu_memory=gpu_memory, device=device or args.device, tokens_per_second=args.tokens_per_second
+    )
     print(plan.to_json() if args.json else plan.text())
     return 0
 
@@ -273,20 +318,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="fine-tune (with no arguments: the built-in quickstart)")
     _add_config_flags(p)
-    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                   help="continue a run from its latest whole checkpoint (default: the config's output_dir)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN_DIR",
+        help="continue a run from its latest whole checkpoint (default: the config's output_dir)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
-    p.add_argument("--num-processes", type=_ranged(int, above=0), default=1, metavar="N",
-                   help="data-parallel processes on this machine (effective batch x N); for several machines or "
-                   "FSDP/DeepSpeed use `accelerate launch -m loratune train ...`")
+    p.add_argument(
+        "--num-processes",
+        type=_ranged(int, above=0),
+        default=1,
+        metavar="N",
+        help="data-parallel processes on this machine (effective batch x N); for several machines or "
+        "FSDP/DeepSpeed use `accelerate launch -m loratune train ...`",
+    )
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("plan", help="estimate peak memory and time before training (loads no weights)")
     _add_config_flags(p)
-    p.add_argument("--gpu-memory", metavar="SIZE", help="plan for a CUDA GPU with this much memory, e.g. 24GB "
-                   "(default: the memory of --device, or of the device training would use)")
-    p.add_argument("--tokens-per-second", type=float, metavar="N",
-                   help="training throughput for the time per epoch (default: a previous run's, else a quick benchmark)")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="plan for a CUDA GPU with this much memory, e.g. 24GB "
+        "(default: the memory of --device, or of the device training would use)",
+    )
+    p.add_argument(
+        "--tokens-per-second",
+        type=float,
+        metavar="N",
+        help="training throughput for the time per epoch (default: a previous run's, else a quick benchmark)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -299,11 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="generate with the base model plus a run's adapter")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
     p.add_argument("--prompt", help="one prompt; the generated text is printed")
-    p.add_argument("--file", help="prompts, one per row (any training data shape; answers are ignored); "
-                   "prints one JSON object per line")
-    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument(
+        "--file",
+        help="prompts, one per row (any training data shape; answers are ignored); prints one JSON object per line",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)"
+    )
+    p.add_argument(
+        "--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    p.add_argument(
+        "--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling"
+    )
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
@@ -311,21 +382,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="loss and perplexity of base and fine-tuned model on a dataset")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
     p.add_argument("--data", required=True, help="examples with reference answers, in any training data shape")
-    p.add_argument("--generate", action="store_true", help="also generate answers (greedy) and score them against "
-                   "the references: exact match, word-overlap F1, JSON field accuracy")
-    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), help="longest generated answer (default: longest reference + 16)")
-    p.add_argument("--batch-size", type=_ranged(int, above=0), help="examples per forward pass (default: the run's batch_size)")
-    p.add_argument("--report", metavar="FILE", help="JSONL report: a summary line, then one line per example "
-                   "with --generate (default: RUN_DIR/eval-<data name>.jsonl)")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="also generate answers (greedy) and score them against "
+        "the references: exact match, word-overlap F1, JSON field accuracy",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_ranged(int, above=0),
+        help="longest generated answer (default: longest reference + 16)",
+    )
+    p.add_argument(
+        "--batch-size", type=_ranged(int, above=0), help="examples per forward pass (default: the run's batch_size)"
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="JSONL report: a summary line, then one line per example "
+        "with --generate (default: RUN_DIR/eval-<data name>.jsonl)",
+    )
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("chat", help="talk to the fine-tuned model (from a script: one message per input line)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
     p.add_argument("--system", help="a system message to start every conversation with")
-    p.add_argument("--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument(
+        "--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)"
+    )
+    p.add_argument(
+        "--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    p.add_argument(
+        "--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling"
+    )
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.set_defaults(func=cmd_chat)
 
@@ -336,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("merge", help="merge base + adapter into one standard transformers model folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="number format of the merged weights "
-                   "(default: the base model's)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="number format of the merged weights (default: the base model's)",
+    )
     p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     p.set_defaults(func=cmd_merge)
@@ -348,8 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="token lengths, what max_length truncates or drops, padding, and the max_length the data needs"
     )
     _add_config_flags(p)
-    p.add_argument("--percentile", type=float, default=99.0,
-                   help="recommend the max_length that keeps this %% of examples whole (default: 99)")
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=99.0,
+        help="recommend the max_length that keeps this %% of examples whole (default: 99)",
+    )
     p.set_defaults(func=cmd_data_inspect)
     return parser
 

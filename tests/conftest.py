@@ -56,11 +56,22 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
     from loratune import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny_run")
-    train(TrainConfig(
-        model=tiny_model, train_data=write_jsonl(root / "train.jsonl", varied_rows(24)),
-        val_data=write_jsonl(root / "val.jsonl", varied_rows(4, seed=1)),
-        test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2)), output_dir=str(root / "run"),
-        epochs=2, batch_size=4, gradient_accumulation_steps=2, eval_every_steps=2, early_stopping_patience=0,
-        precision="fp32", device="cpu", learning_rate=1e-3, max_length=256,
-    ))
+    train(
+        TrainConfig(
+            model=tiny_model,
+            train_data=write_jsonl(root / "train.jsonl", varied_rows(24)),
+            val_data=write_jsonl(root / "val.jsonl", varied_rows(4, seed=1)),
+            test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2)),
+            output_dir=str(root / "run"),
+            epochs=2,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            eval_every_steps=2,
+            early_stopping_patience=0,
+            precision="fp32",
+            device="cpu",
+            learning_rate=1e-3,
+            max_length=256,
+        )
+    )
     return root / "run"

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from loratune.modeling import loss
 from loratune.cli import main
+from loratune.modeling import loss
 
 kind, _, spec = os.environ.get("FAULT", "").partition(":")
 count, _, sig = spec.partition(":")

@@ -2,14 +2,19 @@ import subprocess
 import sys
 
 from loratune.data.formats import Example
-from loratune.modeling.generate import generate_texts
 from loratune.inference.run import load_run
+from loratune.modeling.generate import generate_texts
 
 
 def test_chat_from_a_script_streams_replies_keeps_history_and_resets(tiny_run):
     script = "/reset\nsend two lamps\nand a blue mug\n/reset\nand a blue mug\n/exit\nnever read\n"
-    result = subprocess.run([sys.executable, "-m", "loratune", "chat", str(tiny_run), "--max-new-tokens", "12"],
-                            input=script, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "loratune", "chat", str(tiny_run), "--max-new-tokens", "12"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("(new conversation)") == 2
 

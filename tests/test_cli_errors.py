@@ -26,6 +26,7 @@ def _setup_bad_model(kind):
             weights = model / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:100])  # truncated
         return ["train", "--model", str(model)]
+
     return make
 
 
@@ -33,6 +34,7 @@ def _run_copy(change):
     def make(tmp, tiny_model, tiny_run):
         run = shutil.copytree(tiny_run, tmp / "run")
         return change(run)
+
     return make
 
 
@@ -57,48 +59,101 @@ CASES = {
     "model without tokenizer files": (_setup_bad_model("no tokenizer"), "cannot load its tokenizer"),
     "truncated weights": (_setup_bad_model("truncated"), "cannot load its weights"),
     "not a gguf": (_setup_bad_model("gguf"), "cannot be read as a GGUF model"),
-    "config not UTF-8": (lambda tmp, *_: (tmp / "c.yaml").write_bytes(b"\xff\xfe\x00") and ["train", str(tmp / "c.yaml")],
-                         "not UTF-8 text"),
-    "config key not a name": (lambda tmp, *_: (tmp / "c.yaml").write_text("1: 2\n") and ["train", str(tmp / "c.yaml")],
-                              "1 is not a setting name"),
+    "config not UTF-8": (
+        lambda tmp, *_: (tmp / "c.yaml").write_bytes(b"\xff\xfe\x00") and ["train", str(tmp / "c.yaml")],
+        "not UTF-8 text",
+    ),
+    "config key not a name": (
+        lambda tmp, *_: (tmp / "c.yaml").write_text("1: 2\n") and ["train", str(tmp / "c.yaml")],
+        "1 is not a setting name",
+    ),
     "empty target modules": (lambda *_: ["train", "--lora-target-modules", ""], "must be a non-empty list"),
     "damaged metrics": (_run_copy(_damage_metrics), "metrics.jsonl line 2: not valid JSON"),
-    "resume without fingerprint": (_run_copy(_drop_fingerprint), "fingerprint.json (what the data and model were) is missing"),
+    "resume without fingerprint": (
+        _run_copy(_drop_fingerprint),
+        "fingerprint.json (what the data and model were) is missing",
+    ),
     "resume and overwrite": (lambda tmp, m, run: ["train", "--resume", str(run), "--overwrite"], "give one of them"),
-    "eval on a missing file": (lambda tmp, m, run: ["eval", str(run), "--data", "nope.jsonl"], "nope.jsonl: file not found"),
-    "no new tokens": (lambda tmp, m, run: ["generate", str(run), "--max-new-tokens", "0"], "--max-new-tokens: 0: must be > 0"),
+    "eval on a missing file": (
+        lambda tmp, m, run: ["eval", str(run), "--data", "nope.jsonl"],
+        "nope.jsonl: file not found",
+    ),
+    "no new tokens": (
+        lambda tmp, m, run: ["generate", str(run), "--max-new-tokens", "0"],
+        "--max-new-tokens: 0: must be > 0",
+    ),
     "top-p above 1": (lambda tmp, m, run: ["chat", str(run), "--top-p", "5"], "--top-p: 5: must be > 0 and <= 1"),
     "prompt file without the prompt field": (
         lambda tmp, m, run: ["generate", str(run), "--file", write_jsonl(tmp / "q.jsonl", [{"question": "hi"}])],
-        "q.jsonl line 1: no 'input' field, which holds the prompt of this run's input_output rows (fields here: question)"),
-    "column mapping to a missing column": (lambda tmp, m, run: ["train", "--model", m, "--columns", "input=question"],
-                                           "columns input=question: the data has no column 'question' (its columns: input, output)"),
-    "column mapping the shape does not use": (lambda tmp, m, run: ["train", "--model", m, "--columns", "prompt=question"],
-                                              "columns prompt=question: the data has no column 'question'"),
-    "data file as the model": (lambda tmp, m, run: ["train", "--model", write_jsonl(tmp / "d.jsonl", varied_rows(2))],
-                               "d.jsonl': a data file, not a model. A model is a built-in name (smollm2-135m), a model folder"),
+        "q.jsonl line 1: no 'input' field, which holds the prompt of this run's input_output rows "
+        "(fields here: question)",
+    ),
+    "column mapping to a missing column": (
+        lambda tmp, m, run: ["train", "--model", m, "--columns", "input=question"],
+        "columns input=question: the data has no column 'question' (its columns: input, output)",
+    ),
+    "column mapping the shape does not use": (
+        lambda tmp, m, run: ["train", "--model", m, "--columns", "prompt=question"],
+        "columns prompt=question: the data has no column 'question'",
+    ),
+    "data file as the model": (
+        lambda tmp, m, run: ["train", "--model", write_jsonl(tmp / "d.jsonl", varied_rows(2))],
+        "d.jsonl': a data file, not a model. A model is a built-in name (smollm2-135m), a model folder",
+    ),
     "chat template file that is not a template": (
-        lambda tmp, m, run: (tmp / "t.jinja").write_text("Answer briefly.\n") and ["train", "--model", m, "--chat-template", str(tmp / "t.jinja")],
-        "t.jinja': not a Jinja template (no {{ }} or {% %} in it); give a Jinja template file or a built-in name"),
-    "a GPU this machine lacks": (lambda tmp, m, run: ["train", "--model", m, "--device", _absent_gpu()],
-                                 "GPU here; use auto, cpu"),
-    "no memory": (lambda *_: ["train", "--max-memory", "0"], "max_memory = '0' (from --max-memory): expected a size above 0"),
-    "plan for a GPU without memory": (lambda tmp, m, run: ["plan", "--model", m, "--gpu-memory", "0"],
-                                      "--gpu-memory '0': expected a size above 0 such as 6GB"),
-    "true as a number": (lambda tmp, *_: (tmp / "c.yaml").write_text("batch_size: true\n") and ["train", str(tmp / "c.yaml")],
-                         "c.yaml): must be an integer > 0 or auto"),
-    "max_length beyond the model": (lambda tmp, m, run: ["train", "--model", m, "--max-length", "5000"],
-                                    "max_length = 5000: above the 4096 positions"),
-    "setting given twice": (lambda tmp, *_: (tmp / "c.yaml").write_text("lora_r: 8\nlora_r: 16\n") and ["train", str(tmp / "c.yaml")],
-                            "c.yaml line 2: not valid YAML (lora_r is given twice, on lines 1 and 2)"),
+        lambda tmp, m, run: (
+            (tmp / "t.jinja").write_text("Answer briefly.\n")
+            and ["train", "--model", m, "--chat-template", str(tmp / "t.jinja")]
+        ),
+        "t.jinja': not a Jinja template (no {{ }} or {% %} in it); give a Jinja template file or a built-in name",
+    ),
+    "a GPU this machine lacks": (
+        lambda tmp, m, run: ["train", "--model", m, "--device", _absent_gpu()],
+        "GPU here; use auto, cpu",
+    ),
+    "no memory": (
+        lambda *_: ["train", "--max-memory", "0"],
+        "max_memory = '0' (from --max-memory): expected a size above 0",
+    ),
+    "plan for a GPU without memory": (
+        lambda tmp, m, run: ["plan", "--model", m, "--gpu-memory", "0"],
+        "--gpu-memory '0': expected a size above 0 such as 6GB",
+    ),
+    "true as a number": (
+        lambda tmp, *_: (tmp / "c.yaml").write_text("batch_size: true\n") and ["train", str(tmp / "c.yaml")],
+        "c.yaml): must be an integer > 0 or auto",
+    ),
+    "max_length beyond the model": (
+        lambda tmp, m, run: ["train", "--model", m, "--max-length", "5000"],
+        "max_length = 5000: above the 4096 positions",
+    ),
+    "setting given twice": (
+        lambda tmp, *_: (tmp / "c.yaml").write_text("lora_r: 8\nlora_r: 16\n") and ["train", str(tmp / "c.yaml")],
+        "c.yaml line 2: not valid YAML (lora_r is given twice, on lines 1 and 2)",
+    ),
     "inspect: --data and --train-data": (
-        lambda tmp, m, run: ["data", "inspect", "--model", m, "--data", write_jsonl(tmp / "a.jsonl", varied_rows(4)),
-                             "--train-data", write_jsonl(tmp / "b.jsonl", varied_rows(4))],
-        "a.jsonl and --train-data"),
-    "train: --data and --train-data": (lambda tmp, m, run: ["train", "--model", m, "--data", write_jsonl(tmp / "a.jsonl", varied_rows(4))],
-                                       "both give the training data: give one of them"),
-    "empty prompt file": (lambda tmp, m, run: (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")],
-                          "e.jsonl: no rows"),
+        lambda tmp, m, run: [
+            "data",
+            "inspect",
+            "--model",
+            m,
+            "--data",
+            write_jsonl(tmp / "a.jsonl", varied_rows(4)),
+            "--train-data",
+            write_jsonl(tmp / "b.jsonl", varied_rows(4)),
+        ],
+        "a.jsonl and --train-data",
+    ),
+    "train: --data and --train-data": (
+        lambda tmp, m, run: ["train", "--model", m, "--data", write_jsonl(tmp / "a.jsonl", varied_rows(4))],
+        "both give the training data: give one of them",
+    ),
+    "empty prompt file": (
+        lambda tmp, m, run: (
+            (tmp / "e.jsonl").write_text("\n") and ["generate", str(run), "--file", str(tmp / "e.jsonl")]
+        ),
+        "e.jsonl: no rows",
+    ),
 }
 
 
@@ -121,9 +176,11 @@ def test_bad_input_is_one_clear_line(case, tiny_model, tiny_run, tmp_path):
 def test_bad_row_advice_names_only_flags_the_command_has(command, tiny_model, tiny_run, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"input": "a", "output": "b"}\nnot json\n')
-    args = {"train": ["train", "--model", tiny_model, "--train-data", str(data), "--output-dir", str(tmp_path / "out")],
-            "eval": ["eval", str(tiny_run), "--data", str(data), "--report", str(tmp_path / "out")],
-            "generate": ["generate", str(tiny_run), "--file", str(data)]}[command]
+    args = {
+        "train": ["train", "--model", tiny_model, "--train-data", str(data), "--output-dir", str(tmp_path / "out")],
+        "eval": ["eval", str(tiny_run), "--data", str(data), "--report", str(tmp_path / "out")],
+        "generate": ["generate", str(tiny_run), "--file", str(data)],
+    }[command]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl line 2: not valid JSON" in err

@@ -8,8 +8,15 @@ from loratune.core.config import GUIDE_FIELDS, PRESETS, TrainConfig, guide_warni
 from loratune.core.errors import UserError
 
 GUIDE_DEFAULTS = {
-    "batch_size": 8, "gradient_accumulation_steps": 8, "max_length": 1024, "learning_rate": 2e-4, "epochs": 20,
-    "warmup_ratio": 0.05, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.05,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 8,
+    "max_length": 1024,
+    "learning_rate": 2e-4,
+    "epochs": 20,
+    "warmup_ratio": 0.05,
+    "lora_r": 8,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
 }
 
 
@@ -55,7 +62,9 @@ def test_bad_values_name_field_value_and_what_is_allowed(flags, expected):
 def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("learning_rat: 1e-4\n")
-    with pytest.raises(UserError, match=r"unknown setting 'learning_rat' \(from .*run.yaml\); did you mean learning_rate\?"):
+    with pytest.raises(
+        UserError, match=r"unknown setting 'learning_rat' \(from .*run.yaml\); did you mean learning_rate\?"
+    ):
         resolve(str(run))
 
 
@@ -74,7 +83,9 @@ def _cli(*args):
 def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
     result = _cli("train", "--train-data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: train_data = '{tmp_path / 'nope.jsonl'}' (from --train-data): file not found"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: train_data = '{tmp_path / 'nope.jsonl'}' (from --train-data): file not found"
+    ]
     assert not (tmp_path / "out").exists()  # stopped before anything was written
 
 
@@ -104,12 +115,22 @@ def test_true_false_flags_also_take_true_or_false(name, tmp_path, capsys):
 
     config, flag = tmp_path / "run.yaml", "--" + name.replace("_", "-")
     config.write_text("lora_r: 16\n")
-    for args, expected in (([flag, "false", str(config)], "False"), ([f"{flag}=Yes"], "True"), ([flag, str(config)], "True"),
-                           ([f"--no-{flag[2:]}", str(config)], "False")):
+    for args, expected in (
+        ([flag, "false", str(config)], "False"),
+        ([f"{flag}=Yes"], "True"),
+        ([flag, str(config)], "True"),
+        ([f"--no-{flag[2:]}", str(config)], "False"),
+    ):
         assert main(["config", "show", *args]) == 0
-        rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if not line.startswith("#")}
+        rows = {
+            line.split()[0]: line.split()[1:]
+            for line in capsys.readouterr().out.splitlines()
+            if not line.startswith("#")
+        }
         assert rows[name] == [expected, flag], args
-        assert rows["lora_r"][0] == ("16" if str(config) in args else "8"), args  # the word after a flag is not the config
+        assert rows["lora_r"][0] == ("16" if str(config) in args else "8"), (
+            args
+        )  # the word after a flag is not the config
     with pytest.raises(SystemExit):
         main(["config", "show", f"{flag}=maybe"])
     assert f"argument {flag}: 'maybe' is not one of true, yes, on, false, no, off" in capsys.readouterr().err

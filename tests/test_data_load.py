@@ -10,13 +10,16 @@ from conftest import write_jsonl
 
 from loratune import TrainConfig
 from loratune.core.config import resolve
+from loratune.core.errors import UserError
 from loratune.data.formats import Example, RowError, detect_format, require_answers, to_example
 from loratune.data.load import BadRows, open_source
 from loratune.data.prepare import read_examples
-from loratune.core.errors import UserError
 
-CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}]
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+]
 ROWS = {
     "messages": {"messages": CHAT},
     "sharegpt": {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
@@ -65,20 +68,26 @@ def test_column_mapping():
     assert TrainConfig(columns="input=question, output=answer").columns == mapping
 
 
-@pytest.mark.parametrize("row, fmt, message", [
-    ({"input": "hi"}, "input_output", "missing field 'output'"),
-    ({"input": "hi", "output": 3}, "input_output", "field 'output' must be text, got int"),
-    ({"input": "hi", "output": "  "}, "input_output", "field 'output' is empty"),
-    ({"prompt": "hi", "completion": ""}, "prompt_completion", "field 'completion' is empty"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn after a user"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "no assistant turn after a user"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "messages[0].role = 'wizard'"),
-    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages", "messages[0].content must be text, got list"),
-    ({"messages": [{"role": "user"}]}, "messages", "messages[0] must be an object with 'role' and 'content'"),
-    ({"messages": []}, "messages", "must be a non-empty list of turns"),
-    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}, "sharegpt",
-     "conversations[1] is an empty assistant turn"),
-])
+@pytest.mark.parametrize(
+    "row, fmt, message",
+    [
+        ({"input": "hi"}, "input_output", "missing field 'output'"),
+        ({"input": "hi", "output": 3}, "input_output", "field 'output' must be text, got int"),
+        ({"input": "hi", "output": "  "}, "input_output", "field 'output' is empty"),
+        ({"prompt": "hi", "completion": ""}, "prompt_completion", "field 'completion' is empty"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn after a user"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "no assistant turn after a user"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "messages[0].role = 'wizard'"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages", "messages[0].content must be text, got list"),
+        ({"messages": [{"role": "user"}]}, "messages", "messages[0] must be an object with 'role' and 'content'"),
+        ({"messages": []}, "messages", "must be a non-empty list of turns"),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+            "sharegpt",
+            "conversations[1] is an empty assistant turn",
+        ),
+    ],
+)
 def test_bad_rows_say_what_is_wrong(row, fmt, message):
     with pytest.raises(RowError, match=message.replace("[", r"\[").replace("]", r"\]")):
         require_answers(to_example(row, fmt, {}), fmt, {})
@@ -93,7 +102,9 @@ def test_prompts_without_answers_are_examples_but_not_training_rows():
 
 def test_undetectable_columns_and_missing_named_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "hi", "reply": "hello"}])
-    with pytest.raises(UserError, match=r"d.jsonl line 1: cannot tell the data format from columns \['question', 'reply'\]"):
+    with pytest.raises(
+        UserError, match=r"d.jsonl line 1: cannot tell the data format from columns \['question', 'reply'\]"
+    ):
         _examples(path)
     with pytest.raises(UserError, match="line 1: data_format input_output needs column 'input', which is missing"):
         _examples(path, data_format="input_output")
@@ -200,8 +211,9 @@ def test_empty_file_and_file_of_bad_rows(tmp_path):
 
 def test_skip_bad_rows_counts_them(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"input": "a", "output": "b"}\nnot json\n[1]\n{"input": "c", "output": null}\n'
-                    '{"input": "d", "output": "e"}\n')
+    path.write_text(
+        '{"input": "a", "output": "b"}\nnot json\n[1]\n{"input": "c", "output": null}\n{"input": "d", "output": "e"}\n'
+    )
     assert len(_examples(path, skip_bad_rows=True)) == 2
     _, bad = _rows(path, skip=True)
     assert bad.count == 2  # the reader's share: lines that are not JSON objects
@@ -214,8 +226,11 @@ def test_hub_dataset_spec_and_offline_failure():
     source = open_source("someorg/somedata:en@train[:10%]", "train")
     assert (source.repo, source.subset, source.split) == ("someorg/somedata", "en", "train[:10%]")
     assert open_source("someorg/somedata", "validation").split == "validation"
-    with pytest.raises(UserError, match=r"someorg/somedata:en@train\[:10%\]: not a local file or folder, and loading "
-                                        r"it from the Hugging Face hub failed \(ConnectionError: .*org/name\[:subset\]"):
+    with pytest.raises(
+        UserError,
+        match=r"someorg/somedata:en@train\[:10%\]: not a local file or folder, and loading "
+        r"it from the Hugging Face hub failed \(ConnectionError: .*org/name\[:subset\]",
+    ):
         list(source.rows(BadRows(False)))
 
 

@@ -14,13 +14,36 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_model, tm
     """DDP over 2 CPU processes (gloo) takes the same examples per step as 1 process accumulating twice as long."""
     train = write_jsonl(tmp_path / "train.jsonl", varied_rows(32))
     val = write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1))
-    common = ["--model", tiny_model, "--train-data", train, "--val-data", val, "--epochs", "2", "--precision", "fp32",
-              "--device", "cpu", "--lora-dropout", "0", "--max-grad-norm", "0", "--learning-rate", "1e-3",
-              "--batch-size", "2", packing]
+    common = [
+        "--model",
+        tiny_model,
+        "--train-data",
+        train,
+        "--val-data",
+        val,
+        "--epochs",
+        "2",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--lora-dropout",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "2",
+        packing,
+    ]
 
     def run(name, *extra):
-        result = subprocess.run([sys.executable, "-m", "loratune", "train", *common, "--output-dir",
-                                 str(tmp_path / name), *extra], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "loratune", "train", *common, "--output-dir", str(tmp_path / name), *extra],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 
@@ -28,8 +51,14 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_model, tm
     out = run("two", "--gradient-accumulation-steps", "2", "--num-processes", "2")
     assert "effective batch 8 = batch_size 2 x gradient_accumulation_steps 2 x 2 processes" in out
     assert sum(line.startswith("step 8: validation loss") for line in out.splitlines()) == 1  # main process only
-    steps = [[r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-              if r["event"] == "train"] for name in ("one", "two")]
+    steps = [
+        [
+            r
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "train"
+        ]
+        for name in ("one", "two")
+    ]
     assert len(steps[0]) == 8
     for a, b in zip(*steps):
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)

@@ -13,14 +13,14 @@ def _encoder(path, **kw):
 
 def test_prompt_tokens_are_masked_and_answer_ends_with_eos(tiny_model):
     tok, enc = _encoder(tiny_model)
-    ex = to_example({"input": "send 3 mugs to Leeds", "output": "{\"quantity\": 3}"}, "input_output", {})
+    ex = to_example({"input": "send 3 mugs to Leeds", "output": '{"quantity": 3}'}, "input_output", {})
     ids, labels, start = enc.encode(ex)
     prompt = enc.prompt_ids(ex)
-    answer = tok("{\"quantity\": 3}<|im_end|>", add_special_tokens=False).input_ids
+    answer = tok('{"quantity": 3}<|im_end|>', add_special_tokens=False).input_ids
     # the prompt is exactly what generation will see, and carries no loss
     assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE] * len(prompt)
     # the answer and its end-of-turn token carry the loss, nothing after it
-    assert ids[len(prompt):] == answer and labels[len(prompt):] == answer and start == len(prompt)
+    assert ids[len(prompt) :] == answer and labels[len(prompt) :] == answer and start == len(prompt)
     assert ids[-1] == tok.eos_token_id
 
 
@@ -84,11 +84,24 @@ CHATML_PIECES = [
 ]
 
 
-@pytest.mark.parametrize("fmt, row", [
-    ("messages", {"messages": TURNS}),
-    ("sharegpt", {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]],
-                                     "value": t["content"]} for t in TURNS]}),
-])
+@pytest.mark.parametrize(
+    "fmt, row",
+    [
+        ("messages", {"messages": TURNS}),
+        (
+            "sharegpt",
+            {
+                "conversations": [
+                    {
+                        "from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]],
+                        "value": t["content"],
+                    }
+                    for t in TURNS
+                ]
+            },
+        ),
+    ],
+)
 def test_multi_turn_labels_only_the_assistant_turns(tiny_model, fmt, row):
     tok, enc = _encoder(tiny_model)
     ids, labels, start = enc.encode(to_example(row, fmt, {}))
@@ -97,7 +110,10 @@ def test_multi_turn_labels_only_the_assistant_turns(tiny_model, fmt, row):
     # the same ids as the whole conversation tokenized at once, and exactly two labelled spans
     assert ids == tok(enc.render(TURNS).rstrip(), add_special_tokens=False).input_ids
     labelled = [i for i, y in enumerate(labels) if y != IGNORE]
-    first, second = tok("ok<|im_end|>", add_special_tokens=False).input_ids, tok("done<|im_end|>", add_special_tokens=False).input_ids
+    first, second = (
+        tok("ok<|im_end|>", add_special_tokens=False).input_ids,
+        tok("done<|im_end|>", add_special_tokens=False).input_ids,
+    )
     p0 = len(tok(CHATML_PIECES[0][0], add_special_tokens=False).input_ids)
     p1 = len(tok(CHATML_PIECES[2][0], add_special_tokens=False).input_ids)
     assert labelled == list(range(p0, p0 + len(first))) + list(range(p0 + len(first) + p1, len(ids)))
@@ -132,7 +148,9 @@ def test_builtin_templates_on_a_model_without_one(tiny_plain_model, tmp_path):
     tok, enc = _encoder(tiny_plain_model, chat_template="chatml")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     ids, labels, _ = enc.encode(ex)
-    assert ids[-1] == im_end and im_end in enc.end_ids and tok.decode([t for t in labels if t != IGNORE]) == "ok<|im_end|>"
+    assert (
+        ids[-1] == im_end and im_end in enc.end_ids and tok.decode([t for t in labels if t != IGNORE]) == "ok<|im_end|>"
+    )
     # a Jinja file
     (tmp_path / "t.jinja").write_text(
         "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
@@ -145,7 +163,9 @@ def test_builtin_templates_on_a_model_without_one(tiny_plain_model, tmp_path):
 
 
 def test_unknown_template_and_non_prefix_template(tiny_model, tmp_path):
-    with pytest.raises(RowError, match=r"chat_template = 'llama9': not a file and not a built-in \(plain, chatml, alpaca\)"):
+    with pytest.raises(
+        RowError, match=r"chat_template = 'llama9': not a file and not a built-in \(plain, chatml, alpaca\)"
+    ):
         _encoder(tiny_model, chat_template="llama9")
     # a template that rewrites earlier turns once more follow: answer positions cannot be found
     (tmp_path / "t.jinja").write_text(
@@ -169,8 +189,10 @@ def _sentencepiece_style_tokenizer(template):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    tok.train_from_iterator(corpus_lines() + ["[INST] [/INST] <|user|> <|assistant|>"], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.train_from_iterator(
+        corpus_lines() + ["[INST] [/INST] <|user|> <|assistant|>"],
+        trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = template
@@ -178,12 +200,16 @@ def _sentencepiece_style_tokenizer(template):
 
 
 def test_answer_tokens_are_those_of_the_whole_text_and_bos_is_added_once():
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
-                "{% else %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+        "{% else %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
     tok = _sentencepiece_style_tokenizer(template)
     enc = Encoder(tok, template)
-    ex = Example(messages=TURNS[1:3] + [{"role": "user", "content": "blue lamp"}, {"role": "assistant", "content": "red"}])
+    ex = Example(
+        messages=TURNS[1:3] + [{"role": "user", "content": "blue lamp"}, {"role": "assistant", "content": "red"}]
+    )
     ids, labels, _ = enc.encode(ex)
     whole = tok(enc.render(ex.messages).rstrip(), add_special_tokens=False).input_ids
     assert ids == whole and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id

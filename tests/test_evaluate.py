@@ -11,8 +11,12 @@ def test_eval_reproduces_the_validation_loss_and_scores_generations(tiny_run, tm
     trained = json.loads((tiny_run / "summary.json").read_text())
     val = tiny_run.parent / "val.jsonl"
     report = tmp_path / "report.jsonl"
-    assert main(["eval", str(tiny_run), "--data", str(val), "--generate", "--max-new-tokens", "8",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            ["eval", str(tiny_run), "--data", str(val), "--generate", "--max-new-tokens", "8", "--report", str(report)]
+        )
+        == 0
+    )
     summary, *rows = map(json.loads, report.read_text().splitlines())
     # the best adapter's loss on the validation file is the loss training measured for it
     assert summary["fine_tuned"]["loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)

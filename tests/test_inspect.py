@@ -29,8 +29,17 @@ def known(tmp_path):
 
 
 def _inspect(model, data, percentile=99.0, **settings):
-    cfg = TrainConfig(**{"model": model, "train_data": data, "val_ratio": 0, "max_length": 128, "batch_size": 200,
-                         "gradient_accumulation_steps": 1, **settings})
+    cfg = TrainConfig(
+        **{
+            "model": model,
+            "train_data": data,
+            "val_ratio": 0,
+            "max_length": 128,
+            "batch_size": 200,
+            "gradient_accumulation_steps": 1,
+            **settings,
+        }
+    )
     return inspect_data(cfg, encoder_for(load_tokenizer(model), cfg), percentile)
 
 
@@ -69,18 +78,39 @@ def test_padding_share_uses_the_trainers_grouping():
 
 
 def test_cli_prints_the_numbers(tiny_model, known, capsys):
-    code = main(["data", "inspect", "--data", known, "--model", tiny_model, "--val-ratio", "0",
-                 "--max-length", "128", "--batch-size", "200", "--gradient-accumulation-steps", "1"])
+    code = main(
+        [
+            "data",
+            "inspect",
+            "--data",
+            known,
+            "--model",
+            tiny_model,
+            "--val-ratio",
+            "0",
+            "--max-length",
+            "128",
+            "--batch-size",
+            "200",
+            "--gradient-accumulation-steps",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "data: 200 rows (prompt_completion): 200 training + 0 validation examples" in out
     assert "  total                    100   102.2     100     100     100     130     300" in out
     assert "      65-128     ########################################" in out
     assert "recommended max_length: 192, the smallest multiple of 64 that keeps 99% of examples whole" in out
-    assert "at max_length=128 (current), truncation=truncate_prompt_left:\n  197 of 200 examples whole (98.5%), " \
-           "3 truncated\n  padding: none (packing is on); padded batches of 200 would be 22% padding" in out
+    assert (
+        "at max_length=128 (current), truncation=truncate_prompt_left:\n  197 of 200 examples whole (98.5%), "
+        "3 truncated\n  padding: none (packing is on); padded batches of 200 would be 22% padding" in out
+    )
     assert main(["data", "inspect", "--data", known, "--model", tiny_model, "--percentile", "95"]) == 0
-    assert "recommended max_length: 128, the smallest multiple of 64 that keeps 95% of examples whole" in capsys.readouterr().out
+    assert (
+        "recommended max_length: 128, the smallest multiple of 64 that keeps 95% of examples whole"
+        in capsys.readouterr().out
+    )
 
 
 def test_cli_without_data_says_what_to_give(tiny_model, capsys):

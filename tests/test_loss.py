@@ -3,8 +3,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from loratune.modeling.attention import NAME
 from loratune.data.batching import collate_packed
+from loratune.modeling.attention import NAME
 from loratune.modeling.loss import CausalLMLoss, target_cross_entropy
 from loratune.modeling.model import add_lora, load_model
 

@@ -25,7 +25,9 @@ from loratune.memory.planner import (
 )
 from loratune.modeling.model import add_lora, load_model
 
-ACCURACY = 0.05  # the issue asks 25% on CPU; the estimate is within 2% here (docs/memory-accuracy.md), so 5% catches drift
+ACCURACY = (
+    0.05  # the issue asks 25% on CPU; the estimate is within 2% here (docs/memory-accuracy.md), so 5% catches drift
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +40,15 @@ def _one_thread():
 
 
 def _llama(hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, vocab=1000, tied=False):
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+    )
 
 
 def test_parameter_gradient_and_optimizer_bytes_are_exact():
@@ -53,11 +62,15 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact():
     linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 256)
     other = 2 * 512 * 64 + 2 * 2 * 64 + 64  # embeddings, output layer, two norms per block, final norm
     assert mm.static_bytes() == {
-        "frozen weights (fp32)": 4 * (linear + other), "LoRA weights (fp32)": 4 * lora,
-        "LoRA gradients (fp32)": 4 * lora, "AdamW state (2 x fp32)": 8 * lora,
+        "frozen weights (fp32)": 4 * (linear + other),
+        "LoRA weights (fp32)": 4 * lora,
+        "LoRA gradients (fp32)": 4 * lora,
+        "AdamW state (2 x fp32)": 8 * lora,
     }
     four_bit = MemoryModel.for_run(cfg.model_copy(update={"load_in_4bit": True}), mm.shape, "cuda", torch.bfloat16)
-    assert four_bit.static_bytes()["frozen weights (4-bit NF4 linear layers + bf16)"] == int(linear * NF4_BYTES + 2 * other)
+    assert four_bit.static_bytes()["frozen weights (4-bit NF4 linear layers + bf16)"] == int(
+        linear * NF4_BYTES + 2 * other
+    )
 
     torch.manual_seed(0)
     model = add_lora(LlamaForCausalLM(config), cfg)
@@ -67,7 +80,9 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact():
     optimizer.step()
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.requires_grad)
-    moments = sum(s[k].numel() * s[k].element_size() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    moments = sum(
+        s[k].numel() * s[k].element_size() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")
+    )
     assert (frozen, grads, moments) == (4 * (linear + other), 4 * lora, 8 * lora)
 
 
@@ -81,14 +96,27 @@ def test_tied_embeddings_are_counted_once():
 CASES = {  # name: (model config, lengths, share of each example's tokens with loss, settings)
     "tiny packed": (_llama(), [100, 200, 50], 1.0, {}),
     "long answers: two loss chunks": (_llama(vocab=8000), [1500, 1500, 1200], 1.0, {}),
-    "small vocabulary: the backward pass sets the peak": (_llama(hidden=128, intermediate=512, vocab=100), [1000], 1.0, {}),
-    "short answers, no dropout": (_llama(hidden=128, intermediate=512, vocab=200), [600, 300], 0.3, {"lora_dropout": 0.0}),
+    "small vocabulary: the backward pass sets the peak": (
+        _llama(hidden=128, intermediate=512, vocab=100),
+        [1000],
+        1.0,
+        {},
+    ),
+    "short answers, no dropout": (
+        _llama(hidden=128, intermediate=512, vocab=200),
+        [600, 300],
+        0.3,
+        {"lora_dropout": 0.0},
+    ),
     "LoRA on q and v only": (_llama(), [200, 150], 1.0, {"lora_target_modules": "q_proj,v_proj"}),
     "checkpointing": (_llama(layers=3), [300, 200], 1.0, {"gradient_checkpointing": True}),
     "padded": (_llama(), [300, 250, 10, 100], 1.0, {"packing": False}),
     "bf16 base": (_llama(), [200, 150], 1.0, {"precision": "bf16"}),
     "smollm2-135m shape, 2 blocks": (
-        _llama(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True), [300, 212], 0.5, {}
+        _llama(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True),
+        [300, 212],
+        0.5,
+        {},
     ),
 }
 
@@ -112,8 +140,14 @@ def _tiny_data(tiny_model, tmp_path, rows=64):
     from loratune.data.prepare import prepare
     from loratune.modeling.model import load_tokenizer
 
-    cfg = TrainConfig(model=tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(rows)),
-                      val_ratio=0.1, max_length=256, precision="fp32", device="cpu")
+    cfg = TrainConfig(
+        model=tiny_model,
+        train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(rows)),
+        val_ratio=0.1,
+        max_length=256,
+        precision="fp32",
+        device="cpu",
+    )
     tokenizer = load_tokenizer(tiny_model)
     train = prepare(cfg, Encoder(tokenizer, choose_template(tokenizer, None), False)).train
     return cfg, train.lengths, train.target_counts
@@ -159,12 +193,27 @@ def test_fixes_make_a_plan_fit(tiny_model, tmp_path):
 
 def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", varied_rows(40))
-    args = ["plan", "--model", tiny_model, "--train-data", data, "--device", "cpu", "--precision", "fp32",
-            "--max-length", "256", "--output-dir", str(tmp_path / "run")]
+    args = [
+        "plan",
+        "--model",
+        tiny_model,
+        "--train-data",
+        data,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--max-length",
+        "256",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"event": "train", "step": s, "tokens_per_s": r}) + "\n"
-                for s, r in [(1, 5.0), (2, 100.0), (3, 120.0), (4, 110.0)])
+        "".join(
+            json.dumps({"event": "train", "step": s, "tokens_per_s": r}) + "\n"
+            for s, r in [(1, 5.0), (2, 100.0), (3, 120.0), (4, 110.0)]
+        )
     )
     assert main([*args, "--max-memory", "1MB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -172,8 +221,17 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert plan["tokens_per_second"] == 110.0 and plan["epoch_seconds"] == pytest.approx(plan["epoch_tokens"] / 110.0)
     assert main([*args, "--tokens-per-second", "1000"]) == 0
     text = capsys.readouterr().out
-    for item in ("frozen weights (fp32)", "LoRA gradients", "AdamW state", "activations, largest pass", "total",
-                 "fits", "with gradient checkpointing", "trainable:", "time per epoch: about"):
+    for item in (
+        "frozen weights (fp32)",
+        "LoRA gradients",
+        "AdamW state",
+        "activations, largest pass",
+        "total",
+        "fits",
+        "with gradient checkpointing",
+        "trainable:",
+        "time per epoch: about",
+    ):
         assert item in text
 
 
@@ -185,14 +243,17 @@ def test_data_inspect_shows_the_peak_per_max_length(tiny_model):
     assert short.startswith("estimated peak training memory at max_length=128: ")
     assert float(long.split(": ")[1].split()[0]) > float(short.split(": ")[1].split()[0])
     assert memory_lines(cfg.model_copy(update={"load_in_4bit": True}), [128])[0].startswith(
-        "memory estimate unavailable: load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU")
+        "memory estimate unavailable: load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU"
+    )
 
 
 def test_measured_throughput_skips_the_first_step(tmp_path):
     assert measured_throughput(TrainConfig(output_dir=str(tmp_path))) is None
-    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens_per_s": 1.0}\n'
-                                            '{"event": "eval", "step": 1, "val_loss": 1.0}\n'
-                                            '{"event": "train", "step": 2, "tokens_per_s": 50.0}\n')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"event": "train", "step": 1, "tokens_per_s": 1.0}\n'
+        '{"event": "eval", "step": 1, "val_loss": 1.0}\n'
+        '{"event": "train", "step": 2, "tokens_per_s": 50.0}\n'
+    )
     assert measured_throughput(TrainConfig(output_dir=str(tmp_path))) == 50.0
 
 
@@ -212,7 +273,9 @@ def _adapter(run):
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_the_result(tiny_model, tmp_path, monkeypatch):
+def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_the_result(
+    tiny_model, tmp_path, monkeypatch
+):
     """A pass over max_memory (simulated on CPU as a capped GPU would raise it) is replayed at half the micro-batch;
     batch_size auto under the same cap starts at a size that fits. Both give the uncapped run's adapter."""
     from loratune import train
@@ -222,10 +285,18 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     from loratune.modeling.model import load_tokenizer
 
     base = TrainConfig(
-        model=tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(32)),
-        val_data=write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)), epochs=1, batch_size=8,
-        gradient_accumulation_steps=2, lora_dropout=0.0,  # dropout masks depend on how a step is split
-        max_length=256, precision="fp32", device="cpu", learning_rate=1e-3, early_stopping_patience=0,
+        model=tiny_model,
+        train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(32)),
+        val_data=write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)),
+        epochs=1,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        lora_dropout=0.0,  # dropout masks depend on how a step is split
+        max_length=256,
+        precision="fp32",
+        device="cpu",
+        learning_rate=1e-3,
+        early_stopping_patience=0,
     )
     reference = train(base.model_copy(update={"output_dir": str(tmp_path / "reference")}))
     assert reference["batch_size"] == 8
@@ -246,10 +317,14 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     assert halvings and halvings[-1]["batch_size"] < 8
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, reference["steps"] + 1))
 
-    auto = train(base.model_copy(update={"output_dir": str(tmp_path / "auto"), "max_memory": cap, "batch_size": "auto"}))
+    auto = train(
+        base.model_copy(update={"output_dir": str(tmp_path / "auto"), "max_memory": cap, "batch_size": "auto"})
+    )
     assert auto["batch_size"] < 8 and auto["batch_size"] * auto["gradient_accumulation_steps"] == 16
-    assert not any(json.loads(line)["event"] == "out_of_memory"
-                   for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines())
+    assert not any(
+        json.loads(line)["event"] == "out_of_memory"
+        for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()
+    )
 
     # Out of memory in the step's second pass, after the first one's backward: its gradients must not count twice.
     calls = []

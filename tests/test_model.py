@@ -6,8 +6,8 @@ from importlib import metadata
 import pytest
 from conftest import write_jsonl
 
-from loratune.modeling import model as model_module
 from loratune.core.errors import UserError
+from loratune.modeling import model as model_module
 from loratune.modeling.model import resolve_model
 
 
@@ -52,9 +52,21 @@ def test_missing_model_package_says_how_to_install_it(monkeypatch):
 def test_missing_model_is_one_clear_line(tmp_path, name, message):
     data = write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": "b"}] * 4)
     result = subprocess.run(
-        [sys.executable, "-m", "loratune", "train", "--model", name, "--train-data", data,
-         "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "loratune",
+            "train",
+            "--model",
+            name,
+            "--train-data",
+            data,
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -73,8 +85,15 @@ def test_short_fine_tune_of_the_real_model_improves_the_held_out_metric(smollm2,
     quick = PRESETS["quickstart"].values
     test_rows = Path(quick["test_data"]).read_text().splitlines()[:16]
     (tmp_path / "test.jsonl").write_text("\n".join(test_rows) + "\n")
-    cfg = TrainConfig(**{**quick, "test_data": str(tmp_path / "test.jsonl"), "output_dir": str(tmp_path / "run"),
-                         "max_steps": 10, "precision": "fp32"})
+    cfg = TrainConfig(
+        **{
+            **quick,
+            "test_data": str(tmp_path / "test.jsonl"),
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 10,
+            "precision": "fp32",
+        }
+    )
     summary = train(cfg)
     before, after = summary["test_before"], summary["test_after"]
     assert after["field_accuracy"] >= before["field_accuracy"] + 0.4
@@ -87,10 +106,10 @@ def test_plan_of_the_default_model_is_itemised_and_within_25_percent_of_a_measur
     measured peak on all 30 blocks (the fixed items are exact counts, tested in test_memory.py)."""
     import torch
 
+    from bench.measure import measure_pass
     from loratune import TrainConfig
     from loratune.cli import main
     from loratune.core.config import PRESETS
-    from bench.measure import measure_pass
     from loratune.memory.planner import MemoryModel, read_shape
     from loratune.modeling.model import load_model
 

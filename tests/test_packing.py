@@ -1,18 +1,26 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loratune.modeling.attention import NAME
 from loratune.data.batching import collate_packed
+from loratune.modeling.attention import NAME
 
 
 def _logits(model, examples):
     batch = collate_packed(examples, [np.full_like(x, -100) for x in examples])
     with torch.no_grad():
-        return model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                     attention_mask=torch.ones_like(batch.input_ids), cu_seq_lens_q=batch.cu_seqlens,
-                     cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).logits[0]
+        return model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=torch.ones_like(batch.input_ids),
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen,
+            max_length_k=batch.max_seqlen,
+        ).logits[0]
 
 
 def test_examples_in_a_packed_row_do_not_see_each_other(tiny_model):
@@ -98,7 +106,7 @@ def test_a_packed_step_takes_the_fewest_passes_that_hold_it_within_the_largest_p
         assert sorted(i for p in passes for i in p) == sorted(step.tolist())
         assert len(passes) % world == 0 and len(passes) <= accumulation * world
         assert max(int(lengths[p].sum()) for p in passes) <= budget
-        fewest = world * -(-(-(-int(lengths[step].sum()) // budget)) // world)
+        fewest = world * math.ceil(math.ceil(int(lengths[step].sum()) / budget) / world)
         assert len(passes) <= fewest + world, (trial, len(passes), fewest)  # at most one extra round when balancing
         order = np.argsort(lengths[step])
         groups = packed_groups(step[order], lengths, batch_size)

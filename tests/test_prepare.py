@@ -6,9 +6,9 @@ import pytest
 from conftest import varied_rows, write_jsonl
 
 from loratune import TrainConfig
+from loratune.core.errors import UserError
 from loratune.data.encode import IGNORE, Encoder, encoder_for
 from loratune.data.prepare import fit, prepare, recommend_max_length, windows
-from loratune.core.errors import UserError
 from loratune.modeling.model import load_tokenizer
 
 
@@ -59,7 +59,10 @@ def test_cache_key_follows_content_and_settings(tiny_model, tmp_path, cache):
     path = tmp_path / "train.jsonl"
     cfg = _cfg(tiny_model, train_data=write_jsonl(path, varied_rows(10)))
     base = _prepare(cfg)
-    for changed in (cfg.model_copy(update={"train_on_inputs": True}), cfg.model_copy(update={"chat_template": "plain"})):
+    for changed in (
+        cfg.model_copy(update={"train_on_inputs": True}),
+        cfg.model_copy(update={"chat_template": "plain"}),
+    ):
         assert not _prepare(changed).report.from_cache
     assert _prepare(cfg).report.from_cache
     write_jsonl(path, varied_rows(10, seed=5))  # same file, new content
@@ -74,7 +77,11 @@ def test_skipped_rows_are_reported_from_the_cache_too(tiny_model, tmp_path, cach
     cfg = _cfg(tiny_model, train_data=str(path), skip_bad_rows=True, val_ratio=0)
     for _ in range(2):
         r = _prepare(cfg).report
-        assert (r.rows, r.bad_rows, r.first_bad) == (7, 1, f"{path} line 7: not valid JSON (Expecting value at column 1)")
+        assert (r.rows, r.bad_rows, r.first_bad) == (
+            7,
+            1,
+            f"{path} line 7: not valid JSON (Expecting value at column 1)",
+        )
 
 
 # --- validation ---------------------------------------------------------------------------------------------
@@ -89,10 +96,12 @@ def test_validation_split_is_seeded_and_reports_duplicates(tiny_model, tmp_path)
     assert _prepare(cfg.model_copy(update={"seed": 7})).val.origins != a.val.origins
     assert len(_prepare(cfg.model_copy(update={"val_ratio": 0})).val) == 0
     # a val file that repeats two training rows (and a training file that repeats one of its own)
-    cfg = cfg.model_copy(update={
-        "train_data": write_jsonl(tmp_path / "t2.jsonl", rows + rows[:1]),
-        "val_data": write_jsonl(tmp_path / "val.jsonl", rows[3:5] + varied_rows(3, seed=9)),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "train_data": write_jsonl(tmp_path / "t2.jsonl", rows + rows[:1]),
+            "val_data": write_jsonl(tmp_path / "val.jsonl", rows[3:5] + varied_rows(3, seed=9)),
+        }
+    )
     report = _prepare(cfg).report
     assert (report.duplicates_train_val, report.duplicates_train) == (2, 1)
     assert any("2 validation examples also appear in the training data" in text for _, text in report.lines())
@@ -122,26 +131,40 @@ def test_truncation_policies_and_their_counts(tiny_model, tmp_path):
     drop = _prepare(cfg.model_copy(update={"truncation": "drop"}))
     assert (len(drop.train), drop.report.dropped_too_long) == (2, 10)
     assert drop.report.train_fit.first_too_long == f"{path} line 1"
-    with pytest.raises(UserError, match=r"83% of the training examples would train on no answer token at max_length=24 "
-                                        r"with truncation=truncate_end .*first: .*t.jsonl line 1"):
+    with pytest.raises(
+        UserError,
+        match=r"83% of the training examples would train on no answer token at max_length=24 "
+        r"with truncation=truncate_end .*first: .*t.jsonl line 1",
+    ):
         _prepare(cfg.model_copy(update={"truncation": "truncate_end"}))
 
 
 def test_answers_longer_than_max_length_refuse_to_start(tiny_model, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": " lamp" * 40}] * 3)
-    with pytest.raises(UserError, match=r"no training example is left at max_length=16 .*3 are longer .*max_length=64 "
-                                        r"would keep 99% whole"):
+    with pytest.raises(
+        UserError,
+        match=r"no training example is left at max_length=16 .*3 are longer .*max_length=64 "
+        r"would keep 99% whole",
+    ):
         _prepare(_cfg(tiny_model, train_data=path, val_ratio=0, max_length=16))
 
 
 def test_a_few_cut_answers_are_dropped_and_reported(tiny_model, tmp_path):
     rows = [{"prompt": " order", "completion": " lamp"}] * 40 + [{"prompt": " order" * 30, "completion": " lamp"}]
-    cfg = _cfg(tiny_model, train_data=write_jsonl(tmp_path / "t.jsonl", rows), val_ratio=0, max_length=16,
-               truncation="truncate_end")
+    cfg = _cfg(
+        tiny_model,
+        train_data=write_jsonl(tmp_path / "t.jsonl", rows),
+        val_ratio=0,
+        max_length=16,
+        truncation="truncate_end",
+    )
     data = _prepare(cfg)
     assert len(data.train) == 40 and data.report.dropped_no_target == 1
-    assert any("1 examples had no answer token left" in text and "line 41" in text
-               for warn, text in data.report.lines() if warn)
+    assert any(
+        "1 examples had no answer token left" in text and "line 41" in text
+        for warn, text in data.report.lines()
+        if warn
+    )
 
 
 def test_plain_text_is_split_into_windows_that_predict_every_token_once(tiny_model, tmp_path):

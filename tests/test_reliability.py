@@ -11,23 +11,42 @@ from conftest import varied_rows, write_jsonl
 from safetensors.torch import load_file
 
 from loratune import TrainConfig, train
+from loratune.core.errors import UserError
 from loratune.modeling import loss
 from loratune.training import checkpoint as ckpt
-from loratune.core.errors import UserError
 
 DRIVER = str(Path(__file__).with_name("fault_driver.py"))
 
 
 @pytest.fixture
 def data(tmp_path):
-    return (write_jsonl(tmp_path / "train.jsonl", varied_rows(36)), write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)))
+    return (
+        write_jsonl(tmp_path / "train.jsonl", varied_rows(36)),
+        write_jsonl(tmp_path / "val.jsonl", varied_rows(4, seed=1)),
+    )
 
 
 def _settings(model, data, out, **extra) -> dict:
     # Unpacked, every step takes 3 passes, so a pass number names a point in a step; packed runs take fewer.
-    return dict(model=model, train_data=data[0], val_data=data[1], output_dir=out, epochs=2, batch_size=2,
-                gradient_accumulation_steps=3, save_every_steps=1, lora_dropout=0.1, precision="fp32", device="cpu",
-                learning_rate=1e-3, keep_checkpoints=2, packing=False) | extra
+    return (
+        dict(
+            model=model,
+            train_data=data[0],
+            val_data=data[1],
+            output_dir=out,
+            epochs=2,
+            batch_size=2,
+            gradient_accumulation_steps=3,
+            save_every_steps=1,
+            lora_dropout=0.1,
+            precision="fp32",
+            device="cpu",
+            learning_rate=1e-3,
+            keep_checkpoints=2,
+            packing=False,
+        )
+        | extra
+    )
 
 
 def _flags(model, data, out, **extra):
@@ -51,11 +70,13 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(ti
     assert _run(_flags(tiny_model, data, reference)).returncode == 0  # 12 steps of 3 passes
 
     rng = random.Random(7)  # pass and save numbers count from the start of each (resumed) process
-    faults = [f"kill_at_pass:{3 * rng.randint(1, 2) + 2}",  # mid-accumulation (the 2nd pass of a step)
-              f"kill_in_save:{rng.randint(1, 2)}",  # mid-save
-              f"kill_at_pass:{3 * rng.randint(1, 2) + 1}",  # at a step boundary
-              f"kill_at_pass:{3 * rng.randint(1, 2) + 3}",  # mid-accumulation (the last pass of a step)
-              f"kill_in_save:{rng.randint(1, 3)}"]
+    faults = [
+        f"kill_at_pass:{3 * rng.randint(1, 2) + 2}",  # mid-accumulation (the 2nd pass of a step)
+        f"kill_in_save:{rng.randint(1, 2)}",  # mid-save
+        f"kill_at_pass:{3 * rng.randint(1, 2) + 1}",  # at a step boundary
+        f"kill_at_pass:{3 * rng.randint(1, 2) + 3}",  # mid-accumulation (the last pass of a step)
+        f"kill_in_save:{rng.randint(1, 3)}",
+    ]
     run = tmp_path / "run"
     for i, fault in enumerate(faults):
         result = _run(_flags(tiny_model, data, run), fault, resume=i > 0)
@@ -110,12 +131,31 @@ def test_second_ctrl_c_stops_at_once(tiny_model, data, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model, tmp_path):
-    rows = lambda n, seed: [{"input": " ".join(random.Random(seed + i).choices("abcdefghij", k=6)),  # noqa: E731
-                             "output": " ".join(random.Random(seed - i).choices("klmnopqrst", k=8))} for i in range(n)]
-    cfg = TrainConfig(model=tiny_model, train_data=write_jsonl(tmp_path / "t.jsonl", rows(8, 0)),
-                      val_data=write_jsonl(tmp_path / "v.jsonl", rows(8, 100)), output_dir=str(tmp_path / "run"),
-                      epochs=60, batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-2, warmup_ratio=0,
-                      lr_scheduler="constant", lora_dropout=0.0, precision="fp32", device="cpu", keep_checkpoints=1)
+    def rows(n, seed):
+        return [
+            {
+                "input": " ".join(random.Random(seed + i).choices("abcdefghij", k=6)),
+                "output": " ".join(random.Random(seed - i).choices("klmnopqrst", k=8)),
+            }
+            for i in range(n)
+        ]
+
+    cfg = TrainConfig(
+        model=tiny_model,
+        train_data=write_jsonl(tmp_path / "t.jsonl", rows(8, 0)),
+        val_data=write_jsonl(tmp_path / "v.jsonl", rows(8, 100)),
+        output_dir=str(tmp_path / "run"),
+        epochs=60,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-2,
+        warmup_ratio=0,
+        lr_scheduler="constant",
+        lora_dropout=0.0,
+        precision="fp32",
+        device="cpu",
+        keep_checkpoints=1,
+    )
     summary = train(cfg)
     assert summary["stop_reason"].startswith("early stopping") and summary["steps"] < 120
     assert summary["best_step"] < summary["steps"] and summary["best_val_loss"] < summary["last_val_loss"]
@@ -133,8 +173,17 @@ def test_nan_updates_are_skipped_then_training_stops_with_a_diagnosis(tiny_model
         value = forward(self, batch)
         return value * float("nan") if self.training and when(calls["n"]) else value
 
-    cfg = TrainConfig(model=tiny_model, train_data=data[0], val_data=data[1], output_dir=str(tmp_path / "a"), epochs=1,
-                      batch_size=2, gradient_accumulation_steps=3, precision="fp32", device="cpu")
+    cfg = TrainConfig(
+        model=tiny_model,
+        train_data=data[0],
+        val_data=data[1],
+        output_dir=str(tmp_path / "a"),
+        epochs=1,
+        batch_size=2,
+        gradient_accumulation_steps=3,
+        precision="fp32",
+        device="cpu",
+    )
     monkeypatch.setattr(loss.CausalLMLoss, "forward", lambda s, b: poisoned(s, b, lambda n: n in (4, 8)))
     summary = train(cfg)  # two poisoned steps are skipped, the run finishes with a finite adapter
     assert summary["nonfinite_steps"] == 2
@@ -168,7 +217,13 @@ def test_overwrite_replaces_only_loratune_output(tiny_model, data, tmp_path, mon
     run = tmp_path / "old-run"
     for name in ("adapter", "checkpoints"):
         (run / name).mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl", "eval-test.jsonl", ".summary.json.tmp-1", "adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval-test.jsonl",
+        ".summary.json.tmp-1",
+        "adapter/adapter_config.json",
+    ):
         (run / name).write_text("x")
     ckpt.check_output_dir(run, overwrite=True, resume=False)  # a run's own files: may be replaced
     monkeypatch.chdir(run / "adapter")
@@ -208,9 +263,18 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model, data, 
         real(obj, path, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    cfg = TrainConfig(model=tiny_model, train_data=data[0], val_data=data[1], output_dir=str(tmp_path / "run"),
-                      epochs=1, batch_size=2, gradient_accumulation_steps=3, save_every_steps=1, precision="fp32",
-                      device="cpu")
+    cfg = TrainConfig(
+        model=tiny_model,
+        train_data=data[0],
+        val_data=data[1],
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=2,
+        gradient_accumulation_steps=3,
+        save_every_steps=1,
+        precision="fp32",
+        device="cpu",
+    )
     with pytest.raises(UserError, match="disk full while writing .*step-000003"):
         train(cfg)
     folder = tmp_path / "run" / "checkpoints"

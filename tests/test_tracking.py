@@ -51,12 +51,21 @@ def test_training_with_report_to_tensorboard_logs_every_metrics_record(tiny_mode
     from loratune import train
 
     run = tmp_path / "run"
-    summary = train(TrainConfig(
-        model=tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(16)),
-        val_data=write_jsonl(tmp_path / "val.jsonl", varied_rows(2, seed=1)), output_dir=str(run), epochs=1,
-        batch_size=4, gradient_accumulation_steps=2, max_length=128, precision="fp32", device="cpu",
-        report_to=["tensorboard"],
-    ))
+    summary = train(
+        TrainConfig(
+            model=tiny_model,
+            train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(16)),
+            val_data=write_jsonl(tmp_path / "val.jsonl", varied_rows(2, seed=1)),
+            output_dir=str(run),
+            epochs=1,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            max_length=128,
+            precision="fp32",
+            device="cpu",
+            report_to=["tensorboard"],
+        )
+    )
     scalars = _scalars(run / "tensorboard")
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, summary["steps"] + 1))
     assert scalars["eval/val_loss"][-1] == (summary["steps"], round(summary["last_val_loss"], 6))

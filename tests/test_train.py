@@ -18,10 +18,19 @@ def _config(model, tmp_path, name, rows=24, **overrides):
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     settings = dict(
-        model=model, train_data=write_jsonl(data / "train.jsonl", varied_rows(rows)),
-        val_data=write_jsonl(data / "val.jsonl", varied_rows(3, seed=1)), output_dir=str(tmp_path / name),
-        epochs=1, precision="fp32", device="cpu", lora_dropout=0.0, warmup_ratio=0.0, lr_scheduler="constant",
-        max_grad_norm=0.0, learning_rate=1e-3, max_length=256,
+        model=model,
+        train_data=write_jsonl(data / "train.jsonl", varied_rows(rows)),
+        val_data=write_jsonl(data / "val.jsonl", varied_rows(3, seed=1)),
+        output_dir=str(tmp_path / name),
+        epochs=1,
+        precision="fp32",
+        device="cpu",
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        max_length=256,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -58,7 +67,9 @@ def test_accumulation_does_not_change_the_update(tiny_model, tmp_path, packing):
 def test_packed_and_padded_give_the_same_adapter(tiny_model, tmp_path, capsys):
     shares = {}
     for name in ("packed", "padded"):
-        train(_config(tiny_model, tmp_path, name, batch_size=4, gradient_accumulation_steps=2, packing=name == "packed"))
+        train(
+            _config(tiny_model, tmp_path, name, batch_size=4, gradient_accumulation_steps=2, packing=name == "packed")
+        )
         shares[name] = _metrics(tmp_path / name)[0]["padding_share"]
         first_step = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/"))
         assert f"| padding {shares[name]:.0%} |" in first_step  # the progress line shows what metrics.jsonl records
@@ -67,10 +78,13 @@ def test_packed_and_padded_give_the_same_adapter(tiny_model, tmp_path, capsys):
 
 
 def test_without_validation_nothing_is_said_of_validation_loss(tiny_model, tmp_path, capsys):
-    train(_config(tiny_model, tmp_path, "noval", val_data=None, val_ratio=0, batch_size=4, gradient_accumulation_steps=2))
+    train(
+        _config(tiny_model, tmp_path, "noval", val_data=None, val_ratio=0, batch_size=4, gradient_accumulation_steps=2)
+    )
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in")]
-    assert len(done) == 1 and done[0].endswith(f": all epochs done; adapter in {tmp_path / 'noval' / 'adapter'}; "
-                                               f"report in {tmp_path / 'noval' / 'report.md'}"), done
+    assert len(done) == 1 and done[0].endswith(
+        f": all epochs done; adapter in {tmp_path / 'noval' / 'adapter'}; report in {tmp_path / 'noval' / 'report.md'}"
+    ), done
     assert "validation loss" not in (tmp_path / "noval" / "report.md").read_text()
 
 
@@ -82,8 +96,17 @@ def test_torch_compile_keeps_the_loss(tmp_path):
     graphs = torch._dynamo.utils.counters["stats"]
     for flag in (False, True):
         before = graphs["unique_graphs"]
-        train(_config(model, tmp_path, f"compiled-{flag}", rows=16, batch_size=4, gradient_accumulation_steps=2,
-                      torch_compile=flag))
+        train(
+            _config(
+                model,
+                tmp_path,
+                f"compiled-{flag}",
+                rows=16,
+                batch_size=4,
+                gradient_accumulation_steps=2,
+                torch_compile=flag,
+            )
+        )
         assert (graphs["unique_graphs"] > before) == flag  # the layers really ran compiled code
     eager, compiled = _metrics(tmp_path / "compiled-False"), _metrics(tmp_path / "compiled-True")
     assert len(eager) == len(compiled) == 2
@@ -98,8 +121,10 @@ def test_liger_kernels_are_refused_off_cuda(tiny_model, tmp_path):
     assert not (tmp_path / "liger").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
-                    reason="Liger's kernels need a CUDA GPU and the liger-kernel package")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="Liger's kernels need a CUDA GPU and the liger-kernel package",
+)
 def test_liger_kernels_keep_the_loss(tiny_model, tmp_path):
     for flag in (False, True):  # eager first: Liger replaces transformers' RoPE function for the whole process
         train(_config(tiny_model, tmp_path, f"liger-{flag}", device="cuda", liger_kernels=flag))
@@ -109,8 +134,17 @@ def test_liger_kernels_keep_the_loss(tiny_model, tmp_path):
 
 
 def test_warmup_then_cosine_schedule(tiny_model, tmp_path):
-    cfg = _config(tiny_model, tmp_path, "sched", rows=40, batch_size=2, gradient_accumulation_steps=2,
-                  warmup_ratio=0.25, lr_scheduler="cosine", learning_rate=1e-3)
+    cfg = _config(
+        tiny_model,
+        tmp_path,
+        "sched",
+        rows=40,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        warmup_ratio=0.25,
+        lr_scheduler="cosine",
+        learning_rate=1e-3,
+    )
     train(cfg)
     lrs = [r["lr"] for r in _metrics(tmp_path / "sched")]
     assert len(lrs) == 10  # 40 examples / 4 per step
@@ -124,7 +158,9 @@ def test_warmup_then_cosine_schedule(tiny_model, tmp_path):
 def test_same_seed_same_adapter_bytes(tiny_model, tmp_path):
     for name in ("a", "b"):
         train(_config(tiny_model, tmp_path, name, batch_size=4, gradient_accumulation_steps=2, lora_dropout=0.1))
-    assert (tmp_path / "a/last/adapter_model.safetensors").read_bytes() == (tmp_path / "b/last/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "a/last/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "b/last/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_cli_end_to_end_adapter_reloads_in_peft(tiny_model, tmp_path):
@@ -154,7 +190,9 @@ def test_cli_end_to_end_adapter_reloads_in_peft(tiny_model, tmp_path):
     with torch.no_grad():
         for ids, labels in zip(val.input_ids, val.labels):
             logits = model(input_ids=torch.tensor(ids)[None]).logits[0, :-1]
-            total += torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels[1:] != -100).sum())
     assert math.isclose(total / count, summary["last_val_loss"], rel_tol=1e-5)
     # and the untrained base is clearly different, so the comparison above is meaningful

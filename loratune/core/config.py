@@ -39,20 +39,27 @@ class TrainConfig(BaseModel):
         description="Training examples: a .jsonl/.json/.csv/.tsv/.parquet file, a folder of them, or a hub dataset "
         "org/name[:subset][@split] (split default: train; validation for val_data, test for test_data).",
     )
-    val_data: str | None = Field(None, description="Validation examples; when absent, val_ratio of train_data is held out.")
+    val_data: str | None = Field(
+        None, description="Validation examples; when absent, val_ratio of train_data is held out."
+    )
     test_data: str | None = Field(
         None,
-        description="Held-out examples scored by greedy generation before and after training (exact match, field accuracy).",
+        description="Held-out examples scored by greedy generation before and after training "
+        "(exact match, field accuracy).",
     )
     val_ratio: float = Field(
-        0.05, ge=0, lt=1, description="Share of train_data held out for validation when val_data is absent (at least 1 example)."
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of train_data held out for validation when val_data is absent (at least 1 example).",
     )
     data_format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "auto", description="Shape of the examples; auto detects it from the columns."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Map our column names to yours, e.g. {input: question, output: answer}. Flag form: input=question,output=answer.",
+        description="Map our column names to yours, e.g. {input: question, output: answer}. "
+        "Flag form: input=question,output=answer.",
     )
     chat_template: str | None = Field(
         None,
@@ -89,9 +96,7 @@ class TrainConfig(BaseModel):
     )
 
     # --- Training Guide: learning --------------------------------------------------------------------
-    learning_rate: float = Field(
-        2e-4, gt=0, description="Step size for model updates. Guide range: 5e-5 to 2e-4."
-    )
+    learning_rate: float = Field(2e-4, gt=0, description="Step size for model updates. Guide range: 5e-5 to 2e-4.")
     epochs: int = Field(
         20, gt=0, description="Complete passes through the dataset; early stopping on validation loss ends sooner."
     )
@@ -121,7 +126,8 @@ class TrainConfig(BaseModel):
     # --- Speed and memory ----------------------------------------------------------------------------
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Number format of the frozen base: auto picks bf16/fp16 where the hardware runs it fast, else fp32. "
+        description="Number format of the frozen base: auto picks bf16/fp16 where the hardware runs it fast, "
+        "else fp32. "
         "LoRA weights, gradients and optimizer state stay fp32.",
     )
     packing: bool = Field(
@@ -132,7 +138,8 @@ class TrainConfig(BaseModel):
         False, description="Recompute activations in the backward pass: much less memory, about 30% slower."
     )
     max_memory: str | None = Field(
-        None, description="Memory cap for training, e.g. 6GB: the run plans and recovers as if the device had this much."
+        None,
+        description="Memory cap for training, e.g. 6GB: the run plans and recovers as if the device had this much.",
     )
     load_in_4bit: bool = Field(False, description="Load the base in 4-bit NF4 (QLoRA; CUDA with bitsandbytes only).")
     torch_compile: bool = Field(
@@ -159,7 +166,9 @@ class TrainConfig(BaseModel):
     )
     output_dir: str | None = Field(None, description="Where the run writes its outputs (default: runs/<config name>).")
     save_every_steps: int | None = Field(
-        None, gt=0, description="Also checkpoint every this many optimizer steps (checkpoints are always written at evaluations)."
+        None,
+        gt=0,
+        description="Also checkpoint every this many optimizer steps (checkpoints are always written at evaluations).",
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best is always kept).")
     max_nonfinite_steps: int = Field(
@@ -307,16 +316,47 @@ def guide_warnings(cfg: TrainConfig) -> list[str]:
         if value is not None and not isinstance(value, str) and not (lo <= value <= hi):
             out.append(f"{name}={value:g} is outside the Training Guide's recommended range {shown}: {advice}")
 
-    check("batch_size", cfg.batch_size, 4, 16, "4-16",
-          '"Higher values = faster training, more memory. Lower values = slower training, less memory."')
-    check("gradient_accumulation_steps", cfg.gradient_accumulation_steps, 4, 32, "4-32",
-          '"Lower values = faster training, more memory usage."')
-    check("learning_rate", cfg.learning_rate, 5e-5, 2e-4, "5e-5 to 2e-4",
-          '"Higher values = faster learning but risk instability. Lower values = more stable but slower training."')
-    check("warmup_ratio", cfg.warmup_ratio, 0.03, 0.1, "0.03-0.1",
-          '"Higher values = more stable start but slower training. Lower values = faster training but might be unstable."')
-    check("lora_r", cfg.lora_r, 8, 32, "8-32",
-          '"Higher values = more capacity but larger adapter. Lower values = smaller adapter but limited capacity."')
+    check(
+        "batch_size",
+        cfg.batch_size,
+        4,
+        16,
+        "4-16",
+        '"Higher values = faster training, more memory. Lower values = slower training, less memory."',
+    )
+    check(
+        "gradient_accumulation_steps",
+        cfg.gradient_accumulation_steps,
+        4,
+        32,
+        "4-32",
+        '"Lower values = faster training, more memory usage."',
+    )
+    check(
+        "learning_rate",
+        cfg.learning_rate,
+        5e-5,
+        2e-4,
+        "5e-5 to 2e-4",
+        '"Higher values = faster learning but risk instability. Lower values = more stable but slower training."',
+    )
+    check(
+        "warmup_ratio",
+        cfg.warmup_ratio,
+        0.03,
+        0.1,
+        "0.03-0.1",
+        '"Higher values = more stable start but slower training. '
+        'Lower values = faster training but might be unstable."',
+    )
+    check(
+        "lora_r",
+        cfg.lora_r,
+        8,
+        32,
+        "8-32",
+        '"Higher values = more capacity but larger adapter. Lower values = smaller adapter but limited capacity."',
+    )
     if not 2 * cfg.lora_r <= cfg.lora_alpha <= 4 * cfg.lora_r:
         out.append(
             f"lora_alpha={cfg.lora_alpha} is not 2x-4x lora_r={cfg.lora_r} as the Training Guide advises: "
@@ -353,7 +393,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in lines:
                 raise yaml.constructor.ConstructorError(
                     problem=f"{key} is given twice, on lines {lines[key]} and {key_node.start_mark.line + 1}",
-                    problem_mark=key_node.start_mark)
+                    problem_mark=key_node.start_mark,
+                )
             lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 

@@ -51,8 +51,13 @@ class StepProgress:
         self.bar = None
         if console.enabled and console.live:
             self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                TimeRemainingColumn(), console=console.out, transient=False,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=console.out,
+                transient=False,
             )
             self.task = self.bar.add_task("train", total=total, completed=done, stats="")
             self.bar.start()

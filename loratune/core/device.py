@@ -25,9 +25,11 @@ def resolve_device(name: str) -> torch.device:
     kind = name.split(":")[0]
     if not gpus.get(kind, True):  # else a run would fail later, or (mps) quietly train on the CPU
         here = ", ".join(["auto", "cpu", *(k for k, ok in gpus.items() if ok)])
-        raise UserError(f"device = {name!r}: PyTorch sees no {'CUDA' if kind == 'cuda' else 'MPS (Apple)'} GPU "
-                        f"here; use {here}")
+        raise UserError(
+            f"device = {name!r}: PyTorch sees no {'CUDA' if kind == 'cuda' else 'MPS (Apple)'} GPU here; use {here}"
+        )
     return torch.device(name)
+
 
 def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype. `auto`: bf16 (fp16 without bf16) on GPUs; on CPUs bf16 only where measured faster."""
@@ -91,7 +93,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-
 def keep_freed_cpu_memory() -> None:
     """Have glibc keep freed blocks for reuse instead of handing them back to the OS (Linux; for CPU training).
 
@@ -118,7 +119,7 @@ def peak_memory(device) -> dict:
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
-            "peak_memory_of": "process resident memory"}
-
-
+    return {
+        "peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+        "peak_memory_of": "process resident memory",
+    }

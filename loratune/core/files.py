@@ -52,7 +52,6 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -83,14 +82,16 @@ def check_replaceable(path: Path, option: str, ours) -> None:
     never the working folder or one above it. A wrong --output-dir must not cost the user their data."""
     here = Path.cwd().resolve()
     if path.resolve() in (here, *here.parents):
-        raise UserError(f"{option} {path}: is the working folder or contains it; --overwrite would delete it. "
-                        "Choose a new folder")
+        raise UserError(
+            f"{option} {path}: is the working folder or contains it; --overwrite would delete it. Choose a new folder"
+        )
     foreign = sorted(entry.name for entry in path.iterdir() if not ours(entry))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{option} {path}: holds files loratune did not write ({shown}); --overwrite only replaces "
-                        "loratune's own output. Choose a new folder")
-
+        raise UserError(
+            f"{option} {path}: holds files loratune did not write ({shown}); --overwrite only replaces "
+            "loratune's own output. Choose a new folder"
+        )
 
 
 def file_digest(path: str | Path) -> str:

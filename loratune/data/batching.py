@@ -33,8 +33,9 @@ def epoch_steps(n_examples: int, per_step: int, seed: int, epoch: int) -> list[n
     return [order[i : i + per_step] for i in range(0, n_examples, per_step)]
 
 
-def split_step(step: np.ndarray, lengths: np.ndarray, batch_size: int, packing: bool, longest: int,
-               world_size: int = 1) -> list[list[int]]:
+def split_step(
+    step: np.ndarray, lengths: np.ndarray, batch_size: int, packing: bool, longest: int, world_size: int = 1
+) -> list[list[int]]:
     """A step's examples as forward passes, as many for each of `world_size` processes (some may be empty when the
     step is short). `longest`: the data's longest example in tokens, which sets a packed pass's token budget."""
     if not packing:
@@ -113,8 +114,15 @@ class Batch:
 
     def to(self, device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     move(self.cu_seqlens), self.max_seqlen, self.padding)
+        return Batch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.targets),
+            move(self.attention_mask),
+            move(self.cu_seqlens),
+            self.max_seqlen,
+            self.padding,
+        )
 
 
 def _shifted(labels: np.ndarray) -> np.ndarray:
@@ -163,8 +171,9 @@ def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int)
         targets[row, : len(x)] = _shifted(y)
         mask[row, : len(x)] = 1
     position_ids = torch.arange(width)[None].expand(len(ids), -1)
-    return Batch(torch.from_numpy(input_ids), position_ids, torch.from_numpy(targets),
-                 attention_mask=torch.from_numpy(mask))
+    return Batch(
+        torch.from_numpy(input_ids), position_ids, torch.from_numpy(targets), attention_mask=torch.from_numpy(mask)
+    )
 
 
 def packed_boundaries(position_ids: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,10 @@ def choose_template(tokenizer, setting: str | None) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise RowError(f"chat_template = {setting!r}: cannot be read as text ({e})") from None
         if "{{" not in text and "{%" not in text:  # else every example would be this file's text, verbatim
-            raise RowError(f"chat_template = {setting!r}: not a Jinja template (no {{{{ }}}} or {{% %}} in it); "
-                           f"give a Jinja template file or a built-in name ({names})")
+            raise RowError(
+                f"chat_template = {setting!r}: not a Jinja template (no {{{{ }}}} or {{% %}} in it); "
+                f"give a Jinja template file or a built-in name ({names})"
+            )
         return text
     return tokenizer.chat_template or BUILTIN_TEMPLATES["plain"]
 
@@ -93,8 +95,13 @@ class Encoder:
         """The special token that closes an assistant turn in this template (ChatML's <|im_end|>, Gemma's
         <end_of_turn>), found at the end of a rendered probe turn: it ends answers, and generation stops there."""
         try:
-            answer = [p for p, is_answer in self.pieces(Example(messages=[
-                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])) if is_answer][-1]
+            answer = [
+                p
+                for p, is_answer in self.pieces(
+                    Example(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+                )
+                if is_answer
+            ][-1]
         except RowError:
             return set()
         last = self._ids(answer)[-1:]
@@ -107,8 +114,16 @@ class Encoder:
         rules = backend.to_str() if backend is not None else json.dumps(sorted(self.tok.get_vocab().items()))
         import transformers
 
-        settings = [type(self.tok).__name__, str(self.tok.special_tokens_map), self.template, self.train_on_inputs,
-                    sorted(self.end_ids), self.bos_id, transformers.__version__, ENCODING_VERSION]
+        settings = [
+            type(self.tok).__name__,
+            str(self.tok.special_tokens_map),
+            self.template,
+            self.train_on_inputs,
+            sorted(self.end_ids),
+            self.bos_id,
+            transformers.__version__,
+            ENCODING_VERSION,
+        ]
         return hashlib.sha256((rules + json.dumps(settings)).encode()).hexdigest()
 
     # --- rendering ---

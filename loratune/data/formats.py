@@ -19,8 +19,16 @@ SHAPES = {
     "text": ("text",),
 }
 # Role names seen in chat data (OpenAI, ShareGPT, Gemini style) -> the three a chat template knows.
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-              "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+}
 
 
 class RowError(ValueError):
@@ -68,8 +76,10 @@ def check_mapping(columns: list[str], mapping: dict[str, str], fmt: str | None =
     optional = {"system", "input"} if fmt == "alpaca" else {"system"}
     for role, col in mapping.items():
         if col not in columns and role not in optional:
-            raise RowError(f"columns {role}={col}: the data has no column {col!r} (its columns: "
-                           f"{', '.join(sorted(columns)) or 'none'})")
+            raise RowError(
+                f"columns {role}={col}: the data has no column {col!r} (its columns: "
+                f"{', '.join(sorted(columns)) or 'none'})"
+            )
 
 
 def to_example(row: dict[str, Any], fmt: str, mapping: dict[str, str]) -> Example:

@@ -69,8 +69,12 @@ def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -
         raise UserError(f"--percentile {percentile:g}: must be above 0 and at most 100")
     report = DataReport(max_length=cfg.max_length, truncation=cfg.truncation)
     train, val = load_sets(cfg, encoder, report)
-    both = TokenizedSet(train.input_ids + val.input_ids, train.labels + val.labels, train.origins + val.origins,
-                        np.concatenate([train.answer_starts, val.answer_starts]))
+    both = TokenizedSet(
+        train.input_ids + val.input_ids,
+        train.labels + val.labels,
+        train.origins + val.origins,
+        np.concatenate([train.answer_starts, val.answer_starts]),
+    )
     total = both.lengths
     text = report.data_format == "text"
     batch_size = cfg.batch_size if isinstance(cfg.batch_size, int) else FALLBACK_BATCH
@@ -83,9 +87,15 @@ def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -
 
     recommended = None if text else recommend_max_length(total, percentile, MULTIPLE)
     ins = Inspection(
-        report=report, n_train=len(train), n_val=len(val),
-        prompt=Stats.of(both.answer_starts), target=Stats.of(total - both.answer_starts), total=Stats.of(total),
-        histogram=histogram(total), percentile=percentile, recommended=recommended,
+        report=report,
+        n_train=len(train),
+        n_val=len(val),
+        prompt=Stats.of(both.answer_starts),
+        target=Stats.of(total - both.answer_starts),
+        total=Stats.of(total),
+        histogram=histogram(total),
+        percentile=percentile,
+        recommended=recommended,
         current=effect(cfg.max_length),
         at_recommended=effect(recommended) if recommended and recommended != cfg.max_length else None,
         batch_size=batch_size,
@@ -141,8 +151,10 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
         + (f"; {r.bad_rows:,} malformed rows skipped (first: {r.first_bad})" if r.bad_rows else ""),
     ]
     if r.duplicates_train_val or r.duplicates_train:
-        lines.append(f"duplicates: {r.duplicates_train_val} validation examples also in training, "
-                     f"{r.duplicates_train} repeats within training")
+        lines.append(
+            f"duplicates: {r.duplicates_train_val} validation examples also in training, "
+            f"{r.duplicates_train} repeats within training"
+        )
     columns = ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")
     head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in columns)
     lines += ["", head]
@@ -157,11 +169,15 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
     n = ins.n_train + ins.n_val
     lines += _effect_lines(f"max_length={cfg.max_length} (current)", ins.current, n, cfg)
     if ins.recommended is None:
-        lines.append("recommended max_length: none needed; plain text is split into windows of max_length "
-                     "(longer windows: more context per example, more memory)")
+        lines.append(
+            "recommended max_length: none needed; plain text is split into windows of max_length "
+            "(longer windows: more context per example, more memory)"
+        )
     else:
-        lines.append(f"recommended max_length: {ins.recommended}, the smallest multiple of {MULTIPLE} that keeps "
-                     f"{ins.percentile:g}% of examples whole")
+        lines.append(
+            f"recommended max_length: {ins.recommended}, the smallest multiple of {MULTIPLE} that keeps "
+            f"{ins.percentile:g}% of examples whole"
+        )
         if ins.at_recommended:
             lines += _effect_lines(f"max_length={ins.recommended}", ins.at_recommended, n, cfg)
     lines += ins.memory

@@ -62,7 +62,8 @@ class FileSource:
         if path.is_dir():
             # Hidden files and folders (.git, .ipynb_checkpoints) are never data.
             self.files = sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.is_file() and p.suffix.lower() in FILE_TYPES and not _hidden(p.relative_to(path))
             )
             if not self.files:

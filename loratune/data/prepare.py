@@ -54,8 +54,12 @@ class TokenizedSet:
 
     def select(self, indices) -> TokenizedSet:
         starts = None if self.answer_starts is None else self.answer_starts[np.asarray(indices, dtype=np.int64)]
-        return TokenizedSet([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
-                            [self.origins[i] for i in indices], starts)
+        return TokenizedSet(
+            [self.input_ids[i] for i in indices],
+            [self.labels[i] for i in indices],
+            [self.origins[i] for i in indices],
+            starts,
+        )
 
 
 @dataclass
@@ -104,32 +108,70 @@ class DataReport:
 
     def lines(self) -> list[tuple[bool, str]]:
         """(is_warning, message) for the console at the start of training."""
-        out = [(False, f"data: {self.rows} rows ({self.data_format}): {self.train_examples} training, "
-                       f"{self.val_examples} validation examples" + ("; tokens from cache" if self.from_cache else ""))]
-        hint = (f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
-                if self.recommended_max_length and self.recommended_max_length > self.max_length else "")
+        out = [
+            (
+                False,
+                f"data: {self.rows} rows ({self.data_format}): {self.train_examples} training, "
+                f"{self.val_examples} validation examples" + ("; tokens from cache" if self.from_cache else ""),
+            )
+        ]
+        hint = (
+            f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
+            if self.recommended_max_length and self.recommended_max_length > self.max_length
+            else ""
+        )
         if self.bad_rows:
             out.append((True, f"{self.bad_rows} malformed rows skipped; first: {self.first_bad}"))
         if self.truncated:
-            out.append((False, f"{self.truncated} examples longer than max_length={self.max_length} were truncated "
-                               f"({self.truncation}){hint}"))
+            out.append(
+                (
+                    False,
+                    f"{self.truncated} examples longer than max_length={self.max_length} were truncated "
+                    f"({self.truncation}){hint}",
+                )
+            )
         if self.train_fit.windows + self.val_fit.windows:
-            out.append((False, f"long texts were split into {self.train_fit.windows + self.val_fit.windows} extra "
-                               f"windows of max_length={self.max_length}"))
+            out.append(
+                (
+                    False,
+                    f"long texts were split into {self.train_fit.windows + self.val_fit.windows} extra "
+                    f"windows of max_length={self.max_length}",
+                )
+            )
         if self.dropped_too_long:
             first = self.train_fit.first_too_long or self.val_fit.first_too_long
-            out.append((True, f"{self.dropped_too_long} examples longer than max_length={self.max_length} were "
-                              f"dropped (truncation={self.truncation}; first: {first}){hint}"))
+            out.append(
+                (
+                    True,
+                    f"{self.dropped_too_long} examples longer than max_length={self.max_length} were "
+                    f"dropped (truncation={self.truncation}; first: {first}){hint}",
+                )
+            )
         if self.dropped_no_target:
             first = self.train_fit.first_no_target or self.val_fit.first_no_target
-            out.append((True, f"{self.dropped_no_target} examples had no answer token left after truncation="
-                              f"{self.truncation} at max_length={self.max_length} and were dropped (first: {first})"))
+            out.append(
+                (
+                    True,
+                    f"{self.dropped_no_target} examples had no answer token left after truncation="
+                    f"{self.truncation} at max_length={self.max_length} and were dropped (first: {first})",
+                )
+            )
         if self.val_fit.dropped_too_long + self.val_fit.dropped_no_target and not self.val_examples:
-            out.append((True, f"no validation example fits max_length={self.max_length}: validation loss (and early "
-                              "stopping) cannot be measured"))
+            out.append(
+                (
+                    True,
+                    f"no validation example fits max_length={self.max_length}: validation loss (and early "
+                    "stopping) cannot be measured",
+                )
+            )
         if self.duplicates_train_val:
-            out.append((True, f"{self.duplicates_train_val} validation examples also appear in the training data, "
-                              "so validation loss will look better than it is"))
+            out.append(
+                (
+                    True,
+                    f"{self.duplicates_train_val} validation examples also appear in the training data, "
+                    "so validation loss will look better than it is",
+                )
+            )
         if self.duplicates_train:
             out.append((False, f"{self.duplicates_train} training examples are exact repeats of another"))
         out += [(False, note) for note in self.notes]
@@ -216,7 +258,8 @@ def encode_source(
 def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, dict]:
     bad = BadRows(cfg.skip_bad_rows)
     ids_out, labels_out, starts, origins = [], [], [], []
-    for where, example, fmt in _examples(source, cfg, bad):
+    fmt = None
+    for where, example, fmt in _examples(source, cfg, bad):  # noqa: B007 (the shape, read after the loop)
         try:
             ids, labels, start = encoder.encode(example)
         except RowError as e:
@@ -229,8 +272,13 @@ def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, d
     if not ids_out:
         raise _no_usable(source.name, bad)
     # Every row was either encoded or counted bad (unreadable, not an example, or refused by the template).
-    meta = {"source": source.name, "data_format": fmt, "rows": len(ids_out) + bad.count,
-            "bad_rows": bad.count, "first_bad": bad.first}
+    meta = {
+        "source": source.name,
+        "data_format": fmt,
+        "rows": len(ids_out) + bad.count,
+        "bad_rows": bad.count,
+        "first_bad": bad.first,
+    }
     return TokenizedSet(ids_out, labels_out, origins, np.asarray(starts, dtype=np.int64)), meta
 
 
@@ -238,12 +286,14 @@ def _save(folder, data: TokenizedSet, meta: dict) -> None:
     import datasets
     import pyarrow as pa
 
-    table = pa.table({
-        "input_ids": _list_array(data.input_ids),
-        "labels": _list_array(data.labels),
-        "answer_start": pa.array(data.answer_starts, pa.int64()),
-        "origin": pa.array(data.origins, pa.string()),
-    })
+    table = pa.table(
+        {
+            "input_ids": _list_array(data.input_ids),
+            "labels": _list_array(data.labels),
+            "answer_start": pa.array(data.answer_starts, pa.int64()),
+            "origin": pa.array(data.origins, pa.string()),
+        }
+    )
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -283,8 +333,9 @@ def _load(folder) -> tuple[TokenizedSet, dict] | None:
             out += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         return out
 
-    data = TokenizedSet(lists("input_ids"), lists("labels"), table.column("origin").to_pylist(),
-                        table.column("answer_start").to_numpy())
+    data = TokenizedSet(
+        lists("input_ids"), lists("labels"), table.column("origin").to_pylist(), table.column("answer_start").to_numpy()
+    )
     return data, meta
 
 
@@ -383,7 +434,8 @@ def load_sets(cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[T
     """Full-length train and validation sets (before max_length), with the split and duplicates reported."""
     if not cfg.train_data:
         raise UserError(
-            "train_data is not set: give a data file (--train-data FILE) or run `loratune train` alone for the quickstart"
+            "train_data is not set: give a data file (--train-data FILE) "
+            "or run `loratune train` alone for the quickstart"
         )
     train, report.from_cache = encode_source(cfg.train_data, "train", cfg, encoder, report)
     if cfg.val_data:

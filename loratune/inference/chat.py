@@ -26,8 +26,16 @@ def _streamer(tokenizer, out):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def chat(run_dir, adapter: str = "adapter", system: str | None = None, max_new_tokens: int = 256,
-         temperature: float = 0.0, top_p: float = 1.0, stdin=None, stdout=None) -> None:
+def chat(
+    run_dir,
+    adapter: str = "adapter",
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stdin=None,
+    stdout=None,
+) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = load_run(run_dir, adapter)
     interactive = stdin.isatty() and stdout.isatty()
@@ -38,8 +46,11 @@ def chat(run_dir, adapter: str = "adapter", system: str | None = None, max_new_t
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        print(f"{run.config.model} + {run.adapter} ({'conversation' if multi_turn else 'one prompt at a time'}). "
-              "/reset starts over, /exit quits.", file=stdout)
+        print(
+            f"{run.config.model} + {run.adapter} ({'conversation' if multi_turn else 'one prompt at a time'}). "
+            "/reset starts over, /exit quits.",
+            file=stdout,
+        )
     while True:
         try:
             line = input("you> ") if interactive else stdin.readline()
@@ -65,8 +76,16 @@ def chat(run_dir, adapter: str = "adapter", system: str | None = None, max_new_t
         if interactive:
             stdout.write("model> ")
         try:
-            (reply,) = generate_texts(run.model, run.tokenizer, [prompt], run.encoder.end_ids, max_new_tokens,
-                                      temperature=temperature, top_p=top_p, streamer=_streamer(run.tokenizer, stdout))
+            (reply,) = generate_texts(
+                run.model,
+                run.tokenizer,
+                [prompt],
+                run.encoder.end_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                streamer=_streamer(run.tokenizer, stdout),
+            )
         except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
             stdout.write("\n(stopped)\n")
             continue

@@ -10,8 +10,15 @@ from ..core.files import atomic_write
 from ..modeling.evaluate import answer, dataset_loss, perplexity, score
 
 
-def evaluate_run(run_dir, data: str, report: str | Path | None = None, adapter: str = "adapter",
-                 generate: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None) -> dict:
+def evaluate_run(
+    run_dir,
+    data: str,
+    report: str | Path | None = None,
+    adapter: str = "adapter",
+    generate: bool = False,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """Token-weighted loss and perplexity of base and fine-tuned model on `data` (tokenized exactly as in training);
     with `generate`, greedy answers scored against the references. Writes a JSONL report; returns its summary."""
     from ..core.errors import UserError
@@ -33,8 +40,10 @@ def evaluate_run(run_dir, data: str, report: str | Path | None = None, adapter: 
         raise UserError(f"{data}: plain text has no prompts to answer, so --generate has nothing to score")
     tokenized, fitted = fit(full, cfg.max_length, cfg.truncation, split_long=text)
     if not len(tokenized):
-        raise UserError(f"{data}: no example is left at max_length={cfg.max_length} with truncation="
-                        f"{cfg.truncation}, so there is no loss to measure")
+        raise UserError(
+            f"{data}: no example is left at max_length={cfg.max_length} with truncation="
+            f"{cfg.truncation}, so there is no loss to measure"
+        )
     lm = model.get_base_model()
     packing = cfg.packing and supports_packing(lm)
     if packing:
@@ -42,8 +51,14 @@ def evaluate_run(run_dir, data: str, report: str | Path | None = None, adapter: 
     batch_size = batch_size or (cfg.batch_size if isinstance(cfg.batch_size, int) else 8)
     loss_module, device = CausalLMLoss(model), next(model.parameters()).device
     models = {"base": model.disable_adapter, "fine_tuned": contextlib.nullcontext}
-    summary = {"event": "summary", "data": str(data), "adapter": str(run.adapter), "examples": len(full),
-               "scored_examples": len(tokenized), "dropped_too_long": fitted.dropped_too_long}
+    summary = {
+        "event": "summary",
+        "data": str(data),
+        "adapter": str(run.adapter),
+        "examples": len(full),
+        "scored_examples": len(tokenized),
+        "dropped_too_long": fitted.dropped_too_long,
+    }
     for name, use in models.items():
         with use():
             total, count = dataset_loss(loss_module, tokenized, batch_size, packing, tokenizer.pad_token_id, device)

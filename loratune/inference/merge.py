@@ -26,8 +26,9 @@ SHARD_SIZE = "5GB"  # the hub's usual shard size
 MERGE_RECORD = "loratune-merge.json"  # marks a folder as merge's output, which --overwrite may replace
 
 
-def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype: str | None = None,
-          overwrite: bool = False) -> Path:
+def merge(
+    run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype: str | None = None, overwrite: bool = False
+) -> Path:
     """Write base + adapter, merged, to `out`; `dtype` (bf16, fp16, fp32) defaults to the base's stored dtype."""
     from peft import PeftModel
 
@@ -57,9 +58,17 @@ def merge(run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype:
         for f in folder.iterdir():  # the tokenizer and chat template exactly as saved with the adapter
             if f.is_file() and f.name not in ADAPTER_FILES:
                 shutil.copy2(f, tmp / f.name)
-        (tmp / MERGE_RECORD).write_text(json.dumps(
-            {"run": str(run_dir.resolve()), "adapter": str(folder.resolve()), "base": model_path,
-             "dtype": str(target).removeprefix("torch.")}, indent=1))
+        (tmp / MERGE_RECORD).write_text(
+            json.dumps(
+                {
+                    "run": str(run_dir.resolve()),
+                    "adapter": str(folder.resolve()),
+                    "base": model_path,
+                    "dtype": str(target).removeprefix("torch."),
+                },
+                indent=1,
+            )
+        )
     return out
 
 
@@ -86,8 +95,12 @@ def _dequantised_base(model_path: str, dtype: torch.dtype, stored: bool):
 
     try:
         quantization = None if stored else nf4_config(dtype)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization,
-                                                    device_map="cuda" if torch.cuda.is_available() else None)
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map="cuda" if torch.cuda.is_available() else None,
+        )
         base = base.dequantize(dtype=dtype)
     except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
         what = "is stored quantized" if stored else "was trained in 4-bit (load_in_4bit)"

@@ -49,7 +49,9 @@ def adapter_path(run_dir: str | Path, adapter: str = "adapter") -> Path:
     return path
 
 
-def load_run(run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = True, device: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, adapter: str = "adapter", use_adapter: bool = True, device: str | None = None
+) -> LoadedRun:
     from peft import PeftModel
 
     run_dir, folder = locate_run(run_dir, adapter)
@@ -105,8 +107,10 @@ def prompt_example(row: dict, data_format: str, columns: dict[str, str]) -> Exam
     fmt = data_format if data_format != "auto" else _detect_prompt_shape(row, columns)
     prompt = columns.get(SHAPES[fmt][0], SHAPES[fmt][0])  # the column holding the prompt in every shape
     if prompt not in row:
-        raise RowError(f"no {prompt!r} field, which holds the prompt of this run's {fmt} rows (fields here: "
-                       f"{', '.join(sorted(row)) or 'none'})")
+        raise RowError(
+            f"no {prompt!r} field, which holds the prompt of this run's {fmt} rows (fields here: "
+            f"{', '.join(sorted(row)) or 'none'})"
+        )
     row = dict(row)
     answer = {"input_output": "output", "alpaca": "output", "prompt_completion": "completion"}.get(fmt)
     if answer:
@@ -124,8 +128,9 @@ def _detect_prompt_shape(row: dict, columns: dict[str, str]) -> str:
     for fmt, column in prompts.items():
         if column in row:
             return fmt
-    raise RowError(f"no prompt field among {', '.join(sorted(row)) or 'none'}; expected one of "
-                   f"{', '.join(prompts.values())}")
+    raise RowError(
+        f"no prompt field among {', '.join(sorted(row)) or 'none'}; expected one of {', '.join(prompts.values())}"
+    )
 
 
 def text_prompt(text: str, data_format: str) -> Example:
@@ -133,4 +138,3 @@ def text_prompt(text: str, data_format: str) -> Example:
     if data_format in PLAIN_FORMATS:
         return Example(prompt=text)
     return Example(messages=[{"role": "user", "content": text}, {"role": "assistant", "content": ""}])
-

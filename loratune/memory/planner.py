@@ -84,8 +84,10 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
     # Positions past the model's last one have no position embedding (or rotary range) it was trained with.
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit and cfg.max_length > limit:
-        raise UserError(f"max_length = {cfg.max_length}: above the {limit} positions {cfg.model!r} was built for "
-                        f"(max_position_embeddings in its config.json); allowed: 8 to {limit}")
+        raise UserError(
+            f"max_length = {cfg.max_length}: above the {limit} positions {cfg.model!r} was built for "
+            f"(max_position_embeddings in its config.json); allowed: 8 to {limit}"
+        )
     return shape_from_config(config, cfg)
 
 
@@ -101,7 +103,8 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
     head = model.get_output_embeddings()
     frozen = {id(p): p.numel() for p in model.parameters() if not p.requires_grad}
     linears = {
-        name.removesuffix(".base_layer"): m for name, m in model.named_modules()
+        name.removesuffix(".base_layer"): m
+        for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad
     }
     linear = {id(m.weight) for m in linears.values()}
@@ -122,7 +125,8 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
         lora_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         linears=tuple(
             (name.rsplit(".", 1)[-1], m.in_features, m.out_features, name in adapted)
-            for name, m in linears.items() if re.search(r"\.0\.", name)  # the first block's
+            for name, m in linears.items()
+            if re.search(r"\.0\.", name)  # the first block's
         ),
         rank=cfg.lora_r,
         packs=supports_packing(model.get_base_model()),
@@ -157,8 +161,12 @@ class MemoryModel:
     lora_dropout: float = 0.0
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype) -> MemoryModel:
-        return cls(shape, torch.device(device).type, dtype, cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.lora_dropout)
+    def for_run(
+        cls, cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype
+    ) -> MemoryModel:
+        return cls(
+            shape, torch.device(device).type, dtype, cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.lora_dropout
+        )
 
     @property
     def base_bytes(self) -> int:
@@ -202,8 +210,9 @@ class MemoryModel:
                 saved -= (tokens - targets) * mlp
                 # the peak is then in the last block's backward or in the next one's, once the last block's
                 # saved tensors are freed
-                backward = max(self._backward_working(tokens, targets, targets),
-                               backward - tokens * (block - mlp) - targets * mlp)
+                backward = max(
+                    self._backward_working(tokens, targets, targets), backward - tokens * (block - mlp) - targets * mlp
+                )
         loss = _loss_working(tokens, targets, s.hidden, s.vocab, e)
         return PassBytes(int(saved), int(max(loss, backward)), loss >= backward)
 
@@ -381,8 +390,13 @@ class PassSize:
 
 
 def largest_pass(
-    mm: MemoryModel, cfg: TrainConfig, batch_size: int, accumulation: int,
-    lengths: np.ndarray | None = None, targets: np.ndarray | None = None, packing: bool | None = None,
+    mm: MemoryModel,
+    cfg: TrainConfig,
+    batch_size: int,
+    accumulation: int,
+    lengths: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    packing: bool | None = None,
 ) -> PassSize:
     """The pass with the highest peak: of the first epoch's passes, as training splits them, when the data's
     lengths and target counts are known; otherwise batch_size examples of max_length tokens, all targets."""
@@ -392,7 +406,9 @@ def largest_pass(
     buckets = packing and wants_shape_buckets(torch.device(mm.device), mm.dtype)
     if lengths is None or not len(lengths):
         tokens = batch_size * cfg.max_length
-        return PassSize(tokens, tokens, 1 if packing else batch_size, source=f"{batch_size} x max_length {cfg.max_length}")
+        return PassSize(
+            tokens, tokens, 1 if packing else batch_size, source=f"{batch_size} x max_length {cfg.max_length}"
+        )
     best, best_bytes, longest = None, -1, int(lengths.max())
     for step in epoch_steps(len(lengths), batch_size * accumulation, cfg.seed, 0):
         for examples in split_step(step, lengths, batch_size, packing, longest):
@@ -401,8 +417,9 @@ def largest_pass(
             rows = 1 if packing else len(examples)
             tokens = int(lengths[examples].sum()) if packing else rows * int(lengths[examples].max())
             tokens = shape_bucket(tokens) if buckets else tokens
-            size = PassSize(tokens, int(targets[examples].sum()), rows, tuple(examples),
-                            "largest pass of the data's first epoch")
+            size = PassSize(
+                tokens, int(targets[examples].sum()), rows, tuple(examples), "largest pass of the data's first epoch"
+            )
             total = mm.pass_bytes(size.tokens, size.targets, size.rows).total
             if total > best_bytes:
                 best, best_bytes = size, total
@@ -447,7 +464,8 @@ class Plan:
         lines = [
             f"{self.model} on {self.device}: batch_size {self.batch_size} x gradient_accumulation_steps "
             f"{self.gradient_accumulation_steps}",
-            f"largest forward pass: {p['tokens']:,} tokens in {p['rows']} row(s), {p['targets']:,} with loss ({p['source']})",
+            f"largest forward pass: {p['tokens']:,} tokens in {p['rows']} row(s), {p['targets']:,} with loss "
+            f"({p['source']})",
             "estimated peak memory:",
             *(f"  {k:<{width}}{_size(v):>12}" for k, v in self.items.items()),
             f"  {'total':<{width}}{_size(self.total):>12}",
@@ -461,13 +479,19 @@ class Plan:
         share = 100 * self.trainable_params / max(1, self.total_params)
         lines.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} parameters ({share:.2f}%)")
         if self.epoch_seconds is not None:
-            lines.append(f"time per epoch: about {format_seconds(self.epoch_seconds)} ({self.epoch_tokens:,} tokens at "
-                         f"{self.tokens_per_second:,.0f} tokens/s, {self.throughput_source})")
+            lines.append(
+                f"time per epoch: about {format_seconds(self.epoch_seconds)} ({self.epoch_tokens:,} tokens at "
+                f"{self.tokens_per_second:,.0f} tokens/s, {self.throughput_source})"
+            )
         elif self.tokens_per_second:
-            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s ({self.throughput_source}); "
-                         "give train_data for the time per epoch")
+            lines.append(
+                f"throughput: {self.tokens_per_second:,.0f} tokens/s ({self.throughput_source}); "
+                "give train_data for the time per epoch"
+            )
         else:
-            lines.append("time per epoch: unknown; give --tokens-per-second" + ("" if self.epoch_tokens else " and train_data"))
+            lines.append(
+                "time per epoch: unknown; give --tokens-per-second" + ("" if self.epoch_tokens else " and train_data")
+            )
         lines += [f"note: {n}" for n in self.notes]
         if self.fixes:
             lines.append("to make it fit, change one of:")
@@ -479,7 +503,9 @@ def peak_items(mm: MemoryModel, size: PassSize, budget: Budget) -> tuple[dict[st
     """The itemised peak of a run with this model and largest pass, and its total."""
     b = mm.pass_bytes(size.tokens, size.targets, size.rows)
     items = dict(mm.static_bytes())
-    items[f"activations, largest pass ({size.tokens:,} tokens{', checkpointed' if mm.checkpointing else ''})"] = b.activations
+    items[f"activations, largest pass ({size.tokens:,} tokens{', checkpointed' if mm.checkpointing else ''})"] = (
+        b.activations
+    )
     working = "logits chunks and loss buffers" if b.loss_is_peak else "backward-pass gradients"
     items[f"working memory at the peak ({working})"] = b.working
     tensors = sum(items.values())
@@ -496,9 +522,17 @@ def pass_fits(mm: MemoryModel, batch, budget: Budget) -> bool:
 
 
 def estimate(
-    cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype, budget: Budget, *,
-    lengths: np.ndarray | None = None, targets: np.ndarray | None = None, packing: bool | None = None,
-    tokens_per_second: float | None = None, throughput_source: str = "",
+    cfg: TrainConfig,
+    shape: ModelShape,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    budget: Budget,
+    *,
+    lengths: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    packing: bool | None = None,
+    tokens_per_second: float | None = None,
+    throughput_source: str = "",
 ) -> Plan:
     """The plan for cfg on this device. `lengths`/`targets`: the training set's tokens and loss tokens per example
     (planned from batch_size x max_length without them); `batch_size: auto` is planned at the size it would pick."""
@@ -514,15 +548,24 @@ def estimate(
         on: peak_items(replace(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
     }
     plan = Plan(
-        model=cfg.model, device=f"{torch.device(device).type} ({_dtype_name(dtype)} base)", batch_size=batch_size,
+        model=cfg.model,
+        device=f"{torch.device(device).type} ({_dtype_name(dtype)} base)",
+        batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         largest_pass={"tokens": size.tokens, "targets": size.targets, "rows": size.rows, "source": size.source},
-        items=items, total=total, budget=budget.bytes, budget_source=budget.source, fits=total <= budget.bytes,
-        total_by_checkpointing=by_checkpointing, trainable_params=shape.lora_params, total_params=shape.total_params,
+        items=items,
+        total=total,
+        budget=budget.bytes,
+        budget_source=budget.source,
+        fits=total <= budget.bytes,
+        total_by_checkpointing=by_checkpointing,
+        trainable_params=shape.lora_params,
+        total_params=shape.total_params,
     )
     if shape.model_type not in MEASURED_TYPES:
-        plan.notes.append(f"{shape.model_type} blocks are estimated as Llama blocks of the same sizes; "
-                          "its own layers may keep more")
+        plan.notes.append(
+            f"{shape.model_type} blocks are estimated as Llama blocks of the same sizes; its own layers may keep more"
+        )
     if lengths is not None and len(lengths):
         plan.epoch_tokens = int(lengths.sum())
     if tokens_per_second:
@@ -563,8 +606,12 @@ class BatchChoice:
 
 
 def choose_batch_size(
-    mm: MemoryModel, cfg: TrainConfig, budget: Budget,
-    lengths: np.ndarray | None = None, targets: np.ndarray | None = None, packing: bool | None = None,
+    mm: MemoryModel,
+    cfg: TrainConfig,
+    budget: Budget,
+    lengths: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    packing: bool | None = None,
 ) -> BatchChoice:
     """`batch_size: auto`: the largest micro-batch whose largest pass fits the budget, with the accumulation that
     keeps the effective batch (batch sizes that divide it, so the product stays exact)."""
@@ -574,7 +621,8 @@ def choose_batch_size(
         need = too_big[1] if too_big else 0
         raise UserError(
             f"batch_size auto: even batch_size 1 needs about {_size(need)}, more than {budget.source}. "
-            + "Fixes: " + "; ".join(fixes(mm, cfg, budget, 1, effective, lengths, targets, packing))
+            + "Fixes: "
+            + "; ".join(fixes(mm, cfg, budget, 1, effective, lengths, targets, packing))
         )
     b, peak, size = found
     reason = f"batch_size auto: {b} x gradient_accumulation_steps {effective // b} = effective batch {effective}; "
@@ -598,8 +646,14 @@ def _largest_fitting(mm, cfg, budget, effective, lengths, targets, packing):
 
 
 def fixes(
-    mm: MemoryModel, cfg: TrainConfig, budget: Budget, batch_size: int, accumulation: int,
-    lengths: np.ndarray | None = None, targets: np.ndarray | None = None, packing: bool | None = None,
+    mm: MemoryModel,
+    cfg: TrainConfig,
+    budget: Budget,
+    batch_size: int,
+    accumulation: int,
+    lengths: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    packing: bool | None = None,
 ) -> list[str]:
     """Changes that would make a run fit, each with the peak it would have; the first ones change the result least."""
 
@@ -613,8 +667,13 @@ def fixes(
     found = _largest_fitting(mm, cfg, budget, effective, lengths, targets, packing)[0]
     if found and found[0] < batch_size:
         b = found[0]
-        options.append((f"batch_size {b} with gradient_accumulation_steps {effective // b}", found[1],
-                        f"the same effective batch {effective}; or batch_size: auto"))
+        options.append(
+            (
+                f"batch_size {b} with gradient_accumulation_steps {effective // b}",
+                found[1],
+                f"the same effective batch {effective}; or batch_size: auto",
+            )
+        )
     longest = int(lengths.max()) if lengths is not None and len(lengths) else cfg.max_length
     length = 1 << (min(longest, cfg.max_length) - 1).bit_length() - 1  # the power of two below the longest
     while length >= 64:
@@ -629,8 +688,13 @@ def fixes(
             break
         length //= 2
     if mm.device == "cuda" and not mm.load_in_4bit:
-        options.append(("load_in_4bit: true", peak(replace(mm, load_in_4bit=True)),
-                        "a 4-bit NF4 base (QLoRA); needs bitsandbytes: pip install 'loratune[qlora]'"))
+        options.append(
+            (
+                "load_in_4bit: true",
+                peak(replace(mm, load_in_4bit=True)),
+                "a 4-bit NF4 base (QLoRA); needs bitsandbytes: pip install 'loratune[qlora]'",
+            )
+        )
     if not any(n <= budget.bytes for _, n, _ in options):
         least = replace(mm, checkpointing=True, load_in_4bit=mm.load_in_4bit or mm.device == "cuda")
         n = peak(m=least, b=1, a=effective)
@@ -638,7 +702,8 @@ def fixes(
         change = "all of gradient checkpointing, batch_size 1" + (", 4-bit base" if least.load_in_4bit else "")
         options.append((change, n, remark))
     return [
-        f"{change}: about {_size(n)}, {'fits' if n <= budget.bytes else 'not enough alone'}" + (f" ({remark})" if remark else "")
+        f"{change}: about {_size(n)}, {'fits' if n <= budget.bytes else 'not enough alone'}"
+        + (f" ({remark})" if remark else "")
         for change, n, remark in options
     ]
 
@@ -654,8 +719,15 @@ class RunMemory:
     that is how the recovery is tested without a GPU.
     """
 
-    def __init__(self, cfg: TrainConfig, model_path: str, lengths: np.ndarray, targets: np.ndarray,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_path: str,
+        lengths: np.ndarray,
+        targets: np.ndarray,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.lengths, self.targets = lengths, targets
         self.shape = read_shape(model_path, cfg)
@@ -674,8 +746,16 @@ class RunMemory:
         """Before training: None when the run's largest pass fits; a warning when only a smaller micro-batch does
         (training will halve it when memory runs out); a UserError with the fixes when not even batch_size 1 fits."""
         cfg = self.cfg
-        plan = estimate(cfg, self.shape, self.device, self.dtype, self.budget, lengths=self.lengths,
-                        targets=self.targets, packing=self.packing)
+        plan = estimate(
+            cfg,
+            self.shape,
+            self.device,
+            self.dtype,
+            self.budget,
+            lengths=self.lengths,
+            targets=self.targets,
+            packing=self.packing,
+        )
         if plan.fits:
             return None
         effective = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -690,13 +770,23 @@ class RunMemory:
     def raise_if_over(self, batch) -> None:
         """Under max_memory on CPU: the out-of-memory error a capped GPU would raise for this pass."""
         if self.simulated and not pass_fits(self.mm, batch, self.budget):
-            raise torch.OutOfMemoryError(f"pass of {batch.input_ids.numel()} tokens over max_memory {self.cfg.max_memory}")
+            raise torch.OutOfMemoryError(
+                f"pass of {batch.input_ids.numel()} tokens over max_memory {self.cfg.max_memory}"
+            )
 
     def out_of_memory(self, batch_size: int) -> str:
         """The error for an out-of-memory error that halving cannot fix."""
         effective = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
-        found = fixes(self.mm, self.cfg, self.budget, batch_size, effective // batch_size, self.lengths,
-                      self.targets, self.packing)
+        found = fixes(
+            self.mm,
+            self.cfg,
+            self.budget,
+            batch_size,
+            effective // batch_size,
+            self.lengths,
+            self.targets,
+            self.packing,
+        )
         return f"out of memory at batch_size {batch_size}. Change one of: " + "; ".join(found)
 
 
@@ -750,7 +840,10 @@ def _matmul_flops(mm: MemoryModel, rows: int, seconds: float = 0.3) -> float:
 
 
 def plan_run(
-    cfg: TrainConfig, *, gpu_memory: int | None = None, device: str | None = None,
+    cfg: TrainConfig,
+    *,
+    gpu_memory: int | None = None,
+    device: str | None = None,
     tokens_per_second: float | None = None,
 ) -> Plan:
     """Plan cfg's run without loading weights: the model's config, the tokenized training data (when given), the
@@ -774,8 +867,18 @@ def plan_run(
         share = float(targets.sum() / lengths.sum()) if lengths is not None and len(lengths) else 1.0
         tokens_per_second = benchmark_throughput(mm, mean, share)
         source = f"rough: a matrix-product benchmark on this {target.type}"
-    return estimate(cfg, shape, target, dtype, budget, lengths=lengths, targets=targets,
-                    packing=cfg.packing and shape.packs, tokens_per_second=tokens_per_second, throughput_source=source)
+    return estimate(
+        cfg,
+        shape,
+        target,
+        dtype,
+        budget,
+        lengths=lengths,
+        targets=targets,
+        packing=cfg.packing and shape.packs,
+        tokens_per_second=tokens_per_second,
+        throughput_source=source,
+    )
 
 
 def peak_bytes(cfg: TrainConfig) -> int:
@@ -803,4 +906,3 @@ def _setup(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None =
         four_bit_config(target, dtype)  # raises the refusal training would give
     model_path = resolve_model(cfg.model)
     return target, dtype, model_path, read_shape(model_path, cfg)
-

@@ -23,7 +23,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """Drop-in for transformers' attention functions; shapes in [B, H, T, D], out [B, T, H, D]."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:  # an ordinary (unpacked) call, e.g. generation
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed row per forward pass")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
@@ -44,7 +46,9 @@ def _per_example(query, key, value, bounds, scaling, window, dropout):
         out = _CpuFlashPerExample.apply(*(t.float() for t in (query, key, value)), spans, scaling)
         return out.to(query.dtype)
     gqa = query.shape[1] != key.shape[1]
-    outs = [_sdpa(*(t[:, :, start:end] for t in (query, key, value)), scaling, window, dropout, gqa) for start, end in spans]
+    outs = [
+        _sdpa(*(t[:, :, start:end] for t in (query, key, value)), scaling, window, dropout, gqa) for start, end in spans
+    ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
@@ -67,11 +71,12 @@ class _CpuFlashPerExample(torch.autograd.Function):
         out = query.new_empty(batch, rows, heads, dim)  # [B, T, H, D], the layout the output projection reads
         lse = None
         for start, end in spans:
-            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *(t[:, :, start:end] for t in (query, key, value)), 0.0, True, scale=scale)
-            lse = lse if lse is not None else l.new_empty(batch, heads, rows)
+            o, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t[:, :, start:end] for t in (query, key, value)), 0.0, True, scale=scale
+            )
+            lse = lse if lse is not None else logsumexp.new_empty(batch, heads, rows)
             out[:, start:end] = o.transpose(1, 2)
-            lse[:, :, start:end] = l
+            lse[:, :, start:end] = logsumexp
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.spans, ctx.scale = spans, scale
         return out
@@ -80,11 +85,19 @@ class _CpuFlashPerExample(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
         # [B, H, T, D] views of [B, T, H, D] buffers: the projections' backward then gets contiguous gradients.
-        grads = [grad_out.new_empty(b, t, h, d).transpose(1, 2) for b, h, t, d in (x.shape for x in (query, key, value))]
+        grads = [
+            grad_out.new_empty(b, t, h, d).transpose(1, 2) for b, h, t, d in (x.shape for x in (query, key, value))
+        ]
         for start, end in ctx.spans:
             pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[:, start:end].transpose(1, 2), *(t[:, :, start:end] for t in (query, key, value)),
-                out[:, start:end].transpose(1, 2), lse[:, :, start:end], 0.0, True, scale=ctx.scale)
+                grad_out[:, start:end].transpose(1, 2),
+                *(t[:, :, start:end] for t in (query, key, value)),
+                out[:, start:end].transpose(1, 2),
+                lse[:, :, start:end],
+                0.0,
+                True,
+                scale=ctx.scale,
+            )
             for grad, piece in zip(grads, pieces):
                 grad[:, :, start:end] = piece
         return (*grads, None, None)
@@ -106,8 +119,16 @@ def _flash_varlen(query, key, value, cu_seqlens, max_len, scaling, window):
     max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     out = varlen_attn(
-        q, k, v, cu, cu, max_len, max_len, scale=scaling,
-        window_size=(window - 1 if window else -1, 0), enable_gqa=query.shape[1] != key.shape[1],
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        scale=scaling,
+        window_size=(window - 1 if window else -1, 0),
+        enable_gqa=query.shape[1] != key.shape[1],
     )
     return out[None]  # [1, T, H, D]
 
@@ -128,4 +149,3 @@ def _flash_varlen_ok() -> bool:
 
 
 AttentionInterface.register(NAME, packed_attention)
-

@@ -16,8 +16,16 @@ from .generate import generate_texts
 
 
 @torch.no_grad()
-def dataset_loss(loss_module, data: TokenizedSet, batch_size: int, packing: bool, pad_id: int, device,
-                 shard: tuple[int, int] = (0, 1), buckets: bool = False) -> tuple[float, int]:
+def dataset_loss(
+    loss_module,
+    data: TokenizedSet,
+    batch_size: int,
+    packing: bool,
+    pad_id: int,
+    device,
+    shard: tuple[int, int] = (0, 1),
+    buckets: bool = False,
+) -> tuple[float, int]:
     """Summed cross-entropy and target-token count over this process's shard of `data` (`buckets`: see
     `batching.shape_bucket`)."""
     rank, world = shard
@@ -98,4 +106,3 @@ def answer(model, tokenizer, encoder, examples, max_new_tokens: int | None = Non
 
 
 # --- `loratune eval`: a run's base and fine-tuned model side by side ------------------------------------------
-

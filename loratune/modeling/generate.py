@@ -25,7 +25,9 @@ def generate_texts(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -35,9 +37,16 @@ def generate_texts(
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(end_ids), pad_token_id=pad, use_cache=True, top_k=None, streamer=streamer,
-            **({"temperature": None, "top_p": None} if not sampling["do_sample"] else {}), **sampling,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(end_ids),
+            pad_token_id=pad,
+            use_cache=True,
+            top_k=None,
+            streamer=streamer,
+            **({"temperature": None, "top_p": None} if not sampling["do_sample"] else {}),
+            **sampling,
         )
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()

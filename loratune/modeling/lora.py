@@ -111,9 +111,15 @@ class FusedLoraLinear(PeftLoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self.active_adapters
         plain = (
-            not args and not kwargs and not self.disable_adapters and not self.merged and len(adapters) == 1
-            and adapters[0] in self.lora_A and adapters[0] not in self.lora_variant
-            and isinstance(self.base_layer, torch.nn.Linear) and torch.is_grad_enabled()
+            not args
+            and not kwargs
+            and not self.disable_adapters
+            and not self.merged
+            and len(adapters) == 1
+            and adapters[0] in self.lora_A
+            and adapters[0] not in self.lora_variant
+            and isinstance(self.base_layer, torch.nn.Linear)
+            and torch.is_grad_enabled()
         )
         if not plain:
             return super().forward(x, *args, **kwargs)

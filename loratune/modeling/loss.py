@@ -60,7 +60,13 @@ def target_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
 
 
 # Config attributes of models whose logits are not a plain linear map of the hidden states.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+)
 
 
 def _plain_head(lm) -> bool:
@@ -88,8 +94,12 @@ class CausalLMLoss(torch.nn.Module):
         packed = {}
         if batch.cu_seqlens is not None:
             # Example boundaries for the packed attention; the all-ones mask tells transformers not to build one.
-            packed = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+            packed = dict(
+                cu_seq_lens_q=batch.cu_seqlens,
+                cu_seq_lens_k=batch.cu_seqlens,
+                max_length_q=batch.max_seqlen,
+                max_length_k=batch.max_seqlen,
+            )
         mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
         where = batch.targets.flatten() != IGNORE
         rows = where.nonzero().squeeze(1)
@@ -97,14 +107,19 @@ class CausalLMLoss(torch.nn.Module):
             rows = _fill_rows(rows, where)
         inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, **packed)
         # A checkpointed layer is run again in the backward pass, without the hooks: the subset is for plain runs.
-        subset = (self.last_mlp is not None and not getattr(self.last_layer, "gradient_checkpointing", False)
-                  and len(rows) < ROW_SUBSET_BELOW * where.numel())
+        subset = (
+            self.last_mlp is not None
+            and not getattr(self.last_layer, "gradient_checkpointing", False)
+            and len(rows) < ROW_SUBSET_BELOW * where.numel()
+        )
         with _rows_only(self.last_mlp, rows) if subset else contextlib.nullcontext():
             if not self.plain_head:
                 logits = lm(**inputs).logits.flatten(0, 1)[rows]
                 return torch.nn.functional.cross_entropy(logits.float(), batch.targets.flatten()[rows], reduction="sum")
             hidden = lm.get_decoder()(**inputs).last_hidden_state
-        return target_cross_entropy(hidden.flatten(0, 1)[rows], lm.get_output_embeddings(), batch.targets.flatten()[rows])
+        return target_cross_entropy(
+            hidden.flatten(0, 1)[rows], lm.get_output_embeddings(), batch.targets.flatten()[rows]
+        )
 
 
 def _fill_rows(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

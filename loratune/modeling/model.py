@@ -42,10 +42,10 @@ BUILTIN_MODELS = {
 
 
 # What `model` may be, for the messages that refuse something else.
-MODEL_KINDS = (f"a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder (with config.json), a .gguf file, "
-               "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
-
-
+MODEL_KINDS = (
+    f"a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder (with config.json), a .gguf file, "
+    "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+)
 
 
 def resolve_model(name: str) -> str:
@@ -63,8 +63,10 @@ def resolve_model(name: str) -> str:
         return str(path)
     if path.is_file():  # e.g. the training data given as the model
         data = path.suffix.lower() in FILE_TYPES
-        raise UserError(f"model = {name!r}: {'a data file' if data else 'a file'}, not a model. A model is "
-                        f"{MODEL_KINDS}" + ("; data goes in --train-data" if data else ""))
+        raise UserError(
+            f"model = {name!r}: {'a data file' if data else 'a file'}, not a model. A model is "
+            f"{MODEL_KINDS}" + ("; data goes in --train-data" if data else "")
+        )
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"model = {name!r}: not found. Use {MODEL_KINDS}")
     return name  # a hub id; transformers fetches it (or finds it in its cache when offline)
@@ -104,14 +106,17 @@ def _convert_cached(gguf: Path, label: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cache folder {out.parent}: cannot be written ({e.strerror or e}); "
-                        "set LORATUNE_CACHE to a writable folder") from None
+        raise UserError(
+            f"cache folder {out.parent}: cannot be written ({e.strerror or e}); set LORATUNE_CACHE to a writable folder"
+        ) from None
     try:
         try:
             _convert(gguf, tmp)
         except (OSError, ValueError) as e:  # not a GGUF file, or one transformers cannot read
             raise UserError(f"model {gguf}: cannot be read as a GGUF model ({first_line(e)})") from None
-        (tmp / "loratune-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()}))
+        (tmp / "loratune-source.json").write_text(
+            json.dumps({"gguf": str(gguf), "size": stat.st_size, "time": time.time()})
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
@@ -142,19 +147,21 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-
 def check_kernels(cfg, device: torch.device) -> None:
     """Refuse the optional kernels where they cannot run, before anything is loaded."""
     if cfg.liger_kernels and device.type != "cuda":
-        raise UserError(f"liger_kernels: Liger's kernels run on CUDA GPUs only, this run is on {device.type} "
-                        "(set liger_kernels: false)")
+        raise UserError(
+            f"liger_kernels: Liger's kernels run on CUDA GPUs only, this run is on {device.type} "
+            "(set liger_kernels: false)"
+        )
     if cfg.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("liger_kernels needs the liger-kernel package: pip install liger-kernel")
     compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
     if cfg.torch_compile and device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
-        raise UserError("torch_compile on a CPU needs a C++ compiler (g++ or clang++, or CXX set to one); "
-                        "install one or set torch_compile: false")
-
+        raise UserError(
+            "torch_compile on a CPU needs a C++ compiler (g++ or clang++, or CXX set to one); "
+            "install one or set torch_compile: false"
+        )
 
 
 # --- Loading --------------------------------------------------------------------------------------------
@@ -168,8 +175,10 @@ def load_tokenizer(path: str):
     except OSError as e:
         raise UserError(hub_hint(path, e)) from None
     except ValueError:  # e.g. a model folder without tokenizer files
-        raise UserError(f"model {path}: cannot load its tokenizer; a model folder needs tokenizer.json (or the "
-                        "tokenizer files of its model type) next to config.json") from None
+        raise UserError(
+            f"model {path}: cannot load its tokenizer; a model folder needs tokenizer.json (or the "
+            "tokenizer files of its model type) next to config.json"
+        ) from None
     if tokenizer.pad_token_id is None:
         # Padding positions never carry loss (labels mark targets by position), so any id is safe here.
         tokenizer.pad_token = tokenizer.eos_token
@@ -206,7 +215,8 @@ def four_bit_config(device: torch.device, dtype: torch.dtype):
     The output layer and embeddings stay in `dtype` (transformers keeps the output layer unquantised)."""
     if torch.device(device).type != "cuda":
         raise UserError(
-            f"load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU, and this run is on {torch.device(device).type}. "
+            f"load_in_4bit = true: 4-bit loading (QLoRA) needs a CUDA GPU, and this run is on "
+            f"{torch.device(device).type}. "
             "Set load_in_4bit: false (and gradient_checkpointing: true or a smaller batch_size if memory is short)"
         )
     try:
@@ -221,7 +231,10 @@ def nf4_config(dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
     )
 
 
@@ -266,8 +279,9 @@ def apply_liger(model) -> bool:
 
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     return True
 
 

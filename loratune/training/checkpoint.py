@@ -78,16 +78,29 @@ def clean_leftovers(run: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-
 # What a run writes into its folder (eval-*.jsonl are `loratune eval` reports; dot-files are temporaries).
-RUN_ENTRIES = {"adapter", "last", CHECKPOINTS, "config.yaml", "data.json", "fingerprint.json", "metrics.jsonl",
-               "summary.json", "report.md", "loss.png", "tensorboard", "wandb"}
+RUN_ENTRIES = {
+    "adapter",
+    "last",
+    CHECKPOINTS,
+    "config.yaml",
+    "data.json",
+    "fingerprint.json",
+    "metrics.jsonl",
+    "summary.json",
+    "report.md",
+    "loss.png",
+    "tensorboard",
+    "wandb",
+}
 
 
 def is_run_entry(entry: Path) -> bool:
-    return entry.name in RUN_ENTRIES or entry.name.startswith(".") or (
-        entry.name.startswith("eval-") and entry.suffix == ".jsonl")
-
+    return (
+        entry.name in RUN_ENTRIES
+        or entry.name.startswith(".")
+        or (entry.name.startswith("eval-") and entry.suffix == ".jsonl")
+    )
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:

@@ -1,9 +1,9 @@
 """The training loop: one function, read top to bottom.
 
-    data -> model + LoRA -> optimizer + schedule -> (resume) -> for each optimizer step:
-        forward/backward its passes (loss = sum over the step's target tokens / their count)
-        clip, skip non-finite updates, step -> log -> evaluate / checkpoint / early-stop
-    -> best adapter in adapter/, last in last/, summary.json
+data -> model + LoRA -> optimizer + schedule -> (resume) -> for each optimizer step:
+    forward/backward its passes (loss = sum over the step's target tokens / their count)
+    clip, skip non-finite updates, step -> log -> evaluate / checkpoint / early-stop
+-> best adapter in adapter/, last in last/, summary.json
 """
 
 from __future__ import annotations
@@ -51,8 +51,18 @@ from .tracking import Trackers
 
 # Config fields that may change when resuming: they do not affect the result.
 # The split of a step into passes and processes may change too, as long as each step keeps the same examples.
-RESUMABLE_CHANGES = {"output_dir", "report_to", "save_every_steps", "keep_checkpoints", "test_data", "skip_bad_rows",
-                     "batch_size", "gradient_accumulation_steps", "torch_compile", "liger_kernels"}
+RESUMABLE_CHANGES = {
+    "output_dir",
+    "report_to",
+    "save_every_steps",
+    "keep_checkpoints",
+    "test_data",
+    "skip_bad_rows",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "torch_compile",
+    "liger_kernels",
+}
 
 
 class Interrupted(UserError):
@@ -60,11 +70,16 @@ class Interrupted(UserError):
     (130 for SIGINT, 143 for SIGTERM), so a supervisor can tell which one stopped it."""
 
     def __init__(self, run: Path, signal_name: str):
-        super().__init__(f"{signal_name}: checkpoint saved. Resume with: loratune train --resume {run}",
-                         exit_code=128 + signal.Signals[signal_name], label="stopped")
+        super().__init__(
+            f"{signal_name}: checkpoint saved. Resume with: loratune train --resume {run}",
+            exit_code=128 + signal.Signals[signal_name],
+            label="stopped",
+        )
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
+def train(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> dict:
     """Fine-tune `config.model` with LoRA on `config.train_data`; returns the run summary (also in summary.json)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -127,7 +142,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable = [p for p in model.parameters() if p.requires_grad]
     if auto_batch and device.type == "cuda":  # confirm the estimate's choice on the largest pass of real data
         cfg.batch_size, cfg.gradient_accumulation_steps = _confirm_batch_size(
-            loss_module, data.train, cfg, choice.largest, mem, packing, tokenizer.pad_token_id, device, console)
+            loss_module, data.train, cfg, choice.largest, mem, packing, tokenizer.pad_token_id, device, console
+        )
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
@@ -138,7 +154,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     world = accelerator.num_processes
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(len(data.train) / per_step)
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total_steps = (
+        steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    )
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
@@ -225,7 +243,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         padded_tokens += batch.input_ids.numel()
                         state.pass_in_step = i + 1
                         if stop.requested and not sync and world == 1:  # mid-step saves hold one process's gradients
-                            _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main)
+                            _save_interrupted(
+                                run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main
+                            )
                             raise Interrupted(run, stop.signal_name)
                 except torch.OutOfMemoryError:
                     out_of_memory = True
@@ -234,8 +254,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 if out_of_memory:  # outside the except block, so the failed pass's tensors can be freed
                     batch = loss_sum = partial = None
                     batch_size = _halve_after_oom(batch_size, world, mem, optimizer, state, device)
-                    progress.note(f"step {state.step + 1}: out of memory; replaying it with batch_size {batch_size} "
-                                  "(smaller passes, the same effective batch)")
+                    progress.note(
+                        f"step {state.step + 1}: out of memory; replaying it with batch_size {batch_size} "
+                        "(smaller passes, the same effective batch)"
+                    )
                     metrics.write(event="out_of_memory", step=state.step + 1, batch_size=batch_size)
                     continue
 
@@ -263,10 +285,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 epoch_float = state.epoch + state.step_in_epoch / len(steps)
                 padding_share = 1 - tokens / max(1, int(_all_sum(accelerator, padded_tokens)))  # all processes
                 metrics.write(
-                    event="train", step=state.step, epoch=round(epoch_float, 4), loss=step_loss, lr=lr,
-                    grad_norm=grad_norm, tokens=tokens, target_tokens=step_targets,
-                    tokens_per_s=tokens / seconds, target_tokens_per_s=step_targets / seconds,
-                    padding_share=padding_share, seconds=seconds,
+                    event="train",
+                    step=state.step,
+                    epoch=round(epoch_float, 4),
+                    loss=step_loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens=tokens,
+                    target_tokens=step_targets,
+                    tokens_per_s=tokens / seconds,
+                    target_tokens_per_s=step_targets / seconds,
+                    padding_share=padding_share,
+                    seconds=seconds,
                 )
                 progress.update(state.step, epoch_float, step_loss, lr, tokens / seconds, padding_share)
 
@@ -281,20 +311,37 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     or state.step == total_steps
                 )
                 if evaluate_now and len(data.val):
-                    val_loss = _val_loss(loss_module, data, batch_size, packing, buckets, tokenizer, device, accelerator)
-                    improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
+                    val_loss = _val_loss(
+                        loss_module, data, batch_size, packing, buckets, tokenizer, device, accelerator
+                    )
+                    improved = (
+                        state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
+                    )
                     if improved:
-                        state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, round(epoch_float, 4)
+                        state.best_val_loss, state.best_step, state.best_epoch = (
+                            val_loss,
+                            state.step,
+                            round(epoch_float, 4),
+                        )
                         state.evals_since_best = 0
                         save_best(state.step)
                     else:
                         state.evals_since_best += 1
                     state.history.append({"step": state.step, "val_loss": val_loss})
-                    metrics.write(event="eval", step=state.step, epoch=round(epoch_float, 4), val_loss=val_loss,
-                                  best_val_loss=state.best_val_loss)
+                    metrics.write(
+                        event="eval",
+                        step=state.step,
+                        epoch=round(epoch_float, 4),
+                        val_loss=val_loss,
+                        best_val_loss=state.best_val_loss,
+                    )
                     progress.note(
                         f"step {state.step}: validation loss {val_loss:.4f}"
-                        + (" (best so far)" if improved else f" (best {state.best_val_loss:.4f} at step {state.best_step})")
+                        + (
+                            " (best so far)"
+                            if improved
+                            else f" (best {state.best_val_loss:.4f} at step {state.best_step})"
+                        )
                     )
                     if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                         state.stop_reason = (
@@ -316,7 +363,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         progress.close()
 
     # --- Outputs ------------------------------------------------------------------------------------------
-    state.stop_reason = state.stop_reason or ("max_steps reached" if cfg.max_steps and state.step >= cfg.max_steps else "all epochs done")
+    state.stop_reason = state.stop_reason or (
+        "max_steps reached" if cfg.max_steps and state.step >= cfg.max_steps else "all epochs done"
+    )
     state.elapsed = elapsed_before + time.perf_counter() - segment_start
     if main:
         _require_finite(model)
@@ -356,10 +405,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if main:
         atomic_write(run / "summary.json", json.dumps(summary, indent=1))
         write_report(run)
-        best = ("" if state.best_val_loss is None  # no validation set (or none of it fit max_length)
-                else f". Best validation loss {state.best_val_loss:.4f} at step {state.best_step}")
-        console.info(f"done in {format_seconds(state.elapsed)}: {state.stop_reason}{best}; adapter in {run / 'adapter'}; "
-                     f"report in {run / 'report.md'}")
+        best = (
+            ""
+            if state.best_val_loss is None  # no validation set (or none of it fit max_length)
+            else f". Best validation loss {state.best_val_loss:.4f} at step {state.best_step}"
+        )
+        console.info(
+            f"done in {format_seconds(state.elapsed)}: {state.stop_reason}{best}; adapter in {run / 'adapter'}; "
+            f"report in {run / 'report.md'}"
+        )
     return summary
 
 
@@ -401,8 +455,16 @@ def _clip(accelerator, params, max_norm: float) -> float:
 
 
 def _val_loss(loss_module, data: Prepared, batch_size: int, packing, buckets, tokenizer, device, accelerator) -> float:
-    total, count = dataset_loss(loss_module, data.val, batch_size, packing, tokenizer.pad_token_id, device,
-                                shard=(accelerator.process_index, accelerator.num_processes), buckets=buckets)
+    total, count = dataset_loss(
+        loss_module,
+        data.val,
+        batch_size,
+        packing,
+        tokenizer.pad_token_id,
+        device,
+        shard=(accelerator.process_index, accelerator.num_processes),
+        buckets=buckets,
+    )
     return _all_sum(accelerator, total) / _all_sum(accelerator, count)
 
 
@@ -410,8 +472,10 @@ def _halve_after_oom(batch_size: int, world: int, mem, optimizer, state, device)
     """Free the failed step's gradients and return the halved micro-batch that replays it; the step keeps its
     examples, so the update is the same (the loss is normalised by the step's target count)."""
     if batch_size == 1 or world > 1:  # other processes would wait for this one forever: stop all with the fixes
-        raise UserError(mem.out_of_memory(batch_size) + (f" (halving is not tried with {world} processes)" if world > 1 else ""),
-                        exit_code=1)
+        raise UserError(
+            mem.out_of_memory(batch_size) + (f" (halving is not tried with {world} processes)" if world > 1 else ""),
+            exit_code=1,
+        )
     optimizer.zero_grad(set_to_none=True)
     state.pass_in_step, state.step_loss_sum = 0, 0.0
     if device.type == "cuda":
@@ -439,7 +503,9 @@ def _confirm_batch_size(loss_module, train, cfg, largest, mem, packing, pad_id, 
             raise UserError(mem.out_of_memory(1), exit_code=1)
         batch_size = max(d for d in range(1, batch_size) if effective % d == 0)
         console.warn(f"batch_size auto: the trial pass ran out of memory; trying batch_size {batch_size}")
-        size = memory.largest_pass(mem.mm, cfg, batch_size, effective // batch_size, train.lengths, train.target_counts, packing)
+        size = memory.largest_pass(
+            mem.mm, cfg, batch_size, effective // batch_size, train.lengths, train.target_counts, packing
+        )
 
 
 def _test_scores(model, tokenizer, encoder, examples, console, label, before=None) -> dict:
@@ -533,12 +599,17 @@ def _resume(run, cfg, fingerprint, model, optimizer, scheduler, console):
         if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)
     ]
     if changed:
-        raise UserError(f"cannot resume {run}: the config changed ({'; '.join(changed)}). Use the original settings, or --overwrite to start over")
+        raise UserError(
+            f"cannot resume {run}: the config changed ({'; '.join(changed)}). "
+            "Use the original settings, or --overwrite to start over"
+        )
     try:
         old = json.loads((run / "fingerprint.json").read_text())
     except (OSError, ValueError):  # stopped before the run's first files were all written, or damaged
-        raise UserError(f"cannot resume {run}: its fingerprint.json (what the data and model were) is missing or "
-                        "damaged, so the run cannot be checked; start over with --overwrite") from None
+        raise UserError(
+            f"cannot resume {run}: its fingerprint.json (what the data and model were) is missing or "
+            "damaged, so the run cannot be checked; start over with --overwrite"
+        ) from None
     moved = [k for k in old if old[k] != fingerprint.get(k)]
     if moved:
         raise UserError(f"cannot resume {run}: {', '.join(moved)} changed since the run started (content hash differs)")
@@ -567,7 +638,10 @@ def _check_step_shape(state, partial, per_step: int, world: int) -> None:
             f"product is {state.examples_per_step}"
         )
     if partial is not None and world > 1:
-        raise UserError("cannot resume: this checkpoint was taken in the middle of a step by one process; resume it with one process")
+        raise UserError(
+            "cannot resume: this checkpoint was taken in the middle of a step by one process; "
+            "resume it with one process"
+        )
 
 
 def _save_interrupted(run, model, optimizer, scheduler, state, trainable, elapsed_before, segment_start, main):
@@ -600,7 +674,10 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: saving a checkpoint after the current pass (Ctrl-C again to quit now)", flush=True)
+        print(
+            f"\n{self.signal_name} received: saving a checkpoint after the current pass (Ctrl-C again to quit now)",
+            flush=True,
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -52,8 +52,10 @@ def _records(path: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except ValueError:  # e.g. cut off by a crash; resuming the run rewrites the file to its checkpoint
-                raise UserError(f"{path} line {number}: not valid JSON (damaged? --resume repairs a run's "
-                                "metrics up to its last checkpoint)") from None
+                raise UserError(
+                    f"{path} line {number}: not valid JSON (damaged? --resume repairs a run's "
+                    "metrics up to its last checkpoint)"
+                ) from None
     return records
 
 
@@ -84,17 +86,40 @@ def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: P
 
     fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
     many = len(steps) > 40
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, lw=1,
-            marker=None if many else ".", label="training loss (per step)" if many else "training loss")
+    ax.plot(
+        steps,
+        losses,
+        color="tab:blue",
+        alpha=0.35 if many else 1.0,
+        lw=1,
+        marker=None if many else ".",
+        label="training loss (per step)" if many else "training loss",
+    )
     if many:  # a running mean shows the trend through step-to-step noise
-        ax.plot(steps, _smooth(losses, max(5, len(steps) // 25)), color="tab:blue", lw=2, label="training loss (smoothed)")
+        ax.plot(
+            steps, _smooth(losses, max(5, len(steps) // 25)), color="tab:blue", lw=2, label="training loss (smoothed)"
+        )
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], color="tab:orange", lw=2, marker="o",
-                ms=5, label="validation loss")
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["val_loss"] for r in evals],
+            color="tab:orange",
+            lw=2,
+            marker="o",
+            ms=5,
+            label="validation loss",
+        )
     if best:
         ax.axvline(best["step"], color="tab:green", ls=":", lw=1.2)
-        ax.plot(best["step"], best["val_loss"], marker="*", ms=16, color="tab:green", ls="none",
-                label=f"best: step {best['step']}, validation loss {best['val_loss']:.4f}")
+        ax.plot(
+            best["step"],
+            best["val_loss"],
+            marker="*",
+            ms=16,
+            color="tab:green",
+            ls="none",
+            label=f"best: step {best['step']}, validation loss {best['val_loss']:.4f}",
+        )
     shown = np.concatenate([losses[np.isfinite(losses)], [r["val_loss"] for r in evals]])
     if len(shown) and shown.min() > 0 and shown.max() / shown.min() > 10:
         ax.set_yscale("log")  # losses that fall by orders of magnitude stay readable at the end
@@ -147,46 +172,73 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
     config = yaml.safe_load(config_text) or {}
     lines = [f"# {run.resolve().name}", ""]
     target = config.get("lora_target_modules")
-    lines += [f"LoRA fine-tune of `{config.get('model')}` on `{config.get('train_data')}`: rank {config.get('lora_r')}, "
-              f"alpha {config.get('lora_alpha')}, on {target if isinstance(target, str) else ', '.join(target or [])}.", ""]
+    lines += [
+        f"LoRA fine-tune of `{config.get('model')}` on `{config.get('train_data')}`: rank {config.get('lora_r')}, "
+        f"alpha {config.get('lora_alpha')}, on {target if isinstance(target, str) else ', '.join(target or [])}.",
+        "",
+    ]
     if plot:
         lines += [f"![training{' and validation' if evals else ''} loss]({plot.name})", ""]
 
     lines += ["## Outcome", "", "| | |", "|---|---|"]
     if summary:
-        lines += [f"| stopped | {summary['stop_reason']} |",
-                  f"| steps | {summary['steps']} ({summary['epochs']} epochs) |",
-                  f"| training time | {format_seconds(summary['train_seconds'])} |"]
+        lines += [
+            f"| stopped | {summary['stop_reason']} |",
+            f"| steps | {summary['steps']} ({summary['epochs']} epochs) |",
+            f"| training time | {format_seconds(summary['train_seconds'])} |",
+        ]
     else:
         last = train[-1] if train else {"step": 0, "epoch": 0}
-        lines += [f"| stopped | not finished (no summary.json); last logged step {last['step']}, epoch {last['epoch']} |"]
+        lines += [
+            f"| stopped | not finished (no summary.json); last logged step {last['step']}, epoch {last['epoch']} |"
+        ]
     if best:
         lines += [f"| best step | {best['step']} (epoch {best['epoch']}), validation loss {best['val_loss']:.4f} |"]
     if evals:
         lines += [f"| last validation loss | {evals[-1]['val_loss']:.4f} (step {evals[-1]['step']}) |"]
     if train:
         first, last = train[0], train[-1]
-        lines += [f"| training loss | {first['loss']:.4f} at step {first['step']}, "
-                  f"{last['loss']:.4f} at step {last['step']} |"]
+        lines += [
+            f"| training loss | {first['loss']:.4f} at step {first['step']}, "
+            f"{last['loss']:.4f} at step {last['step']} |"
+        ]
     lines.append("")
 
     lines += _test_section(summary, config)
     lines += _data_section(run, summary)
     lines += _speed_section(train, summary)
-    lines += ["## Config", "", "<details><summary>config.yaml (the resolved settings of this run)</summary>", "",
-              "```yaml", config_text.rstrip(), "```", "", "</details>", ""]
+    lines += [
+        "## Config",
+        "",
+        "<details><summary>config.yaml (the resolved settings of this run)</summary>",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _test_section(summary, config: dict) -> list[str]:
     before, after = (summary or {}).get("test_before"), (summary or {}).get("test_after")
     if not after:
-        return ["## Sample generations", "",
-                "No held-out test set in this run (set `test_data`, or run "
-                "`loratune eval RUN_DIR --data FILE --generate`).", ""]
+        return [
+            "## Sample generations",
+            "",
+            "No held-out test set in this run (set `test_data`, or run "
+            "`loratune eval RUN_DIR --data FILE --generate`).",
+            "",
+        ]
     metrics = [k for k in after if k != "samples"]
-    lines = [f"## Held-out test (`{config.get('test_data')}`, greedy generation)", "",
-             "| | base model | fine-tuned |", "|---|---|---|"]
+    lines = [
+        f"## Held-out test (`{config.get('test_data')}`, greedy generation)",
+        "",
+        "| | base model | fine-tuned |",
+        "|---|---|---|",
+    ]
     for k in metrics:
         lines.append(f"| {k.replace('_', ' ')} | {(before or {}).get(k, float('nan')):.1%} | {after[k]:.1%} |")
     lines += ["", "## Sample generations", ""]
@@ -235,8 +287,10 @@ def _data_section(run: Path, summary) -> list[str]:
     except (TypeError, KeyError):  # no data.json, or one written by another version of loratune
         pass
     if summary:
-        lines.append(f"- {summary['tokens']:,} tokens processed, {summary['target_tokens']:,} of them answer tokens "
-                     "(the ones with loss)")
+        lines.append(
+            f"- {summary['tokens']:,} tokens processed, {summary['target_tokens']:,} of them answer tokens "
+            "(the ones with loss)"
+        )
     return ["## Data", "", *lines, ""] if lines else []
 
 
@@ -245,12 +299,16 @@ def _speed_section(train: list[dict], summary) -> list[str]:
     if summary:
         seconds = max(summary["train_seconds"], 1e-9)
         answers_per_s = summary["target_tokens"] / seconds
-        lines += [f"| tokens per second | {summary['tokens_per_s']:,.0f} ({answers_per_s:,.0f} answer tokens) |",
-                  f"| base precision | {summary['precision']} (LoRA weights fp32) |",
-                  f"| batches | {'packed rows' if summary['packing'] else 'padded'}, "
-                  f"{summary['processes']} process{'es' if summary['processes'] > 1 else ''} |"]
+        lines += [
+            f"| tokens per second | {summary['tokens_per_s']:,.0f} ({answers_per_s:,.0f} answer tokens) |",
+            f"| base precision | {summary['precision']} (LoRA weights fp32) |",
+            f"| batches | {'packed rows' if summary['packing'] else 'padded'}, "
+            f"{summary['processes']} process{'es' if summary['processes'] > 1 else ''} |",
+        ]
         if summary.get("peak_memory_bytes"):
-            lines.append(f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_of']}) |")
+            lines.append(
+                f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_of']}) |"
+            )
         else:
             lines.append("| peak memory | not recorded by this run |")
     if train:
