@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from loratune.core.device import DTYPES, choose_dtype
-from loratune.data.batching import epoch_steps
+from loratune.data.plan import StepPlan
 from loratune.modeling.model import load_tokenizer, resolve_model
 from loratune.modeling.tiny import make_tiny_model
 
@@ -137,7 +137,8 @@ def bench_model(
     if lengths.max() > HYPER["max_length"]:
         raise SystemExit(f"an example has {lengths.max()} tokens, more than max_length")
     # loratune shuffles the rows itself; the reference trainers read them in the order it will use.
-    order = np.concatenate(epoch_steps(n, per_step, HYPER["seed"], 0)).tolist()
+    steps = StepPlan(lengths, targets, per_step, setting.batch_size, seed=HYPER["seed"]).epoch(0)
+    order = np.concatenate(steps).tolist()
     tokens = work / "tokens.json"
     tokens.write_text(
         json.dumps({"input_ids": [workload.input_ids[i] for i in order], "labels": [workload.labels[i] for i in order]})

@@ -22,7 +22,7 @@ import torch
 def model_flops(model_path: str, lengths: np.ndarray, targets: np.ndarray, lora_r: int) -> float:
     """Training FLOPs of the examples with these lengths and target counts (all-linear LoRA of rank `lora_r`)."""
     from loratune import TrainConfig
-    from loratune.memory.planner import read_shape
+    from loratune.memory.shape import read_shape
 
     s = read_shape(model_path, TrainConfig(model=model_path, lora_r=lora_r, lora_target_modules="all-linear"))
     lengths, targets = lengths.astype(np.float64), targets.astype(np.float64)

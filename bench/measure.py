@@ -6,6 +6,10 @@ import numpy as np
 import torch
 
 from loratune.core.config import TrainConfig
+from loratune.data.batching import collate_packed, collate_padded
+from loratune.data.encode import IGNORE
+from loratune.modeling.adapter import trainable_model
+from loratune.modeling.loss import CausalLMLoss
 
 
 def measure_peak(fn, device: torch.device | str) -> int:
@@ -49,18 +53,8 @@ def measure_pass(base, cfg: TrainConfig, lengths: list[int], answer_share: float
     holds random examples of these lengths whose last `answer_share` of tokens carry loss. One pass runs first, so
     the adapters' gradients already exist, as in every pass of a step after the first.
     """
-    from .attention import NAME as PACKED_ATTENTION
-    from .data.batching import collate_packed, collate_padded
-    from .data.encode import IGNORE
-    from .loss import CausalLMLoss
-    from .model import add_lora, enable_checkpointing, supports_packing
-
-    packing = cfg.packing and supports_packing(base)
-    if packing:
-        base.set_attn_implementation(PACKED_ATTENTION)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(base)
-    loss = CausalLMLoss(add_lora(base, cfg)).train()
+    model, packing, _ = trainable_model(base, cfg, cfg.packing)
+    loss = CausalLMLoss(model).train()
     rng = np.random.default_rng(seed)
     ids = [rng.integers(0, base.config.get_text_config().vocab_size, n) for n in lengths]
     labels = [np.where(np.arange(len(x)) >= len(x) * (1 - answer_share), x, IGNORE) for x in ids]

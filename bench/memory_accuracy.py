@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratune.core.config import TrainConfig
 from loratune.core.device import choose_dtype
-from loratune.memory.planner import MemoryModel, read_shape, shape_from_config
+from loratune.memory.arithmetic import MemoryModel
+from loratune.memory.shape import read_shape, shape_from_config
 from loratune.modeling.model import load_model, resolve_model
 
 from .measure import measure_pass

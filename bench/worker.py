@@ -27,7 +27,7 @@ import trl  # noqa: F401
 from loratune import TrainConfig, train
 from loratune.core.device import DTYPES
 from loratune.modeling.model import load_tokenizer
-from loratune.training.loop import lr_factor
+from loratune.training.setup import lr_factor
 
 
 def main() -> None:

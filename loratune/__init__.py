@@ -13,7 +13,7 @@ __all__ = ["TrainConfig", "UserError", "train", "__version__"]
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune with `config` (same defaults as the CLI); returns the summary also written to summary.json."""
-    from .core.config import resolve
+    from .core.sources import resolve
     from .training.loop import train as _train
 
     if config.output_dir is None:  # same default folder as the CLI

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import operator
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-from .core.config import PRESETS, TrainConfig, guide_warnings, resolve
+from .core.config import TrainConfig
 from .core.errors import BadRowError, UserError
+from .core.presets import PRESETS, guide_warnings
+from .core.sources import resolve
 
 FIELD_GROUPS = {
     "model": "Model",
@@ -114,61 +113,9 @@ def _resolve(args: argparse.Namespace, default_preset: str | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.loop import train
+    from .commands.train import train_command
 
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch(args.num_processes)
-
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues a run and --overwrite starts it over: give one of them")
-    if args.resume and (isinstance(args.resume, str) or not args.config):
-        run = Path(args.resume if isinstance(args.resume, str) else args.output_dir or "")
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
-        args.config = args.config or str(run / "config.yaml")
-        args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
-    quickstart = not args.config and not args.preset and not args.train_data and not args.data
-    config = _resolve(args, default_preset="quickstart" if quickstart else None).config
-    if quickstart:  # after the arguments are checked: a bad one is the only line printed
-        print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
-        if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
-            config.output_dir = _next_free(Path(config.output_dir))
-    train(config, resume=bool(args.resume), overwrite=args.overwrite)
-    return 0
-
-
-def _next_free(folder: Path) -> str:
-    """`folder`, or when it already holds something, the first free `folder-2`, `folder-3`, ..."""
-    candidate, n = folder, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    if candidate != folder:
-        print(f"{folder} holds an earlier run: this one goes to {candidate}")
-    return str(candidate)
-
-
-def _relaunch(processes: int) -> int:
-    """`--num-processes N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPUs)."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            argv.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        "loratune",
-        *argv,
-    ]
-    return subprocess.call(command)
+    return train_command(args, _resolve)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -271,21 +218,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from .data.encode import encoder_for
-    from .data.inspect import inspect_data, render
-    from .modeling.model import load_tokenizer, resolve_model
+    from .commands.inspect import inspect, text, to_json
 
     cfg = _resolve(args).config
-    if not cfg.train_data:
-        raise UserError("data inspect: give a run config (loratune data inspect run.yaml) or a data file (--data FILE)")
-    encoder = encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg)
-    print(render(inspect_data(cfg, encoder, args.percentile), cfg))
+    ins, memory = inspect(cfg, args.percentile)
+    print(to_json(ins, memory) if args.json else text(ins, memory, cfg))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .commands.plan import plan_run
     from .core.config import parse_bytes
-    from .memory.planner import plan_run
 
     device = None
     if args.device and ":" in args.device:  # a device index (cuda:1) is the plan's, not a config value
@@ -315,7 +258,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _data):
+        add(commands)
+    return parser
 
+
+def _train(commands) -> None:
     p = commands.add_parser("train", help="fine-tune (with no arguments: the built-in quickstart)")
     _add_config_flags(p)
     p.add_argument(
@@ -336,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _plan(commands) -> None:
     p = commands.add_parser("plan", help="estimate peak memory and time before training (loads no weights)")
     _add_config_flags(p)
     p.add_argument(
@@ -353,19 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
+
+def _config(commands) -> None:
     config = commands.add_parser("config", help="inspect configuration")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    p = config_commands.add_parser("show", help="print the resolved config and where each value came from")
+    actions = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = actions.add_parser("show", help="print the resolved config and where each value came from")
     _add_config_flags(p)
     p.set_defaults(func=cmd_config_show)
 
-    p = commands.add_parser("generate", help="generate with the base model plus a run's adapter")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
-    p.add_argument("--prompt", help="one prompt; the generated text is printed")
-    p.add_argument(
-        "--file",
-        help="prompts, one per row (any training data shape; answers are ignored); prints one JSON object per line",
-    )
+
+def _run_dir(p, adapter: bool = True) -> None:
+    inside = " (or an adapter/checkpoint in it)" if adapter else ""
+    p.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run's output_dir{inside}")
+    if adapter:
+        p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+
+
+def _sampling_flags(p) -> None:
     p.add_argument(
         "--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)"
     )
@@ -375,12 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling"
     )
-    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+
+
+def _generate(commands) -> None:
+    p = commands.add_parser("generate", help="generate with the base model plus a run's adapter")
+    _run_dir(p)
+    p.add_argument("--prompt", help="one prompt; the generated text is printed")
+    p.add_argument(
+        "--file",
+        help="prompts, one per row (any training data shape; answers are ignored); prints one JSON object per line",
+    )
+    _sampling_flags(p)
     p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
     p.set_defaults(func=cmd_generate)
 
+
+def _eval(commands) -> None:
     p = commands.add_parser("eval", help="loss and perplexity of base and fine-tuned model on a dataset")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    _run_dir(p)
     p.add_argument("--data", required=True, help="examples with reference answers, in any training data shape")
     p.add_argument(
         "--generate",
@@ -402,43 +368,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL report: a summary line, then one line per example "
         "with --generate (default: RUN_DIR/eval-<data name>.jsonl)",
     )
-    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.set_defaults(func=cmd_eval)
 
+
+def _chat(commands) -> None:
     p = commands.add_parser("chat", help="talk to the fine-tuned model (from a script: one message per input line)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    _run_dir(p)
     p.add_argument("--system", help="a system message to start every conversation with")
-    p.add_argument(
-        "--max-new-tokens", type=_ranged(int, above=0), default=256, help="longest answer in tokens (default: 256)"
-    )
-    p.add_argument(
-        "--temperature", type=_ranged(float, at_least=0), default=0.0, help="0 = greedy (default); > 0 samples"
-    )
-    p.add_argument(
-        "--top-p", type=_ranged(float, above=0, at_most=1), default=1.0, help="nucleus sampling threshold when sampling"
-    )
-    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
+    _sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _report(commands) -> None:
     p = commands.add_parser("report", help="write a run's loss.png and report.md (done at the end of training too)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    _run_dir(p, adapter=False)
     p.set_defaults(func=cmd_report)
 
+
+def _merge(commands) -> None:
     p = commands.add_parser("merge", help="merge base + adapter into one standard transformers model folder")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (or an adapter/checkpoint in it)")
+    _run_dir(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
     p.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
         help="number format of the merged weights (default: the base model's)",
     )
-    p.add_argument("--adapter", default="adapter", help="adapter (best, default), last, or a path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     p.set_defaults(func=cmd_merge)
 
+
+def _data(commands) -> None:
     data = commands.add_parser("data", help="inspect training data")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data_commands.add_parser(
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = actions.add_parser(
         "inspect", help="token lengths, what max_length truncates or drops, padding, and the max_length the data needs"
     )
     _add_config_flags(p)
@@ -448,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=99.0,
         help="recommend the max_length that keeps this %% of examples whole (default: 99)",
     )
+    p.add_argument("--json", action="store_true", help="print the inspection as JSON")
     p.set_defaults(func=cmd_data_inspect)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from loratune.core.config import GUIDE_FIELDS, PRESETS, TrainConfig, guide_warnings, resolve
+from loratune.core.config import GUIDE_FIELDS, TrainConfig
 from loratune.core.errors import UserError
+from loratune.core.presets import PRESETS, guide_warnings
+from loratune.core.sources import resolve
 
 GUIDE_DEFAULTS = {
     "batch_size": 8,
@@ -156,7 +158,7 @@ def test_example_configs_resolve_to_their_presets(path):
 
 
 def test_the_quickstart_run_again_goes_to_the_next_free_folder(tmp_path, capsys):
-    from loratune.cli import _next_free
+    from loratune.commands.train import next_free as _next_free
 
     first = tmp_path / "quickstart"
     assert _next_free(first) == str(first)

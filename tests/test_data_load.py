@@ -9,8 +9,8 @@ import pytest
 from conftest import write_jsonl
 
 from loratune import TrainConfig
-from loratune.core.config import resolve
 from loratune.core.errors import UserError
+from loratune.core.sources import resolve
 from loratune.data.formats import Example, RowError, detect_format, require_answers, to_example
 from loratune.data.load import BadRows, open_source
 from loratune.data.prepare import read_examples

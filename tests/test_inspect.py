@@ -4,9 +4,8 @@ The tiny tokenizer reads " order" and " lamp" as one token each and adds no BOS:
 " order"s and a completion of 39 " lamp"s is exactly a + 39 + 1 (end token) tokens long.
 """
 
+import json
 import random
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from conftest import write_jsonl
 from loratune import TrainConfig
 from loratune.cli import main
 from loratune.data.encode import encoder_for
-from loratune.data.inspect import inspect_data, padding_share
+from loratune.data.inspect import inspect_data
+from loratune.data.plan import StepPlan
 from loratune.modeling.model import load_tokenizer
 
 PROMPTS = [60] * 197 + [90] + [260] * 2  # totals: 197 x 100, 1 x 130, 2 x 300
@@ -73,8 +73,12 @@ def test_percentile_and_policy_change_the_answer(tiny_model, known):
 
 def test_padding_share_uses_the_trainers_grouping():
     # a step of 4 is sorted by length and cut into passes of 2: [10, 10] and [20, 20], no padding
-    assert padding_share(np.array([10, 20, 10, 20]), batch_size=2, accumulation=2, seed=0) == 0
-    assert padding_share(np.array([10, 30]), batch_size=2, accumulation=1, seed=0) == pytest.approx(1 / 3)
+    def padding_share(lengths, batch_size, accumulation):
+        lengths = np.array(lengths)
+        return StepPlan(lengths, lengths, batch_size * accumulation, batch_size, packing=False).padding_share()
+
+    assert padding_share([10, 20, 10, 20], batch_size=2, accumulation=2) == 0
+    assert padding_share([10, 30], batch_size=2, accumulation=1) == pytest.approx(1 / 3)
 
 
 def test_cli_prints_the_numbers(tiny_model, known, capsys):
@@ -118,11 +122,15 @@ def test_cli_without_data_says_what_to_give(tiny_model, capsys):
     assert "give a run config (loratune data inspect run.yaml) or a data file (--data FILE)" in capsys.readouterr().err
 
 
-def test_memory_line_appears_when_the_planner_exists(tiny_model, known, monkeypatch):
-    planner = types.ModuleType("loratune.memory")
-    planner.peak_bytes = lambda cfg: cfg.max_length * 2**30 // 64
-    monkeypatch.setitem(sys.modules, "loratune.memory", planner)
-    assert _inspect(tiny_model, known).memory == [
-        "estimated peak training memory at max_length=128: 2.00 GiB",
-        "estimated peak training memory at max_length=192: 3.00 GiB",
+def test_cli_shows_the_planned_peak_per_max_length_and_json(tiny_model, known, capsys):
+    args = ["data", "inspect", "--data", known, "--model", tiny_model, "--max-length", "128", "--device", "cpu"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("estimated peak training")]
+    assert [line.split(":")[0] for line in lines] == [
+        "estimated peak training memory at max_length=128",
+        "estimated peak training memory at max_length=192",
     ]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["recommended"] == 192 and data["current"]["whole"] == 197
+    assert data["memory"][0].startswith("estimated peak training memory at max_length=128: ")

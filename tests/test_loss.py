@@ -4,9 +4,10 @@ import numpy as np
 import torch
 
 from loratune.data.batching import collate_packed
+from loratune.modeling.adapter import add_lora
 from loratune.modeling.attention import NAME
 from loratune.modeling.loss import CausalLMLoss, target_cross_entropy
-from loratune.modeling.model import add_lora, load_model
+from loratune.modeling.model import load_model
 
 
 def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_model):

@@ -80,7 +80,7 @@ def test_short_fine_tune_of_the_real_model_improves_the_held_out_metric(smollm2,
     from pathlib import Path
 
     from loratune import TrainConfig, train
-    from loratune.core.config import PRESETS
+    from loratune.core.presets import PRESETS
 
     quick = PRESETS["quickstart"].values
     test_rows = Path(quick["test_data"]).read_text().splitlines()[:16]
@@ -109,8 +109,9 @@ def test_plan_of_the_default_model_is_itemised_and_within_25_percent_of_a_measur
     from bench.measure import measure_pass
     from loratune import TrainConfig
     from loratune.cli import main
-    from loratune.core.config import PRESETS
-    from loratune.memory.planner import MemoryModel, read_shape
+    from loratune.core.presets import PRESETS
+    from loratune.memory.arithmetic import MemoryModel
+    from loratune.memory.shape import read_shape
     from loratune.modeling.model import load_model
 
     assert main(["plan", "--preset", "quickstart", "--precision", "fp32", "--device", "cpu"]) == 0

@@ -93,7 +93,7 @@ def test_packed_attention_of_a_bf16_model_on_cpu_is_computed_in_fp32():
 def test_a_packed_step_takes_the_fewest_passes_that_hold_it_within_the_largest_padded_batch(world):
     """Each pass holds at most batch_size x the longest example's tokens (the largest padded batch), every example
     goes into exactly one, and there are no more passes than gradient_accumulation_steps (x processes)."""
-    from loratune.data.batching import packed_groups, split_step
+    from loratune.data.plan import StepPlan
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -102,16 +102,16 @@ def test_a_packed_step_takes_the_fewest_passes_that_hold_it_within_the_largest_p
         lengths = skewed if trial % 2 else rng.integers(20, 60, size=400)  # even: the budget is tight
         step = rng.permutation(400)[: batch_size * accumulation * world]
         budget = batch_size * int(lengths.max())
-        passes = split_step(step, lengths, batch_size, True, int(lengths.max()), world)
+        plan = StepPlan(lengths, lengths, batch_size * accumulation * world, batch_size, True, world)
+        passes = plan.passes(step)
         assert sorted(i for p in passes for i in p) == sorted(step.tolist())
         assert len(passes) % world == 0 and len(passes) <= accumulation * world
         assert max(int(lengths[p].sum()) for p in passes) <= budget
         fewest = world * math.ceil(math.ceil(int(lengths[step].sum()) / budget) / world)
         assert len(passes) <= fewest + world, (trial, len(passes), fewest)  # at most one extra round when balancing
-        order = np.argsort(lengths[step])
-        groups = packed_groups(step[order], lengths, batch_size)
-        assert np.array_equal(np.concatenate(groups), step[order])
-        assert all(int(lengths[g].sum()) <= budget or len(g) == 1 for g in groups)
+        groups = StepPlan(lengths[step], lengths[step], len(step), batch_size).eval_passes()  # validation's
+        assert np.array_equal(np.concatenate(groups), np.argsort(lengths[step], kind="stable"))
+        assert all(int(lengths[step][g].sum()) <= budget or len(g) == 1 for g in groups)
     # Short examples share a pass: 64 examples of 10 tokens and one of 100 fit one pass of 8 x 100 tokens.
     lengths = np.array([100] + [10] * 63)
-    assert len(split_step(np.arange(64), lengths, 8, True, 100)) == 1
+    assert len(StepPlan(lengths, lengths, 64, 8).passes(np.arange(64))) == 1

@@ -96,16 +96,16 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_adapter(ti
 def _mid_step_pass(model, data, packing: bool) -> tuple[int, str]:
     """The number of a training pass that is not the last of its step (after step 2), and the checkpoint a stop
     after it saves, from the passes training will make."""
-    from loratune.data.batching import epoch_steps, split_step
     from loratune.data.encode import encoder_for
+    from loratune.data.plan import StepPlan
     from loratune.data.prepare import prepare
     from loratune.modeling.model import load_tokenizer
 
     cfg = TrainConfig(**_settings(model, data, "unused", packing=packing))
     train_set = prepare(cfg, encoder_for(load_tokenizer(model), cfg)).train
-    lengths, done = train_set.lengths, 0
-    for step, examples in enumerate(epoch_steps(len(train_set), 6, cfg.seed, 0)):
-        n = len(split_step(examples, lengths, 2, packing, int(lengths.max())))
+    plan, done = StepPlan(train_set.lengths, train_set.target_counts, 6, 2, packing, seed=cfg.seed), 0
+    for step, examples in enumerate(plan.epoch(0)):
+        n = len(plan.passes(examples))
         if step >= 2 and n > 1:
             return done + 1, f"step-{step:06d}.1"
         done += n

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from loratune import TrainConfig
 from loratune.core.errors import UserError
-from loratune.training.loop import lr_factor, train
+from loratune.training.loop import train
+from loratune.training.setup import lr_factor
 
 
 def _config(model, tmp_path, name, rows=24, **overrides):

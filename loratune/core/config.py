@@ -1,22 +1,17 @@
-"""The run's configuration: one typed model, its presets, where each value came from, and the Guide's advice.
+"""The run's configuration: one typed model, each field with its help text (what `--help`, the docs and the UI show).
 
-Sources, later wins: field defaults < preset < YAML file < command-line flags.
-The nine Training Guide parameters keep the Guide's names and defaults exactly.
+The nine Training Guide parameters keep the Guide's names and defaults exactly. Presets and the Guide's ranges:
+core.presets; merging defaults, preset, YAML file and flags: core.sources.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
-from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import annotated_types
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from .errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages", "sharegpt", "text")
@@ -25,7 +20,8 @@ DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages
 class TrainConfig(BaseModel):
     """Everything a run needs. Each field's description is its help text in `--help` and the docs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+    # frozen: what the user asked for is never changed; what a run resolves is its own object (training.resolved)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
     # --- Model -------------------------------------------------------------------------------------
     model: str = Field(
@@ -253,259 +249,6 @@ def parse_bytes(text: str) -> int:
     return size
 
 
-# --- Presets (the Guide's "Example Configurations") --------------------------------------------------
-
-
-class Preset(BaseModel):
-    description: str
-    values: dict[str, Any]
-
-
-def _quickstart_data(split: str) -> str:
-    return str(Path(__file__).parents[1] / "quickstart" / "data" / f"{split}.jsonl")
-
-
-PRESETS: dict[str, Preset] = {
-    "balanced": Preset(
-        description="The Training Guide's Balanced Training defaults. Use it first, on any data.",
-        values={},
-    ),
-    "quick": Preset(
-        description="A check that the whole pipeline works on your data and model: 10 small steps, "
-        "validation at the end. Use it before a long run.",
-        values={"batch_size": 4, "gradient_accumulation_steps": 4, "epochs": 1, "max_steps": 10},
-    ),
-    "memory_saver": Preset(
-        description="Same effective batch (64) in smaller forward passes with activations recomputed. "
-        "Use it when the plan says the run does not fit, or on a small GPU.",
-        values={"batch_size": 4, "gradient_accumulation_steps": 16, "gradient_checkpointing": True},
-    ),
-    "high_capacity": Preset(
-        description="Rank 32 adapters at a gentler learning rate. Use it for complex tasks or large datasets "
-        "where the balanced adapter underfits (validation loss still falling at the end).",
-        values={"lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-4},
-    ),
-    "quickstart": Preset(
-        description="The built-in demo: SmolLM2-135M-Instruct learns to turn order messages into JSON records, "
-        "on the CPU in minutes. `loratune train` with no arguments runs it.",
-        values={
-            "model": "smollm2-135m",
-            "train_data": _quickstart_data("train"),
-            "val_data": _quickstart_data("val"),
-            "test_data": _quickstart_data("test"),
-            "batch_size": 4,
-            "gradient_accumulation_steps": 4,
-            "max_length": 256,
-            "epochs": 2,
-            "learning_rate": 2e-4,
-            "output_dir": "runs/quickstart",
-        },
-    ),
-}
-DEFAULT_PRESET = "balanced"
-
-
-# --- The Training Guide's recommended ranges become warnings ----------------------------------------
-
-
-def guide_warnings(cfg: TrainConfig) -> list[str]:
-    """Values outside the Guide's recommended ranges, each with the Guide's own advice. Training goes on."""
-    out = []
-
-    def check(name, value, lo, hi, shown, advice):
-        if value is not None and not isinstance(value, str) and not (lo <= value <= hi):
-            out.append(f"{name}={value:g} is outside the Training Guide's recommended range {shown}: {advice}")
-
-    check(
-        "batch_size",
-        cfg.batch_size,
-        4,
-        16,
-        "4-16",
-        '"Higher values = faster training, more memory. Lower values = slower training, less memory."',
-    )
-    check(
-        "gradient_accumulation_steps",
-        cfg.gradient_accumulation_steps,
-        4,
-        32,
-        "4-32",
-        '"Lower values = faster training, more memory usage."',
-    )
-    check(
-        "learning_rate",
-        cfg.learning_rate,
-        5e-5,
-        2e-4,
-        "5e-5 to 2e-4",
-        '"Higher values = faster learning but risk instability. Lower values = more stable but slower training."',
-    )
-    check(
-        "warmup_ratio",
-        cfg.warmup_ratio,
-        0.03,
-        0.1,
-        "0.03-0.1",
-        '"Higher values = more stable start but slower training. '
-        'Lower values = faster training but might be unstable."',
-    )
-    check(
-        "lora_r",
-        cfg.lora_r,
-        8,
-        32,
-        "8-32",
-        '"Higher values = more capacity but larger adapter. Lower values = smaller adapter but limited capacity."',
-    )
-    if not 2 * cfg.lora_r <= cfg.lora_alpha <= 4 * cfg.lora_r:
-        out.append(
-            f"lora_alpha={cfg.lora_alpha} is not 2x-4x lora_r={cfg.lora_r} as the Training Guide advises: "
-            '"Usually set to 2x-4x of lora_r. Higher values = stronger adaptation effect. '
-            'Lower values = more conservative changes."'
-        )
-    return out
-
-
-# --- Resolving sources into one config --------------------------------------------------------------
-
-
-class Resolved(BaseModel):
-    """A validated config and, for every field, where its value came from."""
-
-    config: TrainConfig
-    sources: dict[str, str]
-    preset: str
-    name: str  # used for the default output_dir
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word; YAML forbids them, and a setting given twice is
-    a mistake to point at."""
-
-    def construct_mapping(self, node, deep=False):
-        lines = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):  # SafeLoader refuses it below, with its own message
-                continue
-            if key in lines:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"{key} is given twice, on lines {lines[key]} and {key_node.start_mark.line + 1}",
-                    problem_mark=key_node.start_mark,
-                )
-            lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path}: not found")
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {path}: not UTF-8 text (a YAML file of field: value lines is expected)") from None
-    except OSError as e:
-        raise UserError(f"config file {path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path}: expected a mapping of field: value, got {type(data).__name__}")
-    if bad := [key for key in data if not isinstance(key, str)]:
-        raise UserError(f"config file {path}: {bad[0]!r} is not a setting name (`loratune config show` lists them)")
-    return data
-
-
-PATH_FIELDS = ("train_data", "val_data", "test_data", "chat_template")
-
-
-def resolve(
-    config_file: str | None = None,
-    preset: str | None = None,
-    flags: dict[str, Any] | None = None,
-) -> Resolved:
-    """Layer defaults < preset < YAML < flags, validate once, and remember each value's source.
-
-    `flags` maps field names to raw command-line strings (or Python values from the API).
-    """
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    file_values: dict[str, Any] = {}
-    if config_file:
-        file_values = read_yaml(config_file)
-        base = Path(config_file).resolve().parent
-        # Relative paths in a config file are relative to that file, so configs can travel with their data.
-        for key in PATH_FIELDS:
-            v = file_values.get(key)
-            if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
-                file_values[key] = str(base / v)
-
-    preset_name = preset or file_values.pop("preset", None) or DEFAULT_PRESET
-    file_values.pop("preset", None)
-    if preset_name not in PRESETS:
-        raise UserError(f"preset = {preset_name!r}: unknown; allowed: {', '.join(PRESETS)}")
-
-    layers = [
-        (f"preset {preset_name}", PRESETS[preset_name].values),
-        (str(config_file), file_values),
-        ("command line", flags),
-    ]
-    merged: dict[str, Any] = {}
-    sources = {name: "default" for name in TrainConfig.model_fields}
-    for source, values in layers:
-        for key, value in values.items():
-            merged[key] = value
-            sources[key] = source if source != "command line" else f"--{key.replace('_', '-')}"
-
-    try:
-        cfg = TrainConfig(**merged)
-    except ValidationError as e:
-        raise UserError(_explain(e, merged, sources)) from None
-
-    name = Path(config_file).stem if config_file else preset_name if preset_name != DEFAULT_PRESET else "run"
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / name)
-        sources["output_dir"] = "derived from the config name"
-    _check_paths(cfg, sources)
-    return Resolved(config=cfg, sources=sources, preset=preset_name, name=name)
-
-
-def _check_paths(cfg: TrainConfig, sources: dict[str, str]) -> None:
-    for key in PATH_FIELDS:
-        value = getattr(cfg, key)
-        if value is None or Path(value).exists() or key == "chat_template" and "/" not in value and "." not in value:
-            continue
-        if key != "chat_template" and _looks_like_hub_id(value):
-            continue  # a hub dataset, loaded when the network allows
-        raise UserError(f"{key} = {value!r} (from {sources[key]}): file not found")
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    """org/name, optionally :subset and @split (a split may be sliced: train[:90%])."""
-    m = re.fullmatch(r"([\w.-]+/[\w.-]+)(:[\w.-]+)?(@[\w.:%\[\]+-]+)?", value)
-    return bool(m) and not Path(m.group(1)).suffix
-
-
-def _explain(error: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
-    """One line: the field, its value, where it came from, and what is allowed."""
-    err = error.errors()[0]
-    field = str(err["loc"][0]) if err["loc"] else ""
-    if err["type"] == "extra_forbidden":
-        close = _closest(field, TrainConfig.model_fields)
-        hint = f"; did you mean {close}?" if close else ""
-        return f"unknown setting {field!r} (from {sources.get(field, 'config')}){hint}"
-    if not field:
-        return f"config: {err['msg']}"
-    value = values.get(field, err.get("input"))
-    where = f"{field} = {value!r} (from {sources.get(field, 'config')})"
-    if err["type"] == "value_error":  # our own validators say precisely what is wrong
-        return f"{where}: {err['ctx']['error']}"
-    return f"{where}: must be {allowed(field)}"
-
-
 def allowed(field: str) -> str:
     """Plain-words description of a field's valid values, derived from its type and constraints."""
     info = TrainConfig.model_fields[field]
@@ -539,21 +282,3 @@ def _describe(annotation, metadata=()) -> str:
     if origin is dict:
         return "a mapping (YAML mapping or key=value pairs separated by commas)"
     return str(annotation)
-
-
-def _closest(name: str, choices) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def read_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a loratune run folder (no config.yaml)")
-    return TrainConfig(**yaml.safe_load(path.read_text()))

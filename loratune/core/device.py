@@ -17,6 +17,11 @@ from .errors import UserError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32, as the `precision` setting names them."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def resolve_device(name: str) -> torch.device:
     """The device a `device` setting means (auto: CUDA, else Apple's MPS, else CPU), or a named one such as cuda:1."""
     if name == "auto":

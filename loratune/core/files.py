@@ -47,7 +47,7 @@ def atomic_dir(final: Path):
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        raise UserError(_io_message(final, e)) from None
+        raise UserError(io_message(final, e)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -63,10 +63,10 @@ def atomic_write(path: Path, text: str) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(_io_message(path, e)) from None
+        raise UserError(io_message(path, e)) from None
 
 
-def _io_message(path: Path, e: OSError) -> str:
+def io_message(path: Path, e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return f"disk full while writing {path}; nothing half-written was kept. Free space and resume with --resume"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

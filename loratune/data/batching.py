@@ -1,77 +1,16 @@
-"""Which examples go into which optimizer step and forward pass, and the tensors for each pass.
+"""The tensors of one forward pass: packed rows or padded rows of tokenized examples.
 
-An optimizer step always takes `batch_size x gradient_accumulation_steps` examples (x processes), in the same
-order whether or not we pack: the effective batch means what the Training Guide says. Inside a step the
-examples are regrouped for speed, which changes nothing in the update because the step's loss is normalised
-by the step's total target-token count:
-- packing: a pass is one row of examples back to back, with no padding, holding at most `batch_size` times the
-  data's longest example in tokens: the size of the largest padded batch, so memory peaks no higher than
-  padding would, while each pass is full. A step takes as few such passes of about equal token count as hold
-  its examples, at most `gradient_accumulation_steps` of them; every pass costs a fixed time beyond its tokens'
-  (most of a pass of a short row on a small model), so fewer, fuller passes are faster;
-- no packing: sorted by length and cut into passes of `batch_size` examples, so padding stays small.
-
-On a CPU with a 16-bit base, packed rows are padded up to a few fixed sizes (`shape_bucket`): oneDNN, which runs
-those matrix products, compiles a kernel for every new shape, and an exact row length would be new every pass.
+Which examples go into which pass is `plan.StepPlan`'s business; this module only lays them out.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .encode import IGNORE
-
-
-def epoch_steps(n_examples: int, per_step: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The epoch's examples in a seeded random order, cut into optimizer steps (the last one may be smaller)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-    return [order[i : i + per_step] for i in range(0, n_examples, per_step)]
-
-
-def split_step(
-    step: np.ndarray, lengths: np.ndarray, batch_size: int, packing: bool, longest: int, world_size: int = 1
-) -> list[list[int]]:
-    """A step's examples as forward passes, as many for each of `world_size` processes (some may be empty when the
-    step is short). `longest`: the data's longest example in tokens, which sets a packed pass's token budget."""
-    if not packing:
-        ordered = sorted(step.tolist(), key=lambda i: (lengths[i], i))
-        passes = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-        return passes + [[] for _ in range(-len(passes) % world_size)]  # each process does as many
-    budget = batch_size * longest
-    n_passes = world_size * math.ceil(math.ceil(int(lengths[step].sum()) / budget) / world_size)
-    while True:  # the fewest passes whose balanced loads fit the budget (one or two tries in practice)
-        passes, heaviest = _balanced(step, lengths, n_passes)
-        if heaviest <= budget or n_passes >= len(step):
-            return passes
-        n_passes += world_size
-
-
-def _balanced(step: np.ndarray, lengths: np.ndarray, n_passes: int) -> tuple[list[list[int]], int]:
-    """Longest-first onto the lightest pass: the passes end up within one example's length of each other."""
-    ordered = sorted(step.tolist(), key=lambda i: (-lengths[i], i))
-    heap = [(0, p) for p in range(n_passes)]
-    passes: list[list[int]] = [[] for _ in range(n_passes)]
-    for i in ordered:
-        tokens, p = heapq.heappop(heap)
-        passes[p].append(i)
-        heapq.heappush(heap, (tokens + int(lengths[i]), p))
-    return passes, max(tokens for tokens, _ in heap)
-
-
-def packed_groups(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Examples in this order cut into packed passes of at most `batch_size` times the data's longest example."""
-    budget, groups, start, tokens = batch_size * int(lengths.max(initial=1)), [], 0, 0
-    for k, i in enumerate(order):
-        if tokens + lengths[i] > budget and k > start:
-            groups.append(order[start:k])
-            start, tokens = k, 0
-        tokens += int(lengths[i])
-    return groups + [order[start:]] if start < len(order) else groups
 
 
 def shape_bucket(n: int, per_octave: int = 16) -> int:
@@ -83,11 +22,6 @@ def shape_bucket(n: int, per_octave: int = 16) -> int:
     """
     step = 1 << max(0, n.bit_length() - per_octave.bit_length())
     return -(-n // step) * step
-
-
-def wants_shape_buckets(device: torch.device, dtype: torch.dtype) -> bool:
-    """CPU products of 16-bit numbers run in oneDNN; fp32 ones in a BLAS (MKL, OpenBLAS) that has no such cost."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -151,13 +85,6 @@ def collate_packed(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int 
         max_seqlen=max(len(x) for x in ids),
         padding=padding,
     )
-
-
-def collate(data, indices, packing: bool, pad_id: int, buckets: bool = False) -> Batch:
-    """The pass of these examples of a tokenized set: one packed row (filled to a bucket size with `buckets`),
-    or padded rows."""
-    ids, labels = [data.input_ids[i] for i in indices], [data.labels[i] for i in indices]
-    return collate_packed(ids, labels, pad_id if buckets else None) if packing else collate_padded(ids, labels, pad_id)
 
 
 def collate_padded(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int) -> Batch:

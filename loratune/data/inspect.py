@@ -7,19 +7,18 @@ of the fully formatted examples (chat template, end tokens), from the same cache
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
-from .batching import epoch_steps, split_step
 from .encode import Encoder
+from .plan import DEFAULT_BATCH_SIZE, plan_for
 from .prepare import DataReport, Fit, TokenizedSet, fit, load_sets, recommend_max_length
 
 PERCENTILES = (50, 90, 95, 99)
 MULTIPLE = 64  # recommended lengths are multiples of this: tensor-core and kernel friendly
-FALLBACK_BATCH = 8  # padding is estimated at this batch size when batch_size is auto
 
 
 @dataclass
@@ -61,7 +60,6 @@ class Inspection:
     current: Effect
     at_recommended: Effect | None
     batch_size: int
-    memory: list[str] = field(default_factory=list)
 
 
 def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -> Inspection:
@@ -77,16 +75,16 @@ def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -
     )
     total = both.lengths
     text = report.data_format == "text"
-    batch_size = cfg.batch_size if isinstance(cfg.batch_size, int) else FALLBACK_BATCH
+    batch_size = cfg.batch_size if isinstance(cfg.batch_size, int) else DEFAULT_BATCH_SIZE
 
     def effect(max_length: int) -> Effect:
         _, counts = fit(both, max_length, cfg.truncation, split_long=text)
         kept, _ = fit(train, max_length, cfg.truncation, split_long=text)
-        padding = padding_share(kept.lengths, batch_size, cfg.gradient_accumulation_steps, cfg.seed)
+        padding = plan_for(cfg, kept.lengths, kept.target_counts, packing=False).padding_share()
         return Effect(max_length, counts, int((total <= max_length).sum()), padding)
 
     recommended = None if text else recommend_max_length(total, percentile, MULTIPLE)
-    ins = Inspection(
+    return Inspection(
         report=report,
         n_train=len(train),
         n_val=len(val),
@@ -100,19 +98,6 @@ def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -
         at_recommended=effect(recommended) if recommended and recommended != cfg.max_length else None,
         batch_size=batch_size,
     )
-    ins.memory = memory_lines(cfg, [e.max_length for e in (ins.current, ins.at_recommended) if e])
-    return ins
-
-
-def padding_share(lengths: np.ndarray, batch_size: int, accumulation: int, seed: int) -> float:
-    """Share of padded-batch tokens that would be padding, with the trainer's own grouping of an epoch."""
-    real, padded, longest = 0, 0, int(lengths.max())
-    for step in epoch_steps(len(lengths), batch_size * accumulation, seed, 0):
-        for batch in split_step(step, lengths, batch_size, packing=False, longest=longest):
-            if batch:
-                real += int(lengths[batch].sum())
-                padded += len(batch) * int(lengths[batch].max())
-    return 1 - real / padded if padded else 0.0
 
 
 def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]:
@@ -120,25 +105,6 @@ def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]
     width = MULTIPLE * max(1, math.ceil(int(lengths.max()) / (MULTIPLE * bins)))
     counts = np.bincount((lengths - 1) // width)
     return [(k * width, (k + 1) * width, int(c)) for k, c in enumerate(counts)]
-
-
-def memory_lines(cfg: TrainConfig, max_lengths: list[int]) -> list[str]:
-    """Peak training memory at each max_length, where the memory planner (loratune.memory) is available.
-
-    Hook: `loratune.memory.peak_bytes(cfg) -> int`, the estimated peak device memory of training with `cfg`.
-    """
-    try:
-        from ..memory.planner import peak_bytes  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    out = []
-    for max_length in max_lengths:
-        try:
-            peak = peak_bytes(cfg.model_copy(update={"max_length": max_length}))
-        except UserError as e:
-            return [f"memory estimate unavailable: {e}"]
-        out.append(f"estimated peak training memory at max_length={max_length}: {peak / 2**30:.2f} GiB")
-    return out
 
 
 # --- The terminal view ----------------------------------------------------------------------------------------
@@ -180,7 +146,6 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
         )
         if ins.at_recommended:
             lines += _effect_lines(f"max_length={ins.recommended}", ins.at_recommended, n, cfg)
-    lines += ins.memory
     return "\n".join(lines)
 
 
@@ -195,7 +160,7 @@ def _effect_lines(label: str, e: Effect, n: int, cfg: TrainConfig) -> list[str]:
         parts.append(f"{f.dropped_too_long:,} dropped as too long")
     if f.dropped_no_target:
         parts.append(f"{f.dropped_no_target:,} dropped with no answer token left")
-    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else FALLBACK_BATCH
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else DEFAULT_BATCH_SIZE
     padded = f"padded batches of {batch} would be {e.padding_share:.0%} padding"
     return [
         f"at {label}, truncation={cfg.truncation}:",

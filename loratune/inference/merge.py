@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import read_run_config
 from ..core.device import DTYPES
 from ..core.errors import UserError, first_line
 from ..core.files import atomic_dir, check_replaceable
-from ..modeling.model import load_model, load_tokenizer, nf4_config, quiet_peft, resolve_model
+from ..core.sources import read_run_config
+from ..modeling.adapter import quiet_peft
+from ..modeling.model import load_model, load_tokenizer, nf4_config, resolve_model
 from .run import locate_run, run_end_ids
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.

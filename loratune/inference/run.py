@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import TrainConfig, read_run_config
+from ..core.config import TrainConfig
 from ..core.device import choose_dtype
 from ..core.errors import UserError
+from ..core.sources import read_run_config
 from ..data.encode import Encoder
 from ..data.formats import SHAPES, Example, RowError, to_example
-from ..modeling.model import generation_end_ids, load_model, load_tokenizer, quiet_peft, resolve_model
+from ..modeling.adapter import quiet_peft
+from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 
 # Data shapes whose prompts are raw text: no chat template, no conversation.
 PLAIN_FORMATS = ("prompt_completion", "text")
@@ -28,6 +30,10 @@ class LoadedRun:
     data_format: str
     run_dir: Path
     adapter: Path  # the adapter folder used
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def locate_run(path: str | Path, adapter: str = "adapter") -> tuple[Path, Path]:

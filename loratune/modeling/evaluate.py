@@ -7,38 +7,23 @@ import math
 import re
 from collections import Counter
 
-import numpy as np
 import torch
 
-from ..data.batching import collate, packed_groups
+from ..data.plan import StepPlan
 from ..data.prepare import TokenizedSet
 from .generate import generate_texts
 
 
 @torch.no_grad()
 def dataset_loss(
-    loss_module,
-    data: TokenizedSet,
-    batch_size: int,
-    packing: bool,
-    pad_id: int,
-    device,
-    shard: tuple[int, int] = (0, 1),
-    buckets: bool = False,
+    loss_module, data: TokenizedSet, plan: StepPlan, pad_id: int, device, rank: int = 0
 ) -> tuple[float, int]:
-    """Summed cross-entropy and target-token count over this process's shard of `data` (`buckets`: see
-    `batching.shape_bucket`)."""
-    rank, world = shard
+    """Summed cross-entropy and target-token count over this process's share of `data`, in `plan`'s passes."""
     was_training = loss_module.training
     loss_module.eval()
-    order = np.argsort(data.lengths, kind="stable")[rank::world]
-    if packing:
-        groups = packed_groups(order, data.lengths, batch_size)
-    else:
-        groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     total, count = 0.0, 0
-    for examples in groups:
-        batch = collate(data, examples, packing, pad_id, buckets)
+    for examples in plan.eval_passes(rank):
+        batch = plan.batch(data, examples, pad_id)
         total += float(loss_module(batch.to(device)))
         count += batch.n_targets
     loss_module.train(was_training)

@@ -1,15 +1,13 @@
-"""The base model: finding it (built-in name, folder, .gguf file, hub id), its number format, and its LoRA adapters."""
+"""The base model and its tokenizer: finding them (built-in name, folder, .gguf file, hub id) and loading them."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +18,6 @@ from safetensors import SafetensorError
 from ..core.cache import cache_dir
 from ..core.errors import UserError, first_line
 from ..data.load import FILE_TYPES
-from .lora import FusedLoraLinear
 
 
 @dataclass(frozen=True)
@@ -147,26 +144,6 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def check_kernels(cfg, device: torch.device) -> None:
-    """Refuse the optional kernels where they cannot run, before anything is loaded."""
-    if cfg.liger_kernels and device.type != "cuda":
-        raise UserError(
-            f"liger_kernels: Liger's kernels run on CUDA GPUs only, this run is on {device.type} "
-            "(set liger_kernels: false)"
-        )
-    if cfg.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-        raise UserError("liger_kernels needs the liger-kernel package: pip install liger-kernel")
-    compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
-    if cfg.torch_compile and device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
-        raise UserError(
-            "torch_compile on a CPU needs a C++ compiler (g++ or clang++, or CXX set to one); "
-            "install one or set torch_compile: false"
-        )
-
-
-# --- Loading --------------------------------------------------------------------------------------------
-
-
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -246,79 +223,6 @@ def hub_hint(path: str, error: Exception) -> str:
         f"({first_line(error, limit=160)}). Use a local folder, a .gguf file, or a built-in name "
         f"({', '.join(BUILTIN_MODELS)})"
     )
-
-
-def supports_packing(model) -> bool:
-    """Packing needs a model whose attention goes through transformers' attention interface."""
-    return bool(getattr(model, "_supports_attention_backend", False))
-
-
-def enable_checkpointing(model) -> None:
-    """Activation checkpointing of every decoder layer, non-reentrant (transformers 5.x renamed the call from
-    gradient_checkpointing_enable, which now warns)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """PEFT calls a transformers API that transformers 5 marks deprecated; that warning is noise for our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def apply_liger(model) -> bool:
-    """Liger's kernels in place of the model's RMSNorm, RoPE and SwiGLU (the output layer's loss is already ours,
-    chunked); False when Liger has none for this model family."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return False
-    _apply_liger_kernel_to_instance(
-        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
-    )
-    return True
-
-
-def compile_layers(model) -> None:
-    """torch.compile each decoder layer in place (parameter names unchanged, so saving is unaffected). Identical
-    layers share compiled code; the packed attention's per-example loop and the loss stay eager. Dynamic shapes:
-    every pass has its own length."""
-    decoder = model.get_decoder()
-    for layer in getattr(decoder, "layers", None) or [decoder]:
-        layer.compile(dynamic=True)
-
-
-def add_lora(model, cfg):
-    """Wrap the frozen base with PEFT LoRA adapters; adapter weights are fp32 whatever the base dtype."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
-    config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's layer, fused training path
-    torch.manual_seed(cfg.seed)  # the adapters' initial weights depend on the seed alone
-    try:
-        with quiet_peft():
-            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    except ValueError as e:
-        if "not found in the base model" not in str(e) and "Target modules" not in str(e):
-            raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(
-            f"lora_target_modules = {cfg.lora_target_modules}: not found in the model; its linear layers are "
-            f"{', '.join(names)} (or use all-linear)"
-        ) from None
-    return peft_model
 
 
 def generation_end_ids(model) -> set[int]:

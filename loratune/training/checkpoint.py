@@ -1,17 +1,14 @@
-"""The run folder and everything written into it: whole or absent, never half-written.
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
 
-Layout of output_dir:
-    config.yaml          resolved config          metrics.jsonl   one JSON object per event
-    adapter/             best adapter (PEFT)      last/           last adapter (PEFT)
-    checkpoints/step-N/  adapter + optimizer + scheduler + RNG + data position + early-stopping state
-    summary.json         written at the end
-Folders are written to a temporary sibling, flushed to disk, then renamed into place.
+A checkpoint (RUN/checkpoints/step-N, or step-N.P when taken after pass P of step N+1) holds the adapter, the
+optimizer and scheduler state, every random-number state, the position in the data and the early-stopping state,
+and for a step cut in the middle its gradients so far. It is written whole or not at all (core.files.atomic_dir).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -21,9 +18,8 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
-from ..core.files import _io_message, atomic_dir, check_replaceable
-
-CHECKPOINTS = "checkpoints"
+from ..core.files import atomic_dir
+from .run_folder import CHECKPOINTS
 
 
 @dataclass
@@ -31,7 +27,6 @@ class TrainState:
     """Where training stands; saved with every checkpoint so a resumed run continues exactly."""
 
     step: int = 0  # optimizer steps done
-    examples_per_step: int = 0  # batch_size x gradient_accumulation_steps x processes
     epoch: int = 0
     step_in_epoch: int = 0  # steps done in the current epoch
     pass_in_step: int = 0  # forward passes done in the current step (non-zero only for an interrupted step)
@@ -46,8 +41,7 @@ class TrainState:
     elapsed: float = 0.0  # training seconds, summed over resumed segments
     metrics_lines: int = 0  # lines of metrics.jsonl that belong to the run so far
     step_loss_sum: float = 0.0  # partial sums of an interrupted step
-    step_targets: int = 0
-    micro_batch: int = 0  # examples per forward pass in the current step (halved after running out of memory)
+    micro_batch: int = 0  # batch_size of the current step's passes (a cut step resumes with the same)
     stop_reason: str | None = None
     history: list[dict] = field(default_factory=list)  # validation losses so far
 
@@ -57,79 +51,6 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         return cls(**json.loads(text))
-
-
-def recover_replaced(final: Path) -> None:
-    """Undo a replacement cut short between its two renames: put the previous version back."""
-    if not final.exists():
-        olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            os.replace(olds[-1], final)
-
-
-def clean_leftovers(run: Path) -> None:
-    """Remove what interrupted saves left behind (temporary folders and files), after recovering replacements."""
-    for name in ("adapter", "last"):
-        recover_replaced(run / name)
-    for folder in (run, run / CHECKPOINTS):
-        for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for p in folder.glob(".*.old-*") if folder.is_dir() else []:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-# What a run writes into its folder (eval-*.jsonl are `loratune eval` reports; dot-files are temporaries).
-RUN_ENTRIES = {
-    "adapter",
-    "last",
-    CHECKPOINTS,
-    "config.yaml",
-    "data.json",
-    "fingerprint.json",
-    "metrics.jsonl",
-    "summary.json",
-    "report.md",
-    "loss.png",
-    "tensorboard",
-    "wandb",
-}
-
-
-def is_run_entry(entry: Path) -> bool:
-    return (
-        entry.name in RUN_ENTRIES
-        or entry.name.startswith(".")
-        or (entry.name.startswith("eval-") and entry.suffix == ".jsonl")
-    )
-
-
-def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix two runs in one folder, and to start a run that could not write its results. No side effects."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output_dir {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(
-                f"output_dir {path} already holds a run. Use --resume to continue it, --overwrite to replace it, "
-                "or --output-dir for a new folder"
-            )
-        check_replaceable(path, "output_dir", is_run_entry)
-    existing = next(p for p in [path, *path.resolve().parents] if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"cannot write {path}: permission denied (choose another output_dir)")
-
-
-def create_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    """Make the run folder (replacing an old run when asked), once everything before training has succeeded."""
-    if overwrite and not resume and path.is_dir() and any(path.iterdir()):  # checked by check_output_dir
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(_io_message(path, e)) from None
 
 
 def list_checkpoints(run: Path) -> list[Path]:
@@ -196,3 +117,21 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_state(run: Path, model, optimizer, scheduler, console) -> tuple[TrainState, list | None] | None:
+    """Restore the newest readable checkpoint of `run` (a damaged one falls back to an older one) and return its
+    state and any gradients of a step cut in the middle; None when the run has no checkpoint yet."""
+    found = list_checkpoints(run)
+    if not found:
+        console.info(f"{run} has no checkpoint yet: starting from the beginning")
+        return None
+    for path in reversed(found):
+        try:
+            state, partial = load_checkpoint(path, model, optimizer, scheduler)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            console.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); trying an older one")
+            continue
+        console.info(f"resuming from {path} (step {state.step}, epoch {state.epoch})")
+        return state, partial
+    raise UserError(f"cannot resume {run}: no readable checkpoint; use --overwrite to start over")

@@ -72,33 +72,43 @@ def _best(summary: dict | None, evals: list[dict]) -> dict | None:
 
 
 def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str) -> None:
+    """loss.png: training and validation loss against steps (and tokens, on the top axis), the learning rate on the
+    right axis, and the best step marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, works on servers
     import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
+    steps = _curves(ax, train, evals, best)
+    lr_ax = _learning_rate(ax, steps, [r["lr"] for r in train])
+    _tokens_axis(ax, steps, [r["tokens"] for r in train])
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    # Below the axes, so it never hides a curve.
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=9, frameon=False)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
+    fig.tight_layout(rect=(0, 0.06 if len(handles) <= 3 else 0.1, 1, 1))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _curves(ax, train: list[dict], evals: list[dict], best: dict | None):
+    """The losses, on a log scale when they fall by orders of magnitude; returns the steps."""
     import numpy as np
-    from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     steps = np.array([r["step"] for r in train], dtype=float)
     losses = np.array([r["loss"] for r in train], dtype=float)
-    lrs = np.array([r["lr"] for r in train], dtype=float)
-    tokens = np.cumsum([r["tokens"] for r in train]).astype(float)
-
-    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
     many = len(steps) > 40
+    label = "training loss (per step)" if many else "training loss"
     ax.plot(
-        steps,
-        losses,
-        color="tab:blue",
-        alpha=0.35 if many else 1.0,
-        lw=1,
-        marker=None if many else ".",
-        label="training loss (per step)" if many else "training loss",
+        steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, lw=1, marker=None if many else ".", label=label
     )
     if many:  # a running mean shows the trend through step-to-step noise
-        ax.plot(
-            steps, _smooth(losses, max(5, len(steps) // 25)), color="tab:blue", lw=2, label="training loss (smoothed)"
-        )
+        smooth = _smooth(losses, max(5, len(steps) // 25))
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label="training loss (smoothed)")
     if evals:
         ax.plot(
             [r["step"] for r in evals],
@@ -130,31 +140,32 @@ def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: P
     ax.set_ylabel("loss (mean cross-entropy per answer token)")
     ax.set_xlim(0, steps.max() * 1.02)
     ax.grid(alpha=0.3)
+    return steps
+
+
+def _learning_rate(ax, steps, lrs: list[float]):
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     lr_ax = ax.twinx()
     lr_ax.plot(steps, lrs, color="tab:gray", ls="--", lw=1.2, label="learning rate (right axis)")
     lr_ax.set_ylabel("learning rate", color="tab:gray")
     lr_ax.tick_params(axis="y", colors="tab:gray")
-    lr_ax.set_ylim(0, lrs.max() * 1.1 if lrs.max() > 0 else 1)
+    lr_ax.set_ylim(0, max(lrs) * 1.1 if max(lrs) > 0 else 1)
     lr_ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}".replace("e-0", "e-") if v else "0"))
+    return lr_ax
 
-    # Tokens processed on the top axis: cumulative tokens at the end of each step, interpolated between steps.
-    at_step = np.concatenate([[0.0], steps]), np.concatenate([[0.0], tokens])
+
+def _tokens_axis(ax, steps, tokens_per_step: list[int]) -> None:
+    """Tokens processed on the top axis: cumulative tokens at the end of each step, interpolated between steps."""
+    import numpy as np
+    from matplotlib.ticker import EngFormatter
+
+    at_step = np.concatenate([[0.0], steps]), np.concatenate([[0.0], np.cumsum(tokens_per_step).astype(float)])
     to_tokens, to_steps = (lambda s: np.interp(s, *at_step)), (lambda t: np.interp(t, at_step[1], at_step[0]))
     top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
     top.set_xlabel("tokens processed (prompts + answers)")
     top.xaxis.set_major_formatter(EngFormatter(sep=""))
-
-    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    # Below the axes, so it never hides a curve.
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=9, frameon=False)
-    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
-    fig.tight_layout(rect=(0, 0.06 if len(handles) <= 3 else 0.1, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _smooth(values, window: int):

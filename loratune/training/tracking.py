@@ -53,7 +53,9 @@ class Trackers:
         """One metrics.jsonl record, e.g. {"event": "train", "step": 3, "loss": ...} -> train/loss at step 3."""
         if not self.active:
             return
-        values = {f"{record['event']}/{k}": v for k, v in record.items() if k not in ("event", "step") and _number(v)}
+        values = {
+            f"{record['event']}/{k}": v for k, v in record.items() if k not in ("event", "step", "time") and _number(v)
+        }
         for tracker in self.active:
             tracker.log(values, step=record["step"])
 

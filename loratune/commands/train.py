@@ -1,0 +1,60 @@
+"""`loratune train`: the run's config from a file, a preset and flags (or the quickstart), then training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..core.errors import UserError
+
+
+def train_command(args, resolve_args) -> int:
+    """`resolve_args(args, default_preset)` turns the command line into a resolved config (cli.py)."""
+    from ..training.loop import train
+
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.num_processes)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite starts it over: give one of them")
+    if args.resume and (isinstance(args.resume, str) or not args.config):
+        run = Path(args.resume if isinstance(args.resume, str) else args.output_dir or "")
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
+        args.config = args.config or str(run / "config.yaml")
+        args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
+    quickstart = not args.config and not args.preset and not args.train_data and not args.data
+    config = resolve_args(args, default_preset="quickstart" if quickstart else None).config
+    if quickstart:  # after the arguments are checked: a bad one is the only line printed
+        print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
+        if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
+            config = config.model_copy(update={"output_dir": next_free(Path(config.output_dir))})
+    train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    return 0
+
+
+def next_free(folder: Path) -> str:
+    """`folder`, or when it already holds something, the first free `folder-2`, `folder-3`, ..."""
+    candidate, n = folder, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    if candidate != folder:
+        print(f"{folder} holds an earlier run: this one goes to {candidate}")
+    return str(candidate)
+
+
+def _relaunch(processes: int) -> int:
+    """`--num-processes N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPUs)."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "loratune", *argv]  # fmt: skip
+    return subprocess.call(command)

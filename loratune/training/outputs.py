@@ -1,0 +1,113 @@
+"""What a run leaves behind: adapters, held-out test scores, summary.json and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..core.errors import UserError
+from ..core.files import atomic_dir, atomic_write
+from ..data.formats import prompt_text
+from ..modeling.evaluate import answer, score
+from .session import Session
+
+
+def save_adapter(path: Path, model, tokenizer, template: str) -> None:
+    """The adapter in PEFT's format, with the tokenizer and chat template it was trained with; never a NaN one."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise UserError(f"the adapter has non-finite weights ({name}); refusing to save it", exit_code=1)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp)
+
+
+def test_scores(s: Session, label: str, before: dict | None = None) -> dict:
+    """Greedy answers to the held-out test prompts, scored against their references."""
+    examples = s.data.test
+    with torch.compiler.set_stance("force_eager"):  # decoding one token at a time would recompile compiled layers
+        predictions, references = answer(s.model, s.tokenizer, s.encoder, examples)
+    scores = score(predictions, references)
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in scores.items())
+    s.console.info(f"held-out test ({len(examples)} examples), {label}: {shown}")
+    if before is not None:
+        _show_samples(s, before["samples"], predictions)
+    return {**scores, "samples": predictions[:2]}
+
+
+def _show_samples(s: Session, before: list[str], after: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title="sample generations (held-out)", show_lines=True)
+    for column in ("prompt", "base model", "fine-tuned"):
+        table.add_column(column, overflow="fold")
+    for ex, b, a in zip(s.data.test[:2], before, after):
+        table.add_row(prompt_text(ex), b, a)
+    if s.console.enabled:
+        s.console.out.print(table)
+
+
+def finish(s: Session) -> dict:
+    """The last adapter (and the best, when there was nothing to choose by), the test scores after training,
+    summary.json and the report. Returns the summary."""
+    state = s.state
+    limited = s.cfg.max_steps and state.step >= s.cfg.max_steps
+    state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
+    state.elapsed = s.elapsed()
+    if s.main:
+        save_adapter(s.run / "last", s.model, s.tokenizer, s.encoder.template)
+        if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
+            save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template)
+    s.accelerator.wait_for_everyone()
+    test_after = test_scores(s, "fine-tuned", before=s.test_before) if s.data.test and s.main else None
+    summary = _summary(s, test_after)
+    s.trackers.finish(summary)
+    if s.main:
+        atomic_write(s.run / "summary.json", json.dumps(summary, indent=1))
+        from .report import write_report
+
+        write_report(s.run)
+        best = (
+            ""  # no validation set (or none of it fit max_length)
+            if state.best_val_loss is None
+            else f". Best validation loss {state.best_val_loss:.4f} at step {state.best_step}"
+        )
+        from ..core.console import format_seconds
+
+        s.console.info(
+            f"done in {format_seconds(state.elapsed)}: {state.stop_reason}{best}; adapter in {s.run / 'adapter'}; "
+            f"report in {s.run / 'report.md'}"
+        )
+    return summary
+
+
+def _summary(s: Session, test_after: dict | None) -> dict:
+    from ..core.device import peak_memory
+
+    state, r = s.state, s.resolved
+    return {
+        "steps": state.step,
+        "epochs": round(state.epoch + state.step_in_epoch / max(1, r.steps_per_epoch), 4),
+        "stop_reason": state.stop_reason,
+        "best_step": state.best_step,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
+        "last_val_loss": state.history[-1]["val_loss"] if state.history else None,
+        "train_seconds": round(state.elapsed, 2),
+        "tokens": state.tokens,
+        "target_tokens": state.target_tokens,
+        "tokens_per_s": round(state.tokens / max(state.elapsed, 1e-9), 1),
+        "nonfinite_steps": state.nonfinite_total,
+        "trainable_parameters": sum(p.numel() for p in s.trainable),
+        "precision": r.precision,
+        "packing": r.packing,
+        "processes": r.processes,
+        "batch_size": r.batch_size,  # the micro-batch at the end: batch_size auto's choice, halved after OOM
+        "gradient_accumulation_steps": r.gradient_accumulation_steps,
+        "adapter": str(s.run / "adapter"),
+        "test_before": s.test_before,
+        "test_after": test_after,
+    } | peak_memory(s.device)
