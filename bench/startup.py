@@ -1,0 +1,100 @@
+"""`python -m bench.startup`: how long `loratune train` takes as a whole process, and how soon it starts training.
+
+Two runs of the tiny benchmark model (`bench/__main__.py`'s TINY) on 128 generated examples (`bench/workload.py`):
+
+- epoch: one epoch at the Training Guide's defaults (2 optimizer steps of 64 examples, validation at the end);
+- one step: `--max-steps 1` with validation, saving and the report, the shortest complete run.
+
+Each is run `--reps` times in fresh processes. "first step" is the time from starting the process to the start of
+its first optimizer step: the launcher watches metrics.jsonl and subtracts the step's own `seconds` from the
+moment its first line appears. Medians are printed; the file cache is warmed by one run that is not counted.
+`--pythonpath DIR` times another checkout of loratune with the same Python (for before/after comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+N_EXAMPLES = 128
+RUNS = {
+    "epoch": ["--epochs", "1"],
+    "one step": ["--max-steps", "1"],
+}
+
+
+def prepare(work: Path) -> tuple[str, str]:
+    from loratune.modeling.tiny import make_tiny_model
+
+    from .__main__ import HYPER, TINY
+    from .workload import make_workload
+
+    model = make_tiny_model(work / "model", **TINY)
+    from transformers import AutoTokenizer
+
+    data = make_workload(AutoTokenizer.from_pretrained(model), N_EXAMPLES, HYPER["seed"]).write_jsonl(
+        work / "train.jsonl"
+    )
+    return str(model), str(data)
+
+
+def time_run(args: list[str], run_dir: Path, env: dict) -> tuple[float, float]:
+    """(seconds to the first optimizer step's start, seconds for the whole process)."""
+    metrics = run_dir / "metrics.jsonl"
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "train", *args, "--output-dir", str(run_dir)],
+        env=env,
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = None
+    while process.poll() is None:
+        if first is None and metrics.is_file():
+            line = metrics.read_text().partition("\n")[0]
+            if line.endswith("}"):
+                first = time.perf_counter() - start - json.loads(line)["seconds"]
+        time.sleep(0.005)
+    whole = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"loratune train failed:\n{process.stderr.read()[-2000:]}")
+    if first is None:  # the run ended between two looks: read the line now
+        first = whole - json.loads(metrics.read_text().partition("\n")[0])["seconds"]
+    return first, whole
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--pythonpath", help="a loratune checkout to time instead of the installed one")
+    args = p.parse_args(argv)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.pythonpath:
+        env["PYTHONPATH"] = args.pythonpath
+    with tempfile.TemporaryDirectory(prefix="loratune-startup-") as tmp:
+        work = Path(tmp)
+        env["LORATUNE_CACHE"] = str(work / "cache")
+        model, data = prepare(work)
+        common = ["--model", model, "--train-data", data]
+        for name, extra in RUNS.items():
+            time_run(common + extra, work / f"{name}-warm", env)  # warms the file and token caches
+            firsts, wholes = zip(*(time_run(common + extra, work / f"{name}-{i}", env) for i in range(args.reps)))
+            print(
+                f"{name}: first step at {statistics.median(firsts):.2f} s (min {min(firsts):.2f}, max "
+                f"{max(firsts):.2f}); whole process {statistics.median(wholes):.2f} s (min {min(wholes):.2f}, "
+                f"max {max(wholes):.2f}); medians of {args.reps}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
