@@ -20,7 +20,11 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/loratune train
 
+# Lint, format and the layer contract first: they take seconds and fail fast.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The speed benchmark (bench/README.md): three trainers, two models, 3 repetitions; tens of minutes on 2 cores.
