@@ -16,6 +16,7 @@ from ..core.console import Console
 from ..core.errors import UserError
 from .checkpoint import prune_checkpoints, save_checkpoint
 from .outputs import finish, test_scores
+from .report import preload_plotting
 from .session import Session
 from .setup import setup
 from .signals import Interrupted
@@ -28,6 +29,8 @@ def train(
 ) -> dict:
     """Fine-tune `config.model` with LoRA on `config.train_data`; returns the run summary (also in summary.json)."""
     s = setup(config, resume=resume, overwrite=overwrite, console=console)
+    if s.main:
+        preload_plotting()
     if s.data.test and s.main:
         with s.model.disable_adapter():
             s.test_before = test_scores(s, "base model")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import threading
 from pathlib import Path
 
 import yaml
@@ -71,13 +72,25 @@ def _best(summary: dict | None, evals: list[dict]) -> dict | None:
 # --- The plot ----------------------------------------------------------------------------------------------
 
 
-def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str) -> None:
-    """loss.png: training and validation loss against steps (and tokens, on the top axis), the learning rate on the
-    right axis, and the best step marked."""
+def preload_plotting() -> None:
+    """Import the plotting library in the background, so that writing the report after training does not wait for
+    it: training releases the interpreter lock in its kernels, so the import costs the run almost nothing."""
+    threading.Thread(target=_pyplot, name="loratune-preload-plotting", daemon=True).start()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, works on servers
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str) -> None:
+    """loss.png: training and validation loss against steps (and tokens, on the top axis), the learning rate on the
+    right axis, and the best step marked."""
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
     steps = _curves(ax, train, evals, best)
