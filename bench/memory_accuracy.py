@@ -4,7 +4,8 @@
     python -m bench.memory_accuracy --device cpu --default-model
 
 Measured: the peak increase of allocated memory during one forward + backward pass set up as training sets it up
-(`loratune.memory.measure_pass`): torch.cuda.max_memory_allocated on CUDA, the CPU allocator's running total on CPU.
+(`bench/measure.py`'s `measure_pass`): torch.cuda.max_memory_allocated on CUDA, the CPU allocator's running
+total on CPU.
 Estimated: `MemoryModel.batch_bytes` of the same pass, from the model's config alone.
 """
 

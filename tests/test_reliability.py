@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from loratune import TrainConfig, train
 from loratune.core.errors import UserError
 from loratune.modeling import loss
-from loratune.training import checkpoint as ckpt
+from loratune.training.run_folder import check_output_dir
 
 DRIVER = str(Path(__file__).with_name("fault_driver.py"))
 
@@ -225,11 +225,11 @@ def test_overwrite_replaces_only_loratune_output(tiny_model, data, tmp_path, mon
         "adapter/adapter_config.json",
     ):
         (run / name).write_text("x")
-    ckpt.check_output_dir(run, overwrite=True, resume=False)  # a run's own files: may be replaced
+    check_output_dir(run, overwrite=True, resume=False)  # a run's own files: may be replaced
     monkeypatch.chdir(run / "adapter")
     for below_or_at in (run, run / "adapter"):
         with pytest.raises(UserError, match="is the working folder or contains it"):
-            ckpt.check_output_dir(below_or_at, overwrite=True, resume=False)
+            check_output_dir(below_or_at, overwrite=True, resume=False)
 
 
 def test_resume_refuses_changed_data_or_config(tiny_model, data, tmp_path):
