@@ -28,7 +28,8 @@ from .load import BadRows, open_source
 # Refuse to train when more than this share of examples would have no target token left.
 MAX_EMPTY_SHARE = 0.05
 # Part of every cache key: bump when the cached content or its layout changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one Arrow IPC file, read with pyarrow alone (importing datasets costs every run)
+TOKENS = "tokens.arrow"
 
 
 @dataclass
@@ -283,7 +284,6 @@ def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, d
 
 
 def _save(folder, data: TokenizedSet, meta: dict) -> None:
-    import datasets
     import pyarrow as pa
 
     table = pa.table(
@@ -294,15 +294,10 @@ def _save(folder, data: TokenizedSet, meta: dict) -> None:
             "origin": pa.array(data.origins, pa.string()),
         }
     )
-    quiet = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        with atomic_dir(folder) as tmp:
-            datasets.Dataset(table).save_to_disk(str(tmp / "tokens"))
-            (tmp / "meta.json").write_text(json.dumps(meta))
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
+    with atomic_dir(folder) as tmp:
+        with pa.OSFile(str(tmp / TOKENS), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        (tmp / "meta.json").write_text(json.dumps(meta))
 
 
 def _list_array(arrays: list[np.ndarray]):
@@ -318,10 +313,10 @@ def _load(folder) -> tuple[TokenizedSet, dict] | None:
     """A cached source, memory-mapped: each example's arrays are views into the Arrow file, not copies."""
     if not (folder / "meta.json").is_file():
         return None
-    import datasets
+    import pyarrow as pa
 
     try:
-        table = datasets.load_from_disk(str(folder / "tokens")).data.table
+        table = pa.ipc.open_file(pa.memory_map(str(folder / TOKENS))).read_all()
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):  # a damaged cache entry is rebuilt, never trusted
         return None
