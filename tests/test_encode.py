@@ -11,10 +11,16 @@ def _encoder(path, **kw):
     return tok, Encoder(tok, choose_template(tok, kw.pop("chat_template", None)), **kw)
 
 
+def _one(enc, ex):
+    """(ids, labels, last answer's start) of an example that is one training sequence."""
+    (seq,) = enc.encode(ex)
+    return seq.ids, seq.labels, seq.answer_start
+
+
 def test_prompt_tokens_are_masked_and_answer_ends_with_eos(tiny_model):
     tok, enc = _encoder(tiny_model)
     ex = to_example({"input": "send 3 mugs to Leeds", "output": '{"quantity": 3}'}, "input_output", {})
-    ids, labels, start = enc.encode(ex)
+    ids, labels, start = _one(enc, ex)
     prompt = enc.prompt_ids(ex)
     answer = tok('{"quantity": 3}<|im_end|>', add_special_tokens=False).input_ids
     # the prompt is exactly what generation will see, and carries no loss
@@ -26,7 +32,7 @@ def test_prompt_tokens_are_masked_and_answer_ends_with_eos(tiny_model):
 
 def test_train_on_inputs_labels_everything(tiny_model):
     _, enc = _encoder(tiny_model, train_on_inputs=True)
-    ids, labels, _ = enc.encode(to_example({"input": "a b", "output": "c"}, "input_output", {}))
+    ids, labels, _ = _one(enc, to_example({"input": "a b", "output": "c"}, "input_output", {}))
     assert labels == ids
 
 
@@ -34,14 +40,14 @@ def test_alpaca_without_chat_template_uses_plain_template_and_eos(tiny_plain_mod
     tok, enc = _encoder(tiny_plain_model)
     assert enc.template == BUILTIN_TEMPLATES["plain"]
     ex = to_example({"instruction": "Say hi", "input": "to Ann", "output": "hi Ann"}, "alpaca", {})
-    ids, labels, _ = enc.encode(ex)
+    ids, labels, _ = _one(enc, ex)
     assert tok.decode(ids) == "Say hi\n\nto Ann\nhi Ann<|endoftext|>"
     assert tok.decode([t for t in labels if t != IGNORE]) == "hi Ann<|endoftext|>"
 
 
 def test_prompt_completion_is_raw_text_with_eos(tiny_model):
     tok, enc = _encoder(tiny_model)
-    ids, labels, _ = enc.encode(Example(prompt="Q: two plus two?\nA:", completion=" four"))
+    ids, labels, _ = _one(enc, Example(prompt="Q: two plus two?\nA:", completion=" four"))
     assert tok.decode(ids) == "Q: two plus two?\nA: four<|im_end|>"
     assert tok.decode([t for t in labels if t != IGNORE]) == " four<|im_end|>"
 
@@ -104,7 +110,7 @@ CHATML_PIECES = [
 )
 def test_multi_turn_labels_only_the_assistant_turns(tiny_model, fmt, row):
     tok, enc = _encoder(tiny_model)
-    ids, labels, start = enc.encode(to_example(row, fmt, {}))
+    ids, labels, start = _one(enc, to_example(row, fmt, {}))
     expected_ids, expected_labels = _expected(tok, CHATML_PIECES)
     assert ids == expected_ids and labels == expected_labels
     # the same ids as the whole conversation tokenized at once, and exactly two labelled spans
@@ -123,13 +129,13 @@ def test_multi_turn_labels_only_the_assistant_turns(tiny_model, fmt, row):
 
 def test_multi_turn_train_on_inputs_labels_everything(tiny_model):
     _, enc = _encoder(tiny_model, train_on_inputs=True)
-    ids, labels, _ = enc.encode(Example(messages=TURNS))
+    ids, labels, _ = _one(enc, Example(messages=TURNS))
     assert labels == ids
 
 
 def test_an_opening_assistant_turn_is_context(tiny_model):
     tok, enc = _encoder(tiny_model)
-    ids, labels, _ = enc.encode(Example(messages=[{"role": "assistant", "content": "welcome"}, *TURNS[1:3]]))
+    ids, labels, _ = _one(enc, Example(messages=[{"role": "assistant", "content": "welcome"}, *TURNS[1:3]]))
     assert tok.decode([t for t in labels if t != IGNORE]) == "ok<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>assistant\nwelcome<|im_end|>")
 
@@ -140,14 +146,14 @@ def test_an_opening_assistant_turn_is_context(tiny_model):
 def test_builtin_templates_on_a_model_without_one(tiny_plain_model, tmp_path):
     ex = Example(messages=TURNS[1:3])
     tok, enc = _encoder(tiny_plain_model, chat_template="alpaca")
-    ids, labels, _ = enc.encode(ex)
+    ids, labels, _ = _one(enc, ex)
     assert tok.decode(ids) == "### Instruction:\nsend mugs\n\n### Response:\nok<|endoftext|>"
     assert tok.decode([t for t in labels if t != IGNORE]) == "ok<|endoftext|>"
     # chatml on a tokenizer whose end-of-sequence token is not <|im_end|>: the turn's own end token ends the
     # answer (no end-of-sequence token after it) and generation stops there too
     tok, enc = _encoder(tiny_plain_model, chat_template="chatml")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    ids, labels, _ = enc.encode(ex)
+    ids, labels, _ = _one(enc, ex)
     assert (
         ids[-1] == im_end and im_end in enc.end_ids and tok.decode([t for t in labels if t != IGNORE]) == "ok<|im_end|>"
     )
@@ -157,7 +163,7 @@ def test_builtin_templates_on_a_model_without_one(tiny_plain_model, tmp_path):
         "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
     )
     tok, enc = _encoder(tiny_plain_model, chat_template=str(tmp_path / "t.jinja"))
-    ids, labels, _ = enc.encode(ex)
+    ids, labels, _ = _one(enc, ex)
     assert tok.decode(ids) == "USER: send mugs\nASSISTANT: ok<|endoftext|>"
     assert tok.decode([t for t in labels if t != IGNORE]) == "ok<|endoftext|>"
 
@@ -167,13 +173,18 @@ def test_unknown_template_and_non_prefix_template(tiny_model, tmp_path):
         RowError, match=r"chat_template = 'llama9': not a file and not a built-in \(plain, chatml, alpaca\)"
     ):
         _encoder(tiny_model, chat_template="llama9")
-    # a template that rewrites earlier turns once more follow: answer positions cannot be found
+    # a template that closes earlier turns differently once more follow, with no generation prompt to tell where
+    # the answer begins: refused, naming the turn, what the template did, and fixes this tokenizer has tokens for
     (tmp_path / "t.jinja").write_text(
         "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}[{{ m['content'] }}]{% endif %}"
         "{% endfor %}"
     )
     _, enc = _encoder(tiny_model, chat_template=str(tmp_path / "t.jinja"))
-    with pytest.raises(RowError, match="does not render turns as a growing prefix"):
+    with pytest.raises(
+        RowError,
+        match=r"^turn 1 \(an answer.*does not render this answer after its generation "
+        r"prompt.*built-in this tokenizer has the tokens for \(chatml, plain, alpaca\)$",
+    ):
         enc.encode(Example(messages=TURNS[1:]))
 
 
@@ -210,7 +221,7 @@ def test_answer_tokens_are_those_of_the_whole_text_and_bos_is_added_once():
     ex = Example(
         messages=TURNS[1:3] + [{"role": "user", "content": "blue lamp"}, {"role": "assistant", "content": "red"}]
     )
-    ids, labels, _ = enc.encode(ex)
+    ids, labels, _ = _one(enc, ex)
     whole = tok(enc.render(ex.messages).rstrip(), add_special_tokens=False).input_ids
     assert ids == whole and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     # on its own "red" would start with the tokenizer's start mark; after "<|assistant|>\n" it does not
@@ -218,7 +229,7 @@ def test_answer_tokens_are_those_of_the_whole_text_and_bos_is_added_once():
     assert "".join(answers) == "ok</s>red</s>" and tok.tokenize("red")[0].startswith("▁")
     # without BOS in the template, the tokenizer's own BOS is added, once
     enc = Encoder(tok, template.replace("{{ bos_token }}", ""))
-    ids, _, _ = enc.encode(ex)
+    ids, _, _ = _one(enc, ex)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert enc.prompt_ids(ex)[:1] == [tok.bos_token_id]
 
@@ -239,3 +250,31 @@ def test_pad_equal_to_eos_keeps_the_eos_target():
     assert batch.targets[0].tolist() == [4, eos, IGNORE, IGNORE, IGNORE]  # the real end token is still a target
     assert batch.targets[1].tolist() == [IGNORE, 5, 6, eos, IGNORE]
     assert batch.n_targets == 5
+
+
+# --- refusals that help -----------------------------------------------------------------------------------------
+
+
+def test_a_refusal_names_the_row_the_turn_what_the_template_said_and_a_fix_this_tokenizer_has(tmp_path):
+    from conftest import write_jsonl
+
+    from loratune import TrainConfig
+    from loratune.core.errors import UserError
+    from loratune.data.prepare import prepare
+
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    tok = _sentencepiece_style_tokenizer(template)  # has no ChatML tokens, so chatml is not offered as a fix
+    rows = [{"messages": TURNS[1:3]}, {"messages": TURNS}]
+    cfg = TrainConfig(model="unused", train_data=write_jsonl(tmp_path / "train.jsonl", rows), val_ratio=0)
+    with pytest.raises(UserError) as refused:
+        prepare(cfg, Encoder(tok, template))
+    assert str(refused.value) == (
+        f"{tmp_path / 'train.jsonl'} line 2: turn 2 (an answer; turns count from 0): the chat template refused the "
+        "conversation up to here: System role not supported. Change the row to a conversation the template accepts, "
+        "or set chat_template to a .jinja file that renders it or to a built-in this tokenizer has the tokens for "
+        "(plain, alpaca)"
+    )

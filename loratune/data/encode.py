@@ -1,25 +1,27 @@
-"""Examples -> token ids and labels, with the loss mask taken from the positions of each turn.
+"""Examples -> training sequences: token ids and labels, the loss on each answer and its end-of-turn token.
 
-The chat template renders the conversation; each assistant turn's character span is found by rendering the
-conversation up to that turn (with and without it), never by searching for marker strings. The text is then
-tokenized piece by piece, each piece in the context of the one before it, so a prompt's tokens during training
-are the tokens generation will see, and an answer's tokens are the ones the model would produce after it.
+For every answer the prompt's tokens are exactly those generation is given (the template's render of the
+conversation before it, with the generation prompt, tokenized as generation tokenizes it), and the targets are the
+answer's tokens as the model would produce them after that prompt, through the template's end-of-turn token
+(templates.py finds both, never by searching for marker strings). Answers whose prompts continue the sequence
+so far share one sequence; when a template renders earlier answers differently once the conversation goes on
+(Qwen3's think block, Mistral's system text), the next answer starts a sequence of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-from jinja2 import TemplateError
 
 from ..core.errors import UserError
 from .formats import Example, RowError
+from .templates import ChatTemplate
 
 IGNORE = -100
 # Bump when a change here changes the tokens produced for the same data, tokenizer and settings.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 
 BUILTIN_TEMPLATES = {
     # For base models without a template: the user's text on its own line, then the answer and the end token.
@@ -45,6 +47,8 @@ BUILTIN_TEMPLATES = {
         "{%- endfor -%}"
     ),
 }
+# Tokens a built-in template needs as single tokens of the vocabulary, to be offered as a fix.
+BUILTIN_NEEDS = {"chatml": ("<|im_start|>", "<|im_end|>"), "plain": (), "alpaca": ()}
 
 
 def choose_template(tokenizer, setting: str | None) -> str:
@@ -76,8 +80,43 @@ def encoder_for(tokenizer, cfg) -> Encoder:
         raise UserError(str(e)) from None
 
 
+@dataclass
+class Sequence:
+    """One training sequence: token ids, labels (IGNORE where there is no loss), and where its last answer starts."""
+
+    ids: list[int]
+    labels: list[int]
+    answer_start: int
+
+
+@dataclass
+class SplitCount:
+    """Conversations whose answers could not share one sequence, and what that costs in tokens."""
+
+    rows: int = 0  # conversations trained as more than one sequence
+    sequences: int = 0  # the sequences they became
+    extra_tokens: int = 0  # tokens of those sequences beyond each conversation's last: prompts encoded again
+    tokens: int = 0  # tokens of every sequence
+
+    def add(self, sequences: list[Sequence]) -> None:
+        lengths = [len(s.ids) for s in sequences]
+        self.tokens += sum(lengths)
+        if len(lengths) > 1:
+            self.rows += 1
+            self.sequences += len(lengths)
+            self.extra_tokens += sum(lengths[:-1])
+
+    def line(self) -> str:
+        share = self.extra_tokens / max(1, self.tokens - self.extra_tokens)
+        return (
+            f"{self.rows:,} conversations were trained as {self.sequences:,} sequences, one per answer the chat "
+            "template renders differently once the conversation goes on (each answer after the exact prompt "
+            f"generation gives it); their prompts encoded again add {self.extra_tokens:,} tokens ({share:.1%})"
+        )
+
+
 class Encoder:
-    """Turns `Example`s into (input_ids, labels); also formats generation prompts the same way."""
+    """Turns `Example`s into training sequences; also formats generation prompts the same way."""
 
     def __init__(self, tokenizer, template: str, train_on_inputs: bool = False, end_ids: set[int] | None = None):
         self.tok = tokenizer
@@ -86,27 +125,15 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise RowError("the tokenizer has no end-of-sequence token; set one before training")
-        self.end_ids = {self.eos_id} | (end_ids or set()) | self._turn_end()
+        self.chat = ChatTemplate(tokenizer, template)
+        # The template's end-of-turn token ends answers, and generation stops there.
+        turn_end = self.chat.turn_end
+        self.end_ids = (
+            {self.eos_id} | (end_ids or set()) | ({tokenizer.convert_tokens_to_ids(turn_end)} if turn_end else set())
+        )
         bos = tokenizer.bos_token_id
         # Prepend BOS only where the tokenizer itself would (Llama 2 style), and only once.
         self.bos_id = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
-
-    def _turn_end(self) -> set[int]:
-        """The special token that closes an assistant turn in this template (ChatML's <|im_end|>, Gemma's
-        <end_of_turn>), found at the end of a rendered probe turn: it ends answers, and generation stops there."""
-        try:
-            answer = [
-                p
-                for p, is_answer in self.pieces(
-                    Example(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-                )
-                if is_answer
-            ][-1]
-        except RowError:
-            return set()
-        last = self._ids(answer)[-1:]
-        special = {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
-        return set(last) & special
 
     def fingerprint(self) -> str:
         """A digest of everything that decides the tokens: vocabulary and rules, template, labels, end tokens."""
@@ -126,82 +153,81 @@ class Encoder:
         ]
         return hashlib.sha256((rules + json.dumps(settings)).encode()).hexdigest()
 
-    # --- rendering ---
-
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        try:
-            return self.tok.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        # A template's own checks (raise_exception), or its assumptions about the turns, failing.
-        except (TemplateError, ValueError, IndexError, KeyError, TypeError) as e:
-            raise RowError(f"the chat template refused this conversation: {e}") from None
-
-    def pieces(self, ex: Example) -> list[tuple[str, bool]]:
-        """The example's text as consecutive (text, is_answer) pieces; text after the last answer is left out."""
-        if ex.messages is None:
-            return [(ex.completion, True)] if ex.train_all else [(ex.prompt, False), (ex.completion, True)]
-        full = self.render(ex.messages)
-        pieces, pos = [], 0
-        for i, message in enumerate(ex.messages):
-            if message["role"] != "assistant" or i == 0:  # an opening assistant turn answers nothing: context
-                continue
-            before = self.render(ex.messages[:i], add_generation_prompt=True)
-            upto = self.render(ex.messages[: i + 1])
-            if not (full.startswith(upto) and upto.startswith(before) and len(before) >= pos):
-                raise RowError(
-                    "the chat template does not render turns as a growing prefix, so answer positions cannot be "
-                    "found; set chat_template to one that does (e.g. chatml)"
-                )
-            end = len(upto.rstrip())  # whitespace after the end-of-turn token is context, not a target
-            pieces += [(full[pos : len(before)], False), (full[len(before) : end], True)]
-            pos = end
-        return pieces
+        return self.chat.render(messages, add_generation_prompt)
 
     # --- tokens ---
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
 
-    def encode(self, ex: Example) -> tuple[list[int], list[int], int]:
-        """Token ids, labels (IGNORE where no loss), and where the last answer starts."""
-        ids: list[int] = []
-        labels: list[int] = []
-        answer_start = 0
-        previous: tuple[str, list[int]] | None = None
-        for text, is_answer in self.pieces(ex):
-            if not text:
-                continue
-            alone = self._ids(text)
-            piece = alone
-            if previous is not None:
-                # The piece's tokens as they come after the previous piece: a tokenizer that marks the start of
-                # its input (SentencePiece's leading "▁") would otherwise put a start mark mid-sequence.
-                pair = self._ids(previous[0] + text)
-                if pair[: len(previous[1])] == previous[1]:
-                    piece = pair[len(previous[1]) :]
-            previous = (text, alone)
-            if not ids and self.bos_id is not None and piece[:1] != [self.bos_id]:
-                piece = [self.bos_id] + piece
-            if is_answer and piece[-1] not in self.end_ids:
-                piece = piece + [self.eos_id]  # every answer ends with an end token, so the model learns to stop
-            if is_answer:
-                answer_start = len(ids)
-            ids += piece
-            labels += piece if is_answer or self.train_on_inputs else [IGNORE] * len(piece)
-        return ids, labels, answer_start
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos_id, *ids] if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+
+    def encode(self, ex: Example) -> list[Sequence]:
+        """The example's training sequences. An answer joins the sequence so far when its generation-time prompt
+        continues that sequence's text, after an answer closed by the template's own end-of-turn token (special
+        tokens split the text, so what follows one is tokenized as in the whole prompt). Otherwise it starts a
+        sequence of its own: its prompt tokenized whole, as generation tokenizes it."""
+        out: list[Sequence] = []
+        text, previous, closed = "", None, False  # the sequence's text, its last piece, how its last answer ended
+        for prompt, target in self._pairs(ex):
+            if out and closed and prompt.startswith(text):
+                context, previous = self._piece(prompt[len(text) :], previous)
+            else:
+                raw = self._ids(prompt)
+                out.append(Sequence([], [], 0))
+                context, previous = self._with_bos(raw), (prompt, raw)
+            answer, previous = self._piece(target, previous)
+            if not answer or answer[-1] not in self.end_ids:
+                answer = answer + [self.eos_id]  # every answer ends with an end token, so the model learns to stop
+            closed = self.chat.turn_end is not None and target.endswith(self.chat.turn_end)
+            seq, text = out[-1], prompt + target
+            seq.ids += context
+            seq.labels += context if self.train_on_inputs else [IGNORE] * len(context)
+            seq.answer_start = len(seq.ids)
+            seq.ids += answer
+            seq.labels += answer
+        return out
+
+    def _pairs(self, ex: Example) -> list[tuple[str, str]]:
+        """(prompt, target) text of each answer."""
+        if ex.messages is None:
+            return [("" if ex.train_all else ex.prompt, ex.completion)]
+        try:
+            return [(a.prompt, a.target) for a in self.chat.answers(ex.messages)]
+        except RowError as e:
+            raise RowError(f"{e}. {self._fix()}") from None
+
+    def _piece(self, text: str, previous: tuple[str, list[int]] | None) -> tuple[list[int], tuple | None]:
+        """A piece's tokens as they follow the previous piece (a tokenizer that marks the start of its input, such
+        as SentencePiece's "▁", would mark a piece tokenized alone), and the piece as context for the next. Where
+        the previous piece's last token would merge with this one's first, generation could not produce the merged
+        token after the prompt it is given, so the piece is tokenized on its own."""
+        if not text:
+            return [], previous
+        alone = self._ids(text)
+        if previous and previous[0]:
+            pair = self._ids(previous[0] + text)
+            if pair[: len(previous[1])] == previous[1]:
+                return pair[len(previous[1]) :], (text, alone)
+        return alone, (text, alone)
+
+    def _fix(self) -> str:
+        """What the user can do about a conversation the template cannot render, with this tokenizer."""
+        vocab = self.tok.get_vocab()
+        fits = [name for name, needs in BUILTIN_NEEDS.items() if all(t in vocab for t in needs)]
+        return (
+            "Change the row to a conversation the template accepts, or set chat_template to a .jinja file that "
+            f"renders it or to a built-in this tokenizer has the tokens for ({', '.join(fits)})"
+        )
 
     def prompt_ids(self, ex: Example) -> list[int]:
         """Token ids of the prompt for generation: everything before the last answer, formatted as in training."""
         if ex.messages is None:
-            text = ex.prompt
-        else:
-            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-            text = self.render(ex.messages[:last], add_generation_prompt=True)
-        ids = self._ids(text)
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
+            return self._with_bos(self._ids(ex.prompt))
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        return self._with_bos(self._ids(self.render(ex.messages[:last], add_generation_prompt=True)))
 
     @staticmethod
     def reference(ex: Example) -> str:

@@ -30,6 +30,9 @@ ROLE_NAMES = {
     "chatgpt": "assistant",
 }
 
+# Fields that hold an answer's reasoning apart from its content (the names transformers passes to templates).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
 
 class RowError(ValueError):
     """A row that cannot be used; the message says what is wrong with it (the caller adds where)."""
@@ -149,10 +152,20 @@ def _chat(turns: Any, col: str) -> list[dict[str, str]]:
             raise RowError(f"{col}[{i}].{keys[0]} = {name!r}: expected one of {', '.join(ROLE_NAMES)}")
         if not isinstance(content, str):
             raise RowError(f"{col}[{i}].{keys[1]} must be text, got {type(content).__name__}")
-        messages.append(_msg(role, content))
+        messages.append(_msg(role, content) | _reasoning(turn, f"{col}[{i}]"))
     if not any(m["role"] == "assistant" for m in messages[1:]):  # an opening assistant turn answers nothing
         raise RowError(f"field {col!r} has no assistant turn after a user or system turn: nothing to learn from")
     return messages
+
+
+def _reasoning(turn: dict, where: str) -> dict[str, str]:
+    """An answer's reasoning, given apart from its content, for templates that render it (Qwen3's think block)."""
+    for key in REASONING_KEYS:
+        if turn.get(key) is not None:
+            if not isinstance(turn[key], str):
+                raise RowError(f"{where}.{key} must be text, got {type(turn[key]).__name__}")
+            return {"reasoning_content": turn[key]}
+    return {}
 
 
 def prompt_text(ex: Example) -> str:

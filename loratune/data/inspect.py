@@ -121,6 +121,8 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
             f"duplicates: {r.duplicates_train_val} validation examples also in training, "
             f"{r.duplicates_train} repeats within training"
         )
+    if r.split_rows:
+        lines.append(r.split_line())
     columns = ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")
     head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in columns)
     lines += ["", head]

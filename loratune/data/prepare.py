@@ -21,7 +21,7 @@ from ..core.cache import cache_dir
 from ..core.config import TrainConfig
 from ..core.errors import UserError
 from ..core.files import atomic_dir
-from .encode import IGNORE, Encoder
+from .encode import IGNORE, Encoder, SplitCount
 from .formats import Example, RowError, check_columns, check_mapping, detect_format, require_answers, to_example
 from .load import BadRows, open_source
 
@@ -93,6 +93,11 @@ class DataReport:
     recommended_max_length: int | None = None  # keeps 99% of examples whole; None for plain text
     train_fit: Fit = field(default_factory=Fit)
     val_fit: Fit = field(default_factory=Fit)
+    # Conversations trained as several sequences, the sequences, their extra tokens, all tokens (encode.SplitCount).
+    split_rows: int = 0
+    split_sequences: int = 0
+    split_extra_tokens: int = 0
+    tokens: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,6 +111,9 @@ class DataReport:
     @property
     def dropped_no_target(self) -> int:
         return self.train_fit.dropped_no_target + self.val_fit.dropped_no_target
+
+    def split_line(self) -> str:
+        return SplitCount(self.split_rows, self.split_sequences, self.split_extra_tokens, self.tokens).line()
 
     def lines(self) -> list[tuple[bool, str]]:
         """(is_warning, message) for the console at the start of training."""
@@ -175,6 +183,8 @@ class DataReport:
             )
         if self.duplicates_train:
             out.append((False, f"{self.duplicates_train} training examples are exact repeats of another"))
+        if self.split_rows:
+            out.append((False, self.split_line()))
         out += [(False, note) for note in self.notes]
         return out
 
@@ -253,32 +263,41 @@ def encode_source(
     report.rows += meta["rows"]
     report.bad_rows += meta["bad_rows"]
     report.first_bad = report.first_bad or meta["first_bad"]
+    split = SplitCount(**meta.get("split", {}))
+    report.split_rows += split.rows
+    report.split_sequences += split.sequences
+    report.split_extra_tokens += split.extra_tokens
+    report.tokens += split.tokens
     return data, cached is not None
 
 
 def _encode(source, cfg: TrainConfig, encoder: Encoder) -> tuple[TokenizedSet, dict]:
     bad = BadRows(cfg.skip_bad_rows)
     ids_out, labels_out, starts, origins = [], [], [], []
-    fmt = None
+    fmt, encoded, split = None, 0, SplitCount()
     for where, example, fmt in _examples(source, cfg, bad):  # noqa: B007 (the shape, read after the loop)
         try:
-            ids, labels, start = encoder.encode(example)
+            sequences = encoder.encode(example)
         except RowError as e:
             bad(where, str(e))
             continue
-        ids_out.append(np.asarray(ids, dtype=np.int64))
-        labels_out.append(np.asarray(labels, dtype=np.int64))
-        starts.append(start)
-        origins.append(where)
+        encoded += 1
+        split.add(sequences)
+        for seq in sequences:  # one per answer group: the sequences of a row share its origin
+            ids_out.append(np.asarray(seq.ids, dtype=np.int64))
+            labels_out.append(np.asarray(seq.labels, dtype=np.int64))
+            starts.append(seq.answer_start)
+            origins.append(where)
     if not ids_out:
         raise _no_usable(source.name, bad)
     # Every row was either encoded or counted bad (unreadable, not an example, or refused by the template).
     meta = {
         "source": source.name,
         "data_format": fmt,
-        "rows": len(ids_out) + bad.count,
+        "rows": encoded + bad.count,
         "bad_rows": bad.count,
         "first_bad": bad.first,
+        "split": vars(split),
     }
     return TokenizedSet(ids_out, labels_out, origins, np.asarray(starts, dtype=np.int64)), meta
 
@@ -338,16 +357,21 @@ def _load(folder) -> tuple[TokenizedSet, dict] | None:
 
 
 def split_validation(data: TokenizedSet, ratio: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
-    """Hold out `ratio` of the examples (at least one) with a fixed seed."""
+    """Hold out `ratio` of the rows (at least one) with a fixed seed; the sequences of one row stay together."""
     if ratio == 0:
         return data, data.select([])
-    if len(data) < 2:
+    rows = {origin: n for n, origin in enumerate(dict.fromkeys(data.origins))}
+    if len(rows) < 2:
         raise UserError(
             "train_data has a single example: nothing to hold out for validation; add val_data or set val_ratio: 0"
         )
-    order = np.random.default_rng(seed).permutation(len(data))
-    n_val = max(1, round(ratio * len(data)))
-    return data.select(np.sort(order[n_val:])), data.select(np.sort(order[:n_val]))
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held = set(order[: max(1, round(ratio * len(rows)))].tolist())
+    row_of = [rows[origin] for origin in data.origins]
+    return (
+        data.select([i for i, r in enumerate(row_of) if r not in held]),
+        data.select([i for i, r in enumerate(row_of) if r in held]),
+    )
 
 
 def _digests(data: TokenizedSet) -> list[bytes]:

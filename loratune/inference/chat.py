@@ -15,10 +15,19 @@ from ..modeling.generate import generate_texts
 from .run import PLAIN_FORMATS, load_run, text_prompt
 
 
-def _streamer(tokenizer, out):
+def _streamer(tokenizer, out, end_ids: set[int]):
+    import torch
     from transformers import TextStreamer
 
     class Streamer(TextStreamer):
+        def put(self, value) -> None:
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)
+            # the end-of-turn token ends the reply: never shown, even where the tokenizer does not call it special
+            kept = [t for t in value.reshape(-1).tolist() if t not in end_ids]
+            if kept:
+                super().put(torch.tensor(kept))
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             out.write(text)
             out.flush()
@@ -84,7 +93,7 @@ def chat(
                 max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                streamer=_streamer(run.tokenizer, stdout),
+                streamer=_streamer(run.tokenizer, stdout, run.encoder.end_ids),
             )
         except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
             stdout.write("\n(stopped)\n")

@@ -49,6 +49,13 @@ def generate_texts(
             **sampling,
         )
         for row, i in enumerate(chunk):
-            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            out[i] = tokenizer.decode(until_end(generated[row, width:].tolist(), end_ids), skip_special_tokens=True)
+            out[i] = out[i].strip()
     model.train(was_training)
     return out
+
+
+def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
+    """The generated tokens before the first end token: what follows it (padding of finished rows, or whatever the
+    model would add after its end of turn) is no part of the answer, special token or not."""
+    return next((ids[:k] for k, t in enumerate(ids) if t in end_ids), ids)
