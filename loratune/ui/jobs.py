@@ -140,6 +140,8 @@ class Jobs:
             found = [line for line in lines if line.startswith(prefix)]
             if found:
                 return Outcome(state, found[-1])
+        if lines and lines[-1] == "stopped.":  # Ctrl-C before training's first step: nothing was saved
+            return Outcome("stopped", "stopped before the first step (no checkpoint)")
         if job.returncode == 0:
             return Outcome("done", lines[-1] if lines else "finished")
         if job.returncode is not None and job.returncode < 0:

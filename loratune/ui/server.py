@@ -17,7 +17,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -325,6 +325,10 @@ async def index(request: Request):
     return FileResponse(STATIC / "index.html")
 
 
+async def no_icon(request: Request):
+    return Response(status_code=204)
+
+
 def create_app(runs: Path, token: str | None = None, hosts: set[str] | None = None) -> Guard:
     """The app for one runs folder; `token`: required on every request; `hosts`: the Host headers accepted."""
     ui = State(runs)
@@ -336,6 +340,7 @@ def create_app(runs: Path, token: str | None = None, hosts: set[str] | None = No
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", no_icon),
         Route("/api/runs", list_runs),
         Route("/api/runs", start_run, methods=["POST"]),
         Route("/api/events", runs_events),

@@ -72,11 +72,10 @@ function el(spec, attrs, ...children) {
     else if (k === "checked") node.checked = !!v;
     else node.setAttribute(k, v === true ? "" : v);
   }
-  append(node, children);
-  return node;
+  return append(node, ...children);
 }
 
-function append(node, children) {
+function append(node, ...children) {
   for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     node.append(c instanceof Node ? c : document.createTextNode(String(c)));
@@ -86,7 +85,7 @@ function append(node, children) {
 
 function clear(node, ...children) {
   node.replaceChildren();
-  return append(node, children);
+  return append(node, ...children);
 }
 
 const fmt = {
