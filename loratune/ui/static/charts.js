@@ -1,6 +1,7 @@
 // Charts (uPlot, vendored): each with a title, labelled axes and a legend.
 "use strict";
 
+const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 1e5, 2e5, 5e5, 1e6];
 const COLORS = ["#1f6fb4", "#e4731b", "#2a9d3f", "#c9302c", "#7a52b3", "#8c564b", "#d4509e", "#138a9e"];
 
 function axisNumber(v) {
@@ -13,15 +14,19 @@ function axisNumber(v) {
 }
 
 // A line chart in `container`: series [{label, color, dash, points}], data [x, ...ys].
-function lineChart(container, { title, xLabel, yLabel, series, data, height = 230, percent = false }) {
+function lineChart(container, { title, xLabel, yLabel, series, data, height = 230, percent = false, wholeX = false }) {
   const format = percent ? (v) => (v === null || v === undefined ? "" : `${+(v * 100).toFixed(1)}%`) : axisNumber;
   const opts = {
     title,
     width: Math.max(320, container.clientWidth - 4),
     height,
-    scales: { x: { time: false } },
+    scales: {
+      x: { time: false },
+      // A share stays on 0-100% (all-zero padding would otherwise stretch the axis to nothing).
+      y: percent ? { range: (u, min, max) => [0, Math.max(0.05, max * 1.1)] } : {},
+    },
     axes: [
-      { label: xLabel, values: (u, splits) => splits.map(axisNumber), labelSize: 22 },
+      { label: xLabel, values: (u, splits) => splits.map(axisNumber), labelSize: 22, incrs: wholeX ? WHOLE : undefined },
       { label: yLabel, values: (u, splits) => splits.map(format), size: 64, labelSize: 22 },
     ],
     series: [

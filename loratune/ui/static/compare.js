@@ -35,7 +35,7 @@ UI.pages.compare = async (main, _, params) => {
   append(main, toggle, el("section.card", box));
   lineChart(box, { title: `Loss by ${byTokens ? "tokens processed" : "optimizer step"}`,
     xLabel: byTokens ? "tokens processed" : "optimizer step", yLabel: "loss", series, data: joinedColumns(tables),
-    height: 330 });
+    height: 330, wholeX: !byTokens });
   box.dataset.series = String(series.length);
   append(main, el("section.card", el("h2", "Config differences"), data.differences.length
     ? el("table.config#differences", el("thead", el("tr", el("th", "setting"), names.map((n) => el("th", n)))),

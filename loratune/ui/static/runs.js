@@ -58,16 +58,17 @@ function runCharts(grid, byTokens) {
   clear(grid, Object.values(cards).map((c) => c.card));
   const x = byTokens ? "tokens processed" : "optimizer step";
   const empty = [[], []];
+  const common = { xLabel: x, wholeX: !byTokens };
   const charts = {
-    loss: lineChart(cards.loss.box, { title: `Loss by ${byTokens ? "tokens" : "step"}`, xLabel: x, yLabel: "loss",
+    loss: lineChart(cards.loss.box, { ...common, title: `Loss by ${byTokens ? "tokens" : "step"}`, yLabel: "loss",
       series: [{ label: "training loss" }, { label: "validation loss", points: true, width: 2 }], data: [[], [], []] }),
-    lr: lineChart(cards.lr.box, { title: "Learning rate", xLabel: x, yLabel: "learning rate",
+    lr: lineChart(cards.lr.box, { ...common, title: "Learning rate", yLabel: "learning rate",
       series: [{ label: "learning rate", color: COLORS[2] }], data: empty }),
-    grad: lineChart(cards.grad.box, { title: "Gradient norm (before clipping)", xLabel: x, yLabel: "norm",
+    grad: lineChart(cards.grad.box, { ...common, title: "Gradient norm (before clipping)", yLabel: "norm",
       series: [{ label: "gradient norm", color: COLORS[3] }], data: empty }),
-    tps: lineChart(cards.tps.box, { title: "Throughput", xLabel: x, yLabel: "tokens / s",
+    tps: lineChart(cards.tps.box, { ...common, title: "Throughput", yLabel: "tokens / s",
       series: [{ label: "tokens/s", color: COLORS[4] }], data: empty }),
-    padding: lineChart(cards.padding.box, { title: "Padding share of batch tokens", xLabel: x, yLabel: "padding",
+    padding: lineChart(cards.padding.box, { ...common, title: "Padding share of batch tokens", yLabel: "padding",
       series: [{ label: "padding share", color: COLORS[5] }], data: empty, percent: true }),
   };
   return {
