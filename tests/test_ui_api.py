@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -205,6 +207,27 @@ def test_nothing_outside_the_runs_folder_can_be_reached(tiny_run, tmp_path, serv
     status, data, _ = ui.request("POST", "/api/upload?name=run.sh", raw=b"echo\n")
     assert status == 400
     assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["up.jsonl"]
+
+
+def test_exposed_ui_prints_a_token_url_and_refuses_requests_without_it(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "ui", "--runs", str(tmp_path / "runs"), "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = urllib.parse.urlsplit(proc.stdout.readline().split()[2])
+        token = urllib.parse.parse_qs(url.query)["token"][0]
+        assert len(token) >= 24
+        for query, status in (("", 401), (f"?token={token}", 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", url.port, timeout=10)
+            conn.request("GET", "/api/runs" + query)
+            assert conn.getresponse().status == status
+            conn.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) in (0, 130)
 
 
 def test_token_host_and_write_header(tmp_path, server_for):

@@ -136,10 +136,18 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         page.click("#resume")
         page.locator(".toolbar .badge.state-running").wait_for(timeout=30_000)
         wait_points(page, at_stop, timeout=120)
+
+        # Runs: the list follows the training run live, without reloading.
+        page.goto(url + "#/runs")
+        steps = "tr[data-run=first] td.num"
+        page.locator(steps).first.wait_for()
+        shown = page.locator(steps).first.inner_text()
+        page.wait_for_function(
+            "([sel, text]) => document.querySelector(sel).textContent !== text", arg=[steps, shown], timeout=60_000
+        )
+        page.goto(url + "#/run/first")
         page.click("#stop")
         page.locator(".toolbar .badge.state-stopped").wait_for(timeout=60_000)
-
-        # Runs: both, with their states.
         page.goto(url + "#/runs")
         page.locator("tr[data-run=first] .badge.state-stopped").wait_for()
         page.locator("tr[data-run=second] .badge.state-done").wait_for()
