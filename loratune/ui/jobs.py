@@ -36,6 +36,7 @@ class Job:
     started: float
     sources: dict[str, str] = field(default_factory=dict)  # train: where each setting came from
     returncode: int | None = None  # set when the UI that started it saw it end
+    peak_rss: int | None = None  # bytes, likewise: the process's peak resident memory
 
     @property
     def command(self) -> str:
@@ -75,8 +76,8 @@ class Jobs:
         if job is None or job.returncode is not None:
             return False
         child = self._children.get(job.pid)
-        if child is not None:
-            return child.poll() is None
+        if child is not None:  # _reap sets its exit code (polling here could reap it first)
+            return child.returncode is None
         return _process_runs(job.pid, job.argv)  # started by an earlier UI
 
     def start(self, name: str, kind: str, argv: list[str], sources: dict[str, str] | None = None) -> Job:
@@ -103,11 +104,13 @@ class Jobs:
         return job
 
     def _reap(self, child: subprocess.Popen, job: Job) -> None:
-        code = child.wait()
+        """Wait for the child's end; record its exit code and peak memory (what a stopped run has no summary of)."""
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = code = os.waitstatus_to_exitcode(status)
         with self._lock:
             current = self.get(job.name, job.kind)
             if current is not None and current.pid == job.pid:  # not replaced by a later start
-                self._write(replace(current, returncode=code))
+                self._write(replace(current, returncode=code, peak_rss=usage.ru_maxrss * 1024))
             self._children.pop(child.pid, None)
 
     def _write(self, job: Job) -> None:
@@ -138,8 +141,8 @@ class Jobs:
         lines = [line.strip() for line in self.log_lines(job.name, job.kind) if line.strip()]
         for prefix, state in (("stopped:", "stopped"), ("error:", "failed")):
             found = [line for line in lines if line.startswith(prefix)]
-            if found:
-                return Outcome(state, found[-1])
+            if found:  # the state says "stopped" already; an error keeps the CLI's own words
+                return Outcome(state, found[-1].removeprefix("stopped: "))
         if lines and lines[-1] == "stopped.":  # Ctrl-C before training's first step: nothing was saved
             return Outcome("stopped", "stopped before the first step (no checkpoint)")
         if job.returncode == 0:

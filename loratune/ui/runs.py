@@ -162,9 +162,10 @@ class Runs:
         log = self.metrics(name)
         train, evals = log.train, log.evals
         job = self.jobs.get(name)
-        peak = summary.get("peak_memory_bytes")
-        if peak is None and state.state == "running" and job is not None:
-            peak = peak_rss(job.pid)
+        peak, peak_of = summary.get("peak_memory_bytes"), summary.get("peak_memory_of")
+        if peak is None and job is not None:  # no summary yet: the process's own peak, while it runs or after
+            peak = peak_rss(job.pid) if state.state == "running" else job.peak_rss
+            peak_of = "peak resident memory of the training process" if peak else None
         best = summary.get("best_val_loss") or min((r["val_loss"] for r in evals), default=None)
         rates = [r["tokens_per_s"] for r in train[-10:] if isinstance(r.get("tokens_per_s"), (int, float))]
         return {
@@ -180,7 +181,7 @@ class Runs:
             "best_val_loss": best,
             "tokens_per_s": summary.get("tokens_per_s") or (statistics.median(rates) if rates else None),
             "peak_memory": peak,
-            "peak_memory_of": summary.get("peak_memory_of") or ("process peak RSS" if peak else None),
+            "peak_memory_of": peak_of,
             "started": _started(run, job, train),
             "checkpoints": len(list_checkpoints(run)) if run.is_dir() else 0,
             "bad_metrics_lines": log.bad_lines,

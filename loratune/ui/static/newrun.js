@@ -176,7 +176,7 @@ UI.pages.new = async (main) => {
           el("div.field", el("label", { for: "run-name" }, "run name"), nameInput,
             el("div.help", "The run's folder in the runs folder (letters, digits, . _ -).")),
           el("div.field", el("label", { for: "preset" }, "preset"), presetSelect, presetDescription)),
-        el("section.card", el("h2", "The Training Guide's nine settings"), group("guide")),
+        el("section.card", el("h2", "The Training Guide's nine settings"), el("div.grid2", group("guide"))),
         el("section.card", el("h2", "Model and data"), group("model and data")),
         el("section.card", el("details", el("summary", "All other settings"), group("more")))),
       el("aside.card.plan-panel", el("h2", "Before you start"), formError,
