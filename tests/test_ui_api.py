@@ -307,3 +307,26 @@ def test_runs_outlive_the_ui_fail_with_their_error_line_and_merge(tiny_model, ti
         assert (runs / "merged" / "done" / "config.json").is_file()
     finally:
         kill_children(runs)
+
+
+def test_try_streams_the_fine_tuned_then_the_base_answer(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    ui = server_for(runs)
+    body = {"run": "done", "message": "order two mugs", "max_new_tokens": 12, "history": {}}
+    conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=120)
+    conn.request("POST", "/api/try", body=json.dumps(body), headers={"X-Loratune": "1"})
+    response = conn.getresponse()
+    events = []
+    while not events or not events[-1].get("end"):
+        line = response.fp.readline().decode()
+        assert line, events
+        if line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+    conn.close()
+    assert events[0]["ready"] and not any("error" in e for e in events)
+    done = [i for i, e in enumerate(events) if e.get("done")]
+    assert [events[i]["side"] for i in done] == ["fine-tuned", "base"]
+    pieces = [e for e in events[: done[0]] if e.get("side") == "fine-tuned" and "text" in e]
+    assert len(pieces) > 1  # streamed piece by piece, not in one go
+    assert "".join(p["text"] for p in pieces).strip() == events[done[0]]["text"]

@@ -103,8 +103,9 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
     ui, url = start_ui(runs)
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        errors = []
+        errors, elsewhere = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: None if r.url.startswith(url) else elsewhere.append(r.url))  # no CDN
 
         # New run: the form, then what plan and data inspect say, with the recommended max_length used in one click.
         page.goto(url + "#/new")
@@ -172,5 +173,6 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         assert page.locator("#answer-base .turn.model").inner_text().strip()
         shot(page, "try")
         assert not errors, errors
+        assert not elsewhere, elsewhere
     finally:
         stop_everything(ui, runs)
