@@ -119,6 +119,8 @@ def test_states_of_finished_failed_cut_damaged_and_deleted_runs(tiny_run, tmp_pa
     (jobs / "bad.train.json").write_text(json.dumps(record))
     error = "error: train_data = 'x.jsonl' (from --train-data): file not found"
     (jobs / "bad.train.log").write_text(f"=== start\n{error}\n")
+    (jobs / "gone.train.json").write_text(json.dumps(record | {"name": "gone", "returncode": 130}))
+    (jobs / "gone.train.log").write_text("=== start\nstopped: SIGINT: checkpoint saved.\n")  # then deleted
     ui = server_for(runs)
 
     status, data = ui.get("/api/runs")

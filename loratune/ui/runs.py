@@ -110,13 +110,19 @@ class Runs:
         return self.root / name
 
     def names(self) -> list[str]:
-        found = set(self.jobs.names())
+        found = {n for n in self.jobs.names() if self.folder(n).is_dir() or self._folderless(n)}
         for p in self.root.iterdir() if self.root.is_dir() else []:
             if p.name.startswith(".") or p.name in RESERVED or not p.is_dir():
                 continue
             if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
                 found.add(p.name)
         return sorted(found)
+
+    def _folderless(self, name: str) -> bool:
+        """A run this UI started that has no folder: one still loading, or one that failed before it made its
+        folder (its error is worth showing); a run whose folder was deleted is gone."""
+        job = self.jobs.get(name)
+        return self.jobs.alive(job) or (job is not None and self.jobs.outcome(job).state == "failed")
 
     def metrics(self, name: str) -> MetricsLog:
         log = self._logs.get(name)
