@@ -52,7 +52,8 @@ class State:
 
     def rows(self) -> list[dict]:
         with self.lock:
-            return [self.runs.row(name) for name in self.runs.names()]
+            rows = [self.runs.row(name) for name in self.runs.names()]
+        return sorted(rows, key=lambda r: r["started"] or 0, reverse=True)  # the newest first
 
     def run(self, name: str) -> Path:
         """The folder of an existing run: `name` must be one folder of the runs folder, never a path."""
