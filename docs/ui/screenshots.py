@@ -35,6 +35,8 @@ def main(url: str, run: str, other: str, prompt: str) -> None:
         page.fill("#f-learning_rate", "5e-4")
         page.locator("[data-field=learning_rate] .warn").wait_for()
         page.click("#check-plan")
+        page.locator("#use-it").wait_for(timeout=300_000)
+        page.evaluate("window.scrollTo(0, 0)")
         shot("new-run", "#use-it")
         page.goto(url + f"#/compare?runs={run},{other}")
         shot("compare", "#compare-chart canvas")
