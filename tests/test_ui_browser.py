@@ -98,6 +98,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
     data.mkdir()
     write_jsonl(data / "train.jsonl", varied_rows(24))
     write_jsonl(data / "val.jsonl", varied_rows(4, seed=1))
+    (data / "broken.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "cut\n')
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "second")  # a finished run to compare with and to try
     ui, url = start_ui(runs)
@@ -137,6 +138,20 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         page.click("#resume")
         page.locator(".toolbar .badge.state-running").wait_for(timeout=30_000)
         wait_points(page, at_stop, timeout=120)
+
+        # A second run while the first trains: allowed, with a warning; its data is broken, so it fails and says why.
+        page.goto(url + "#/new")
+        page.fill("#run-name", "broken")
+        page.fill("#f-model", tiny_model)
+        page.fill("#f-train_data", str(data / "broken.jsonl"))
+        page.click("#check-plan")
+        page.locator("#start:not([disabled])").wait_for(timeout=90_000)
+        page.click("#start")
+        page.wait_for_url("**#/run/broken")
+        assert "first is training too" in page.locator(".notice.warning").first.inner_text()
+        page.locator(".toolbar .badge.state-failed").wait_for(timeout=90_000)
+        assert page.locator(".notice.failure").inner_text().startswith("error: ")
+        assert "broken.jsonl line 2" in page.locator(".notice.failure").inner_text()
 
         # Runs: the list follows the training run live, without reloading.
         page.goto(url + "#/runs")
