@@ -247,6 +247,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .ui.main import serve
+
+    serve(Path(args.runs), host=args.host, port=args.port, token=args.token)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviated flags (subcommands inherit the class): argparse took `--lr 1e-3` as `--lr-scheduler 1e-3`
     and `--batch 4` as `--batch-size 4`, and a flag added later would change what an old command line means."""
@@ -258,7 +267,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _data):
+    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _data, _ui):
         add(commands)
     return parser
 
@@ -413,6 +422,26 @@ def _data(commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the inspection as JSON")
     p.set_defaults(func=cmd_data_inspect)
+
+
+def _ui(commands) -> None:
+    p = commands.add_parser("ui", help="a local web app to plan, start, watch, compare and try runs")
+    p.add_argument(
+        "--runs", default="runs", metavar="DIR", help="the runs folder it shows and starts runs in (default: runs)"
+    )
+    p.add_argument("--port", type=_ranged(int, at_least=0, at_most=65535), default=7860, help="port (default: 7860)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only); any other, e.g. 0.0.0.0, requires the "
+        "token on every request",
+    )
+    p.add_argument(
+        "--token",
+        help="the token to require (default: LORATUNE_UI_TOKEN, else a random one printed in the address when "
+        "--host is not loopback)",
+    )
+    p.set_defaults(func=cmd_ui)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,299 @@
+"""What the run folders under the runs folder say: each run's state and numbers, its metrics and its details.
+
+Everything here reads files that a training process may be writing at the same moment, or that a crash left
+half-written, or that someone deletes: a file that cannot be read counts as absent, a metrics line cut in the
+middle waits for its end, and a damaged line is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..core.config import TrainConfig
+from ..core.errors import UserError
+from ..data.encode import Encoder
+from ..data.formats import prompt_text
+from ..data.prepare import DataReport, Fit, read_examples
+from ..training.checkpoint import checkpoint_position, list_checkpoints
+from .jobs import Jobs, peak_rss
+
+FRESH_SECONDS = 60  # a run started outside the UI that wrote metrics this recently counts as running
+RESERVED = {"uploads", "merged"}  # folders of the runs folder that the UI writes, never runs
+SAMPLE_CHARS = 2000
+
+
+def read_json(path: Path):
+    """The file's JSON, or None when it is missing, damaged or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class MetricsLog:
+    """metrics.jsonl read incrementally: complete lines only; restarted from the top when the file was replaced or
+    shortened (a resumed run rewrites it to its checkpoint's lines)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: list[dict] = []
+        self.bad_lines = 0
+        self._offset, self._inode, self._tail = 0, None, b""
+
+    def update(self) -> tuple[list[dict], bool]:
+        """(records new since the last call, whether the earlier ones were dropped: then all records are new)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        reset = st is None or st.st_ino != self._inode or st.st_size < self._offset
+        if reset:
+            had = bool(self.records or self._offset)
+            self._reset()
+            if st is None:
+                return [], had
+            self._inode = st.st_ino
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return [], reset
+        self._offset += len(chunk)
+        *lines, self._tail = (self._tail + chunk).split(b"\n")  # the last piece has no end yet: it waits
+        new = []
+        for line in lines:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = None
+                self.bad_lines += 1
+            if isinstance(record, dict) and "event" in record:
+                new.append(record)
+        self.records += new
+        return (self.records if reset else new), reset
+
+    @property
+    def train(self) -> list[dict]:
+        return [r for r in self.records if r["event"] == "train" and isinstance(r.get("step"), int)]
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.records if r["event"] == "eval" and isinstance(r.get("val_loss"), (int, float))]
+
+
+@dataclass(frozen=True)
+class State:
+    state: str  # running, done, stopped or failed
+    why: str
+    outside: bool  # started outside this UI (in a terminal): it cannot be stopped from here
+
+
+class Runs:
+    """The runs under one runs folder (a folder with config.yaml or metrics.jsonl, or a run this UI started)."""
+
+    def __init__(self, root: Path, jobs: Jobs):
+        self.root, self.jobs = root, jobs
+        self._logs: dict[str, MetricsLog] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def names(self) -> list[str]:
+        found = {n for n in self.jobs.names() if self.folder(n).is_dir() or self._folderless(n)}
+        for p in self.root.iterdir() if self.root.is_dir() else []:
+            if p.name.startswith(".") or p.name in RESERVED or not p.is_dir():
+                continue
+            if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
+                found.add(p.name)
+        return sorted(found)
+
+    def _folderless(self, name: str) -> bool:
+        """A run this UI started that has no folder: one still loading, or one that failed before it made its
+        folder (its error is worth showing); a run whose folder was deleted is gone."""
+        job = self.jobs.get(name)
+        return self.jobs.alive(job) or (job is not None and self.jobs.outcome(job).state == "failed")
+
+    def metrics(self, name: str) -> MetricsLog:
+        log = self._logs.get(name)
+        if log is None:
+            log = self._logs[name] = MetricsLog(self.folder(name) / "metrics.jsonl")
+        log.update()
+        return log
+
+    def state(self, name: str) -> State:
+        run, job = self.folder(name), self.jobs.get(name)
+        if self.jobs.alive(job):
+            resuming = "--resume" in job.argv
+            waiting = "" if (run / "metrics.jsonl").is_file() else "loading the model and data"
+            return State("running", "resumed" if resuming and not waiting else waiting, False)
+        summary = read_json(run / "summary.json")
+        if isinstance(summary, dict):
+            return State("done", str(summary.get("stop_reason", "finished")), job is None)
+        if job is not None:
+            outcome = self.jobs.outcome(job)
+            return State("failed" if outcome.state == "done" else outcome.state, outcome.line, False)
+        return self._state_outside(run)
+
+    def _state_outside(self, run: Path) -> State:
+        """A run started in a terminal: running while it writes, else stopped at its last checkpoint."""
+        try:
+            age = time.time() - (run / "metrics.jsonl").stat().st_mtime
+        except OSError:
+            age = None
+        if age is not None and age < FRESH_SECONDS:
+            return State("running", "started outside the UI", True)
+        checkpoints = list_checkpoints(run) if run.is_dir() else []
+        if checkpoints:
+            step = checkpoint_position(checkpoints[-1])[0]
+            return State("stopped", f"ended without a summary; resumable from its checkpoint at step {step}", True)
+        return State("failed", "ended before its first checkpoint (started in a terminal, which says why)", True)
+
+    def row(self, name: str) -> dict:
+        """The run's line in the runs list."""
+        run, state = self.folder(name), self.state(name)
+        config = _read_yaml(run / "config.yaml")
+        resolved = read_json(run / "resolved.json") or {}
+        summary = read_json(run / "summary.json") or {}
+        log = self.metrics(name)
+        train, evals = log.train, log.evals
+        job = self.jobs.get(name)
+        peak, peak_of = summary.get("peak_memory_bytes"), summary.get("peak_memory_of")
+        if peak is None and job is not None:  # no summary yet: the process's own peak, while it runs or after
+            peak = peak_rss(job.pid) if state.state == "running" else job.peak_rss
+            peak_of = "peak resident memory of the training process" if peak else None
+        best = summary.get("best_val_loss") or min((r["val_loss"] for r in evals), default=None)
+        rates = [r["tokens_per_s"] for r in train[-10:] if isinstance(r.get("tokens_per_s"), (int, float))]
+        return {
+            "name": name,
+            "state": state.state,
+            "why": state.why,
+            "outside": state.outside,
+            "exists": run.is_dir(),
+            "model": config.get("model") if config else None,
+            "data": config.get("train_data") if config else None,
+            "step": train[-1]["step"] if train else 0,
+            "total_steps": resolved.get("total_steps"),
+            "best_val_loss": best,
+            "tokens_per_s": summary.get("tokens_per_s") or (statistics.median(rates) if rates else None),
+            "peak_memory": peak,
+            "peak_memory_of": peak_of,
+            "started": _started(run, job, train),
+            "checkpoints": len(list_checkpoints(run)) if run.is_dir() else 0,
+            "bad_metrics_lines": log.bad_lines,
+        }
+
+    def details(self, name: str) -> dict:
+        """Everything the run page shows besides the charts."""
+        run = self.folder(name)
+        raw = _read_yaml(run / "config.yaml")
+        job = self.jobs.get(name)
+        summary = read_json(run / "summary.json")
+        merge = self.jobs.get(name, "merge")
+        return {
+            "row": self.row(name),
+            "config": _config_rows(raw, job.sources if job else {}),
+            "config_error": None if raw else "config.yaml is missing or damaged",
+            "resolved": read_json(run / "resolved.json"),
+            "data": _data_lines(read_json(run / "data.json")),
+            "summary": summary,
+            "samples": _samples(raw, summary),
+            "checkpoints": [
+                {"name": p.name, "step": checkpoint_position(p)[0], "time": _mtime(p)} for p in list_checkpoints(run)
+            ]
+            if run.is_dir()
+            else [],
+            "adapters": [a for a in ("adapter", "last") if (run / a / "adapter_config.json").is_file()],
+            "command": job.command if job else None,
+            "log": self.jobs.log_lines(name)[-40:] if job else [],
+            "merge": _merge_state(self.jobs, merge),
+        }
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _started(run: Path, job, train: list[dict]) -> float | None:
+    """When the run began: its first start from this UI, else its first step's time less that step's duration."""
+    if job is not None and "--resume" not in job.argv:
+        return job.started
+    if train and isinstance(train[0].get("time"), (int, float)):
+        return train[0]["time"] - float(train[0].get("seconds") or 0)
+    return _mtime(run / "config.yaml")
+
+
+def _config_rows(raw: dict, sources: dict[str, str]) -> list[dict]:
+    """Each setting with its value and where it came from (recorded when this UI started the run)."""
+    rows = []
+    for name, info in TrainConfig.model_fields.items():
+        if name not in raw:
+            continue
+        default = info.default_factory() if info.default_factory else info.default
+        source = sources.get(name) or ("default" if raw[name] == default else "set outside the UI (not recorded)")
+        rows.append({"name": name, "value": raw[name], "source": source, "help": info.description})
+    return rows
+
+
+def _data_lines(raw) -> list[dict]:
+    """What the data step found (data.json), as training printed it."""
+    try:
+        report = DataReport(**{**raw, "train_fit": Fit(**raw["train_fit"]), "val_fit": Fit(**raw["val_fit"])})
+    except (TypeError, KeyError):  # none, damaged, or from another version of loratune
+        return []
+    return [{"warning": warn, "text": text} for warn, text in report.lines()]
+
+
+def _samples(raw: dict, summary) -> list[dict]:
+    """The held-out test answers before and after training, with their prompts and references when readable."""
+    before = ((summary or {}).get("test_before") or {}).get("samples") or []
+    after = ((summary or {}).get("test_after") or {}).get("samples") or []
+    examples = []
+    if after and raw.get("test_data") and Path(raw["test_data"]).exists():
+        try:
+            cfg = TrainConfig(**raw)
+            examples = read_examples(cfg.test_data, "test", cfg)[: len(after)]
+        except (UserError, ValueError, TypeError):  # the file changed since training: the answers alone
+            examples = []
+    out = []
+    for i, answer in enumerate(after):
+        ex = examples[i] if i < len(examples) else None
+        out.append(
+            {
+                "prompt": prompt_text(ex)[:SAMPLE_CHARS] if ex else None,
+                "reference": Encoder.reference(ex)[:SAMPLE_CHARS] if ex else None,
+                "before": before[i][:SAMPLE_CHARS] if i < len(before) else None,
+                "after": answer[:SAMPLE_CHARS],
+            }
+        )
+    return out
+
+
+def _merge_state(jobs: Jobs, job) -> dict | None:
+    if job is None:
+        return None
+    if jobs.alive(job):
+        return {"state": "running", "line": "merging base and adapter", "out": job.argv[3]}
+    outcome = jobs.outcome(job)
+    return {"state": outcome.state, "line": outcome.line, "out": job.argv[3]}

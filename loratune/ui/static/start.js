@@ -1,0 +1,3 @@
+"use strict";
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,193 @@
+"""`loratune ui` in a real browser (Debian's chromium driven by Playwright): a user's whole path through it.
+
+Set LORATUNE_UI_SCREENSHOTS=DIR to also save a 1280x800 screenshot of each page there (docs/ui/ holds them).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import varied_rows, write_jsonl
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+SHOTS = os.environ.get("LORATUNE_UI_SCREENSHOTS")
+
+
+def start_ui(runs: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`loratune ui` on a free loopback port, as a user starts it; returns the process and the URL it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "ui", "--runs", str(runs), "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("loratune ui: http://"), line + proc.stdout.read()
+    return proc, line.split()[2]
+
+
+def stop_everything(ui: subprocess.Popen, runs: Path) -> None:
+    """The UI, then any training or Try process it left (the runs outlive the UI by design)."""
+    ui.send_signal(signal.SIGINT)
+    ui.wait(timeout=20)
+    for record in (runs / ".loratune-ui" / "jobs").glob("*.json"):
+        pid = json.loads(record.read_text())["pid"]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.wait_for_timeout(300)  # the charts' last frame
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def points(page) -> int:
+    return int(page.locator(".chart[data-points]").first.get_attribute("data-points") or 0)
+
+
+def wait_points(page, more_than: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = points(page)
+        if n > more_than:
+            return n
+        page.wait_for_timeout(200)
+    raise AssertionError(f"the loss chart did not grow past {more_than} points in {timeout}s")
+
+
+def fill_new_run(page, tiny_model: str, data: Path) -> None:
+    page.fill("#run-name", "first")
+    page.fill("#f-model", tiny_model)
+    for field in ("train", "val"):  # no test set: its generations before and after would only add time
+        page.fill(f"#f-{field}_data", str(data / f"{field}.jsonl"))
+    page.fill("#f-batch_size", "4")
+    page.fill("#f-gradient_accumulation_steps", "1")
+    # The Guide's range warning shows inline as the user types.
+    warning = page.locator("[data-field=gradient_accumulation_steps] .warn")
+    warning.wait_for()
+    assert "recommended range 4-32" in warning.inner_text()
+    page.fill("#f-epochs", "100")
+    page.click("text=All other settings")
+    page.fill("#f-early_stopping_patience", "0")
+    page.fill("#f-eval_every_steps", "4")
+
+
+def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tmp_path, browser):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", varied_rows(24))
+    write_jsonl(data / "val.jsonl", varied_rows(4, seed=1))
+    (data / "broken.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "cut\n')
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "second")  # a finished run to compare with and to try
+    ui, url = start_ui(runs)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors, elsewhere = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: None if r.url.startswith(url) else elsewhere.append(r.url))  # no CDN
+
+        # New run: the form, then what plan and data inspect say, with the recommended max_length used in one click.
+        page.goto(url + "#/new")
+        fill_new_run(page, tiny_model, data)
+        page.click("#check-plan")
+        page.locator("#use-it").wait_for(timeout=90_000)
+        assert page.locator(".verdict").inner_text().startswith("Fits")
+        recommended = page.locator(".recommend").inner_text().split("max_length: ")[1].split(" ")[0]
+        page.click("#use-it")
+        assert page.input_value("#f-max_length") == recommended
+        page.locator("#start:not([disabled])").wait_for(timeout=90_000)
+        page.evaluate("window.scrollTo(0, 0)")
+        shot(page, "new-run")
+
+        # Start: `loratune train` as a child process; the loss chart gains points while it trains.
+        page.click("#start")
+        page.wait_for_url("**#/run/first")
+        page.locator(".toolbar .badge.state-running").wait_for(timeout=30_000)
+        seen = wait_points(page, 1, timeout=120)
+        seen = wait_points(page, seen)
+        shot(page, "run")
+
+        # Stop = Ctrl-C: a checkpoint, then exit; Resume continues it from there.
+        page.click("#stop")
+        page.locator(".toolbar .badge.state-stopped").wait_for(timeout=60_000)
+        assert "SIGINT: checkpoint saved" in page.locator(".toolbar .why").inner_text()
+        assert page.locator("ul.checkpoints li").count() >= 1
+        at_stop = points(page)
+        page.click("#resume")
+        page.locator(".toolbar .badge.state-running").wait_for(timeout=30_000)
+        wait_points(page, at_stop, timeout=120)
+
+        # A second run while the first trains: allowed, with a warning; its data is broken, so it fails and says why.
+        page.goto(url + "#/new")
+        page.fill("#run-name", "broken")
+        page.fill("#f-model", tiny_model)
+        page.fill("#f-train_data", str(data / "broken.jsonl"))
+        page.click("#check-plan")
+        page.locator("#start:not([disabled])").wait_for(timeout=90_000)
+        page.click("#start")
+        page.wait_for_url("**#/run/broken")
+        assert "first is training too" in page.locator(".notice.warning").first.inner_text()
+        page.locator(".toolbar .badge.state-failed").wait_for(timeout=90_000)
+        assert page.locator(".notice.failure").inner_text().startswith("error: ")
+        assert "broken.jsonl line 2" in page.locator(".notice.failure").inner_text()
+
+        # Runs: the list follows the training run live, without reloading.
+        page.goto(url + "#/runs")
+        steps = "tr[data-run=first] td.num"
+        page.locator(steps).first.wait_for()
+        shown = page.locator(steps).first.inner_text()
+        page.wait_for_function(
+            "([sel, text]) => document.querySelector(sel).textContent !== text", arg=[steps, shown], timeout=60_000
+        )
+        page.goto(url + "#/run/first")
+        page.click("#stop")
+        page.locator(".toolbar .badge.state-stopped").wait_for(timeout=60_000)
+        page.goto(url + "#/runs")
+        page.locator("tr[data-run=first] .badge.state-stopped").wait_for()
+        page.locator("tr[data-run=second] .badge.state-done").wait_for()
+        shot(page, "runs")
+
+        # Compare: both runs' curves overlaid, and the settings that differ.
+        page.goto(url + "#/compare?runs=first,second")
+        page.locator("#compare-chart canvas").wait_for()
+        assert page.locator("#compare-chart").get_attribute("data-series") == "4"
+        assert "learning_rate" in page.locator("#differences").inner_text()
+        shot(page, "compare")
+
+        # Try it: the fine-tuned and the base model answer side by side.
+        page.goto(url + "#/try?run=second")
+        page.locator("#try-adapter option").first.wait_for(state="attached")
+        page.fill("#try-max", "16")
+        page.fill("#try-message", "order two blue mugs")
+        page.click("#ask")
+        for side in ("tuned", "base"):
+            page.locator(f"#answer-{side} .turn.model:not(.streaming)").wait_for(timeout=90_000)
+        assert page.locator("#answer-tuned .turn.model").inner_text().strip()
+        assert page.locator("#answer-base .turn.model").inner_text().strip()
+        shot(page, "try")
+        assert not errors, errors
+        assert not elsewhere, elsewhere
+    finally:
+        stop_everything(ui, runs)
