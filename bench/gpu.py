@@ -153,11 +153,12 @@ class Run:
     def speed(self, shape: str, work: Path) -> None:
         model = self.report["models"][shape]
         setting = SETTINGS[self.device]
+        trainers = [t for t in TRAINERS if t != "trl" or importlib.util.find_spec("trl")]
         runs = bench_model(
             model["path"],
             model["label"],
             setting,
-            list(TRAINERS),
+            trainers,
             1,
             self.device,
             self.precision,
@@ -165,7 +166,8 @@ class Run:
             timeout=lambda: self.deadline.limit(LIMITS["worker"]),
             keep_going=True,
         )
-        entry = {"setting": asdict(setting), "failed": runs["failed"]} | runs["workload"]
+        not_run = {} if "trl" in trainers else {"trl": "trl is not installed"}
+        entry = {"setting": asdict(setting), "failed": runs["failed"], "not_run": not_run} | runs["workload"]
         if runs["results"]:
             entry |= summarize(runs, self.report["peak_flops"], self.precision, skip_steps=SKIP_STEPS)
         self.report["speed"][shape] = entry | {"runs": runs["results"]}

@@ -22,7 +22,8 @@ def render(report: dict) -> str:
             lines += [*model_section(entry, memory), ""]
         else:
             lines += [f"### {entry['label']}", "", "No trainer finished.", ""]
-        lines += [f"- {TRAINERS[t]}: FAILED: {error.splitlines()[0]}" for t, error in entry["failed"].items()]
+        lines += [f"- {TRAINERS[t]}: not run: {why}" for t, why in entry["not_run"].items()]
+        lines += [f"- {TRAINERS[t]}: FAILED: {_first_and_last(error)}" for t, error in entry["failed"].items()]
     if not report["speed"]:
         lines.append("Not run.")
     lines += ["", *_memory(report), "", *_checks(report), "", *_targets(report)]
@@ -30,6 +31,11 @@ def render(report: dict) -> str:
         lines += ["", "## Parts that failed", ""]
         lines += [f"- {part}: {error}" for part, error in report["failures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _first_and_last(error: str) -> str:
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _header(report: dict) -> list[str]:

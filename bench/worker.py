@@ -77,7 +77,6 @@ def run_reference(spec: dict) -> dict:
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    from trl import SFTConfig, SFTTrainer
 
     padding_free = spec["trainer"] == "trl"
     dtype = DTYPES[spec["precision"]]
@@ -121,6 +120,8 @@ def run_reference(spec: dict) -> dict:
         use_cpu=spec["device"] == "cpu",
     )
     if padding_free:
+        from trl import SFTConfig, SFTTrainer
+
         # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
         # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
         args = SFTConfig(**common, padding_free=True, packing=False, max_length=None)
