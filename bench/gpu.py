@@ -142,6 +142,8 @@ class Run:
 
     def measure_peaks(self) -> None:
         self.report["peak_flops"] = {name: matmul_peak(DTYPES[name], self.device) for name in ("fp32", "bf16")}
+        if self.device == "cuda":  # the runs that follow are other processes: give them the cached blocks back
+            torch.cuda.empty_cache()
 
     def write_models(self, shapes: list[str], folder: Path) -> None:
         tiny = self.device != "cuda"

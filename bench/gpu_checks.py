@@ -194,7 +194,7 @@ def check_fused_adamw(context: dict) -> dict:
             b.grad = a.grad.clone()
         optimizer.step(), reference.step(), scheduler.step(), ref_schedule.step()
     worst = max(float((a - b).abs().max()) for a, b in zip(mine, theirs))
-    if worst > 1e-6:
+    if worst > 1e-5:  # a few float32 roundings; each update moves the weights by about 2e-4
         raise AssertionError(f"fused and unfused AdamW differ by {worst:.1e} after 6 steps")
     return {"detail": f"fused=True; 6 updates equal to unfused AdamW within {worst:.1e}", "max_difference": worst}
 

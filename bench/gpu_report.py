@@ -72,10 +72,10 @@ def _memory(report: dict) -> list[str]:
     cases = report["memory"].get("cases")
     if cases is None:
         return [*lines, "Not run."]
-    measured = "max_memory_allocated" if report["device"] == "cuda" else "CPU allocator's peak"
+    measured = "torch.cuda.max_memory_allocated" if report["device"] == "cuda" else "the CPU allocator's total"
     lines += [
-        f"One training pass (`bench/gpu_memory.py`): the peak increase of {measured} over a forward and backward "
-        "pass against `MemoryModel.batch_bytes` of the same pass.",
+        f"One training pass (`bench/gpu_memory.py`): the peak increase of {measured} during a forward and "
+        "backward pass, against `MemoryModel.batch_bytes` of the same pass.",
         "",
         "| case | tokens | base | measured MiB | estimated MiB | estimated / measured |",
         "| --- | ---: | --- | ---: | ---: | ---: |",
