@@ -314,8 +314,12 @@ def _against_eager(context: dict, flag: str) -> dict:
 
 
 def check_torch_compile(context: dict) -> dict:
-    """`torch_compile: true` (decoder layers compiled, dynamic shapes) trains like eager."""
-    return _against_eager(context, "torch_compile")
+    """`torch_compile: true` (decoder layers compiled, dynamic shapes) trains like eager, in compiled code."""
+    result = _against_eager(context, "torch_compile")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if not graphs:
+        raise AssertionError("no graph was compiled: the layers ran eagerly")
+    return result | {"detail": f"{result['detail']}; {graphs} graphs compiled", "graphs": graphs}
 
 
 def check_liger_kernels(context: dict) -> dict:
