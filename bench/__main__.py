@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from loratune.core.device import DTYPES, choose_dtype
-from loratune.data.plan import StepPlan
-from loratune.modeling.model import load_tokenizer, resolve_model
+from loratune.modeling.model import resolve_model
 from loratune.modeling.tiny import make_tiny_model
 
-from .flops import matmul_peak, model_flops
+from .flops import matmul_peak
 from .report import ROOT, TRAINERS, machine, render, summarize
-from .workload import make_workload
-
-
-@dataclass
-class Setting:
-    steps: int
-    batch_size: int
-    grad_accum: int
-
+from .speed import HYPER, TINY, Setting, WorkerFailed, bench_model
 
 # batch_size 8 as the Training Guide's default (padding depends on it). The 135M model gets a smaller step and fewer
 # of them: on a 2-core CPU each of its runs takes minutes.
@@ -47,11 +33,6 @@ QUICK = {
     "tiny": Setting(steps=3, batch_size=4, grad_accum=2),
     "smollm2-135m": Setting(steps=2, batch_size=4, grad_accum=2),
 }
-# Training Guide defaults, the same for every trainer.
-HYPER = dict(
-    learning_rate=2e-4, warmup_ratio=0.05, lora_r=8, lora_alpha=32, lora_dropout=0.05, max_length=1024, seed=42
-)
-TINY = dict(hidden_size=256, layers=4, heads=4, kv_heads=2, vocab_size=1024)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
             setting = (QUICK if args.quick else FULL)[name]
             if args.steps:
                 setting = Setting(args.steps, setting.batch_size, setting.grad_accum)
-            runs = bench_model(name, setting, trainers, reps, device, precision, work / name)
+            folder = work / name
+            folder.mkdir(parents=True)
+            model_path = str(make_tiny_model(folder / "model", **TINY)) if name == "tiny" else resolve_model(name)
+            label = _label(name, model_path)
+            try:
+                runs = bench_model(model_path, label, setting, trainers, reps, device, precision, folder / "runs")
+            except WorkerFailed as e:
+                raise SystemExit(str(e)) from None
             report["models"][name] = summarize(runs, peaks, precision) | {"setting": asdict(setting)} | runs["workload"]
             report["models"][name]["runs"] = runs["results"]
 
@@ -123,89 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(f"written to {out.with_suffix('.md')} and .json")
-
-
-def bench_model(
-    name: str, setting: Setting, trainers: list[str], reps: int, device: str, precision: str, work: Path
-) -> dict:
-    work.mkdir(parents=True)
-    model_path = str(make_tiny_model(work / "model", **TINY)) if name == "tiny" else resolve_model(name)
-    per_step = setting.batch_size * setting.grad_accum
-    n = setting.steps * per_step  # exactly one epoch of whole steps
-    workload = make_workload(load_tokenizer(model_path), n, HYPER["seed"])
-    lengths, targets = workload.lengths, workload.targets
-    if lengths.max() > HYPER["max_length"]:
-        raise SystemExit(f"an example has {lengths.max()} tokens, more than max_length")
-    # loratune shuffles the rows itself; the reference trainers read them in the order it will use.
-    steps = StepPlan(lengths, targets, per_step, setting.batch_size, seed=HYPER["seed"]).epoch(0)
-    order = np.concatenate(steps).tolist()
-    tokens = work / "tokens.json"
-    tokens.write_text(
-        json.dumps({"input_ids": [workload.input_ids[i] for i in order], "labels": [workload.labels[i] for i in order]})
-    )
-    base = dict(
-        model_path=model_path,
-        data=str(workload.write_jsonl(work / "train.jsonl")),
-        tokens=str(tokens),
-        device=device,
-        precision=precision,
-        steps=setting.steps,
-        batch_size=setting.batch_size,
-        grad_accum=setting.grad_accum,
-        **HYPER,
-    )
-    stats = {
-        "label": _label(name, model_path),
-        "examples": n,
-        "tokens": int(lengths.sum()),
-        "targets": int(targets.sum()),
-        "flops": model_flops(model_path, lengths, targets, HYPER["lora_r"]),
-        "length_median": int(np.median(lengths)),
-        "length_p90": int(np.percentile(lengths, 90)),
-        "length_max": int(lengths.max()),
-    }
-    print(
-        f"\n{name}: {n} examples, {stats['tokens']:,} tokens ({stats['targets']:,} answer targets), lengths median "
-        f"{stats['length_median']}, p90 {stats['length_p90']}, max {stats['length_max']}",
-        flush=True,
-    )
-
-    results = {t: [] for t in trainers}
-    for rep in range(reps):
-        for trainer in trainers:
-            run_dir = work / f"{trainer}-{rep}"
-            result = run_worker(base | {"trainer": trainer, "out_dir": str(run_dir / "output")}, run_dir)
-            results[trainer].append(result)
-            print(
-                f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
-                f"tokens/s  loss {result['losses'][-1]:.4f}  peak RSS {result['peak_rss_mib']:.0f} MiB",
-                flush=True,
-            )
-    return {"results": results, "workload": stats}
-
-
-def run_worker(spec: dict, run_dir: Path) -> dict:
-    run_dir.mkdir(parents=True)
-    spec_file, result_file, log = run_dir / "spec.json", run_dir / "result.json", run_dir / "log.txt"
-    spec_file.write_text(json.dumps(spec))
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.worker", str(spec_file), str(result_file)],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    if done.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"{spec['trainer']} failed (exit {done.returncode}); end of its log:\n{tail}")
-    return json.loads(result_file.read_text()) | {"process_seconds": time.perf_counter() - start}
 
 
 def _label(name: str, model_path: str) -> str:

@@ -69,11 +69,13 @@ CUDA_CASES = {  # the Guide's default pass, 8 x 1024 tokens, on a GPU
 
 
 def run_case(model, lengths, answer_share, settings, device):
+    """One case: `model` is a built-in name or model folder, or (config sizes, blocks) of a random Llama; returns
+    the pass's tokens, the base's dtype, and its measured and estimated bytes."""
     cfg = TrainConfig(**settings)
     dtype = choose_dtype(cfg.precision, device)
     if isinstance(model, str):
         path = resolve_model(model)
-        shape, base = read_shape(path, cfg), load_model(path, dtype, device)
+        shape, base = read_shape(path, cfg), load_model(path, dtype, device, load_in_4bit=cfg.load_in_4bit)
     else:
         sizes, blocks = model
         config = LlamaConfig(num_hidden_layers=blocks, **sizes)

@@ -21,12 +21,16 @@ SPEED_TARGETS = [("tiny", "hf", 4.0), ("tiny", "trl", 3.0), ("smollm2-135m", "hf
 LOSS_TOLERANCE = 0.02
 
 
-def summarize(runs: dict, peaks: dict, precision: str) -> dict:
-    """Per trainer: medians over repetitions, and ratios to (a) when (a) ran."""
-    flops, tokens = runs["workload"]["flops"], runs["workload"]["tokens"]
+def summarize(runs: dict, peaks: dict, precision: str, skip_steps: int = 0) -> dict:
+    """Per trainer: medians over repetitions, and ratios to (a) when (a) ran. With `skip_steps`, throughput and MFU
+    leave out the first steps (a GPU's warm-up: kernel selection, allocator growth), the same steps for all."""
+    workload = runs["workload"]
+    flops, tokens = workload["flops"], workload["tokens"]
+    if skip_steps:
+        flops, tokens = sum(workload["step_flops"][skip_steps:]), sum(workload["step_tokens"][skip_steps:])
     rows = {}
     for trainer, results in runs["results"].items():
-        seconds = median(r["seconds"] for r in results)
+        seconds = median(sum(r["step_seconds"][skip_steps:]) if skip_steps else r["seconds"] for r in results)
         rows[trainer] = {
             "tokens_per_s": tokens / seconds,
             "seconds": seconds,
@@ -37,16 +41,19 @@ def summarize(runs: dict, peaks: dict, precision: str) -> dict:
             "mfu": {name: flops / seconds / peak for name, peak in peaks.items()},
             "attention": results[0]["attention"],
         }
+        rows[trainer] |= {k: results[0][k] for k in ("plan_mib", "plan_tensors_mib", "plan_error") if k in results[0]}
     if "hf" in rows:
         for row in rows.values():
             row["speedup"] = row["tokens_per_s"] / rows["hf"]["tokens_per_s"]
             row["loss_change"] = row["final_loss"] / rows["hf"]["final_loss"] - 1
-    return {"trainers": rows, "checks": _checks(runs, precision)}
+    return {"trainers": rows, "checks": _checks(runs, precision), "skip_steps": skip_steps}
 
 
 def _checks(runs: dict, precision: str) -> dict:
     """What makes the comparison fair, verified on the runs themselves."""
     results = [r for rs in runs["results"].values() for r in rs]
+    if not results:
+        return {}
     lrs = [r["lrs"] for r in results]
     firsts = [r["losses"][0] for r in results]
     spread = (max(firsts) - min(firsts)) / min(firsts)
@@ -122,41 +129,55 @@ def render(report: dict) -> str:
             "these timings are not a measurement of the trainers alone."
         )
     for summary in report["models"].values():
-        s, rows, checks = summary["setting"], summary["trainers"], summary["checks"]
-        lines += [
-            "",
-            f"### {summary['label']}",
-            "",
-            f"{s['steps']} optimizer steps x {s['batch_size'] * s['grad_accum']} examples (batch_size {s['batch_size']}"
-            f" x gradient_accumulation_steps {s['grad_accum']}) = {summary['examples']} examples, "
-            f"{summary['tokens']:,} real tokens ({summary['targets']:,} answer tokens carry loss); example length "
-            f"median {summary['length_median']}, p90 {summary['length_p90']}, max {summary['length_max']} tokens. "
-            f"Model FLOPs {summary['flops'] / summary['tokens'] / 1e6:,.1f} M per real token.",
-            "",
-            f"| trainer | real tokens/s | vs (a) | padding | {memory} | loss step 1 | final loss | vs (a) "
-            "| MFU (fp32 peak) | MFU (bf16 peak) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for trainer, row in rows.items():
-            lines.append(
-                f"| {TRAINERS[trainer]} | {row['tokens_per_s']:,.0f} | {_ratio(row.get('speedup'))} | "
-                f"{row['padding']:.0%} | {row['peak_mib']:,.0f} | {row['first_loss']:.4f} | {row['final_loss']:.4f} | "
-                f"{_change(row.get('loss_change'))} | {row['mfu']['fp32']:.1%} | {row['mfu']['bf16']:.1%} |"
-            )
-        lines += [
-            "",
-            f"Checks: every run trained on exactly these {summary['tokens']:,} tokens with loss on the same "
-            f"{summary['targets']:,}: {_yes(checks['same_tokens'])}; same learning rate at every step: "
-            f"{_yes(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
-            f"{_yes(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
-            + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items())
-            + ".",
-        ]
+        lines += ["", *model_section(summary, memory)]
     checked = targets(report)
     if checked:
         lines += ["", "Issue 5 targets (stated for a 2-core CPU):", ""]
         lines += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checked]
     return "\n".join(lines) + "\n"
+
+
+def model_section(summary: dict, memory: str) -> list[str]:
+    """One model's table (a row per trainer) and the fairness checks, as markdown lines."""
+    s, rows, checks = summary["setting"], summary["trainers"], summary["checks"]
+    lines = [
+        f"### {summary['label']}",
+        "",
+        f"{s['steps']} optimizer steps x {s['batch_size'] * s['grad_accum']} examples (batch_size {s['batch_size']}"
+        f" x gradient_accumulation_steps {s['grad_accum']}) = {summary['examples']} examples, "
+        f"{summary['tokens']:,} real tokens ({summary['targets']:,} answer tokens carry loss); example length "
+        f"median {summary['length_median']}, p90 {summary['length_p90']}, max {summary['length_max']} tokens. "
+        f"Model FLOPs {summary['flops'] / summary['tokens'] / 1e6:,.1f} M per real token."
+        + (
+            f" Throughput and MFU count steps {k + 1}-{s['steps']}: {_steps(k)} warm the device up."
+            if (k := summary.get("skip_steps"))
+            else ""
+        ),
+        "",
+        f"| trainer | real tokens/s | vs (a) | padding | {memory} | loss step 1 | final loss | vs (a) "
+        "| MFU (fp32 peak) | MFU (bf16 peak) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for trainer, row in rows.items():
+        lines.append(
+            f"| {TRAINERS[trainer]} | {row['tokens_per_s']:,.0f} | {_ratio(row.get('speedup'))} | "
+            f"{row['padding']:.0%} | {row['peak_mib']:,.0f} | {row['first_loss']:.4f} | {row['final_loss']:.4f} | "
+            f"{_change(row.get('loss_change'))} | {row['mfu']['fp32']:.1%} | {row['mfu']['bf16']:.1%} |"
+        )
+    lines += [
+        "",
+        f"Checks: every run trained on exactly these {summary['tokens']:,} tokens with loss on the same "
+        f"{summary['targets']:,}: {_yes(checks['same_tokens'])}; same learning rate at every step: "
+        f"{_yes(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
+        f"{_yes(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
+        + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items())
+        + ".",
+    ]
+    return lines
+
+
+def _steps(k: int) -> str:
+    return "step 1 is left out to" if k == 1 else f"steps 1-{k} are left out to"
 
 
 def _ratio(x) -> str:
@@ -184,11 +205,18 @@ def machine(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": int(meminfo[1]) / 2**20,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "versions": ", ".join(f"{p} {metadata.version(p)}" for p in packages),
+        "versions": ", ".join(f"{p} {_version(p)}" for p in packages),
         "commit": _commit(),
         "busy_share": _busy_share(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # e.g. TRL on a GPU machine its wheel did not reach
+        return "not installed"
 
 
 def _busy_share(seconds: float = 2.0) -> float:

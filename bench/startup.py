@@ -1,6 +1,6 @@
 """`python -m bench.startup`: how long `loratune train` takes as a whole process, and how soon it starts training.
 
-Two runs of the tiny benchmark model (`bench/__main__.py`'s TINY) on 128 generated examples (`bench/workload.py`):
+Two runs of the tiny benchmark model (`bench/speed.py`'s TINY) on 128 generated examples (`bench/workload.py`):
 
 - epoch: one epoch at the Training Guide's defaults (2 optimizer steps of 64 examples, validation at the end);
 - one step: `--max-steps 1` with validation, saving and the report, the shortest complete run.
@@ -33,7 +33,7 @@ RUNS = {
 def prepare(work: Path) -> tuple[str, str]:
     from loratune.modeling.tiny import make_tiny_model
 
-    from .__main__ import HYPER, TINY
+    from .speed import HYPER, TINY
     from .workload import make_workload
 
     model = make_tiny_model(work / "model", **TINY)

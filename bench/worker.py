@@ -22,12 +22,15 @@ import datasets
 import peft  # noqa: F401  (imported up front by every worker, see above)
 import torch
 import transformers
-import trl  # noqa: F401
 
 from loratune import TrainConfig, train
+from loratune.commands.plan import plan_run
 from loratune.core.device import DTYPES
 from loratune.modeling.model import load_tokenizer
 from loratune.training.setup import lr_factor
+
+if importlib.util.find_spec("trl"):  # where TRL is not installed (a GPU without its wheel) only (b) cannot run
+    import trl  # noqa: F401
 
 
 def main() -> None:
@@ -74,7 +77,6 @@ def run_reference(spec: dict) -> dict:
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    from trl import SFTConfig, SFTTrainer
 
     padding_free = spec["trainer"] == "trl"
     dtype = DTYPES[spec["precision"]]
@@ -118,6 +120,8 @@ def run_reference(spec: dict) -> dict:
         use_cpu=spec["device"] == "cpu",
     )
     if padding_free:
+        from trl import SFTConfig, SFTTrainer
+
         # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
         # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
         args = SFTConfig(**common, padding_free=True, packing=False, max_length=None)
@@ -141,6 +145,7 @@ def run_reference(spec: dict) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e]
     return {
         "seconds": clock.seconds,
+        "step_seconds": clock.steps,
         "tokens": counter.real,
         "processed_tokens": counter.processed,
         "targets": counter.targets,
@@ -174,8 +179,10 @@ class _CountingCollator:
 
 
 class _Clock(transformers.TrainerCallback):
+    """The training loop's time, and each optimizer step's (from the end of the one before)."""
+
     def __init__(self, device: str):
-        self.device, self.start, self.seconds = device, 0.0, 0.0
+        self.device, self.start, self.seconds, self.steps, self.last = device, 0.0, 0.0, [], 0.0
 
     def _now(self) -> float:
         if self.device == "cuda":
@@ -183,7 +190,12 @@ class _Clock(transformers.TrainerCallback):
         return time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self._now()
+        self.start = self.last = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        self.steps.append(now - self.last)
+        self.last = now
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = self._now() - self.start
@@ -216,8 +228,9 @@ def run_loratune(spec: dict) -> dict:
     )
     summary = train(config, overwrite=True)
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "train"]
-    return {
+    return _plan_estimate(config) | {
         "seconds": sum(r["seconds"] for r in steps),
+        "step_seconds": [r["seconds"] for r in steps],
         "tokens": summary["tokens"],
         "targets": summary["target_tokens"],
         "processed_tokens": round(sum(r["tokens"] / (1 - r["padding_share"]) for r in steps)),
@@ -226,6 +239,18 @@ def run_loratune(spec: dict) -> dict:
         "attention": "packed" if summary["packing"] else "sdpa",
         "loop_seconds": summary["train_seconds"],
     }
+
+
+def _plan_estimate(config: TrainConfig) -> dict:
+    """`loratune plan`'s peak for this run: in all, and without the framework overhead that allocated-memory
+    counters do not see. Asked after training, so that planning adds nothing to the measured peak; a failure to
+    plan is reported, not fatal to the speed measurement."""
+    try:
+        plan = plan_run(config, tokens_per_second=1.0)
+    except Exception as e:
+        return {"plan_error": f"{type(e).__name__}: {e}"}
+    overhead = sum(v for k, v in plan.items.items() if k.startswith("framework overhead"))
+    return {"plan_mib": plan.total / 2**20, "plan_tensors_mib": (plan.total - overhead) / 2**20}
 
 
 if __name__ == "__main__":
