@@ -3,19 +3,22 @@
 adapter of one process accumulating twice as long, and a launch whose processes do not all join one job must stop
 in one line before loading any weights."""
 
-import json
-import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import varied_rows, write_jsonl
-from safetensors.torch import load_file
+from distributed_runs import (
+    DRIVER,
+    ONE,
+    Job,
+    assert_loads_with_peft,
+    assert_same_steps,
+    environment,
+    free_port,
+    relative_difference,
+    train_steps,
+)
 
-DRIVER = str(Path(__file__).with_name("fault_driver.py"))
 TWO_PROCESSES = "engine: DDP, 2 processes on 1 node, backend gloo, device cpu"
 LAUNCHERS = {
     "num-processes": ["-m", "loratune", "train", "--num-processes", "2"],
@@ -26,65 +29,14 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(args) -> list[str]:
-    return [sys.executable, *(str(free_port()) if a == "{port}" else a for a in args)]
-
-
-def environment(extra=None) -> dict:
-    """This environment without any launcher's variables (pytest may itself run under one), plus `extra`."""
-    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "ACCELERATE_USE_FSDP")
-    return {k: v for k, v in os.environ.items() if k not in launcher} | (extra or {})
-
-
-def relative_difference(a: Path, b: Path) -> float:
-    """The largest relative difference of the two adapters' tensors (their names must match)."""
-    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert x.keys() == y.keys()
-    return max(float((x[k] - y[k]).norm() / x[k].norm()) for k in x)
-
-
-def train_steps(run: Path) -> list[int]:
-    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [r["step"] for r in lines if r["event"] == "train"]
-
-
 @pytest.fixture(scope="module")
 def job(tiny_model, tmp_path_factory):
-    """The settings of every run here: 32 examples, 4 steps of 8; runs are started by `job.run`."""
-    root = tmp_path_factory.mktemp("distributed")
-    flags = [
-        "--model", tiny_model, "--epochs", "1", "--precision", "fp32", "--lora-dropout", "0",
-        "--learning-rate", "1e-3", "--batch-size", "2", "--save-every-steps", "1", "--max-length", "256",
-        "--train-data", write_jsonl(root / "train.jsonl", varied_rows(32)),
-        "--val-data", write_jsonl(root / "val.jsonl", varied_rows(3, seed=1)),  # 2 + 1: the processes' shares differ
-    ]  # fmt: skip
-
-    class Job:
-        folder = root
-
-        def args(self, name, launcher, *extra):
-            return command([*launcher, *flags, "--output-dir", str(root / name), *extra])
-
-        def run(self, name, launcher, *extra, env=None, expect=0):
-            result = subprocess.run(
-                self.args(name, launcher, *extra), capture_output=True, text=True, env=environment(env), timeout=600
-            )
-            if expect is not None:
-                assert result.returncode == expect, result.stderr[-3000:]
-            return result, root / name
-
-    return Job()
+    return Job(tiny_model, tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.fixture(scope="module")
 def one_process(job):
-    return job.run("one", ["-m", "loratune", "train"], "--gradient-accumulation-steps", "4")[1]
+    return job.run("one", ONE, "--gradient-accumulation-steps", "4")[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,26 +46,17 @@ def two_processes(job):
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_equal_one_process_with_double_accumulation(job, one_process, two_processes, launcher):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     if launcher == "num-processes":
         result, run = two_processes
     else:
         result, run = job.run(launcher, LAUNCHERS[launcher], "--gradient-accumulation-steps", "2")
     assert result.stdout.count(TWO_PROCESSES) == 1, result.stdout[-2000:]  # named once, by the main process
     assert "effective batch 8 = batch_size 2 x gradient_accumulation_steps 2 x 2 processes" in result.stdout
-    assert train_steps(one_process) == train_steps(run) == [1, 2, 3, 4]  # once each: not a run per process
+    assert_same_steps(one_process, run)  # each step once (not a run per process), the same gradients
     for adapter in ("last", "adapter"):
         assert relative_difference(one_process / adapter, run / adapter) <= 1e-4
 
-    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), run / "adapter"
-    )
-    saved = load_file(run / "adapter" / "adapter_model.safetensors")
-    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
-    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert_loads_with_peft(run / "adapter")
 
 
 def test_two_nodes_on_loopback_equal_one_node(job, two_processes):
@@ -132,7 +75,7 @@ def test_two_nodes_on_loopback_equal_one_node(job, two_processes):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "engine: DDP, 2 processes on 2 nodes, backend gloo, device cpu" in outputs[0][0]
     run = job.folder / "two-nodes"
-    assert train_steps(run) == [1, 2, 3, 4]
+    assert_same_steps(two_processes[1], run)
     assert relative_difference(two_processes[1] / "last", run / "last") <= 1e-4
 
 
@@ -170,7 +113,7 @@ def test_a_launch_whose_processes_do_not_join_refuses_in_one_line(job, tmp_path)
     assert not run.exists()  # stopped before anything was written (or loaded)
 
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}  # srun started two tasks without a launcher
-    result, run = job.run("slurm", ["-m", "loratune", "train"], env=env, expect=2)
+    result, run = job.run("slurm", ONE, env=env, expect=2)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and not run.exists(), result.stderr[-2000:]
     assert errors[0].startswith("error: SLURM_NTASKS=2: ") and "one `torchrun`" in errors[0]
@@ -181,3 +124,38 @@ def test_a_launch_whose_processes_do_not_join_refuses_in_one_line(job, tmp_path)
         "error: the accelerate config asks for FSDP version 1; loratune runs FSDP2: set fsdp_version: 2 under "
         "fsdp_config"
     ]  # one line: the other process stays silent and torchrun's own report is left out
+
+
+def test_out_of_memory_with_two_processes_stops_with_the_fixes(job, tiny_model):
+    """A pass over max_memory (simulated on a CPU as a capped GPU raises it) is not replayed at half the micro-batch
+    with several processes: the run stops with the fixes, and the launcher stops the other process."""
+    from loratune import TrainConfig
+    from loratune.data.encode import encoder_for
+    from loratune.data.plan import plan_for
+    from loratune.data.prepare import prepare
+    from loratune.memory.arithmetic import MemoryModel
+    from loratune.memory.planner import Budget, largest_pass, peak_items
+    from loratune.memory.shape import read_shape
+    from loratune.modeling.model import load_tokenizer
+
+    cfg = TrainConfig(
+        model=tiny_model, train_data=str(job.folder / "train.jsonl"), max_length=256, precision="fp32", device="cpu",
+        lora_dropout=0.0, batch_size=4, gradient_accumulation_steps=1,
+    )  # fmt: skip
+    data = prepare(cfg, encoder_for(load_tokenizer(tiny_model), cfg)).train
+    mm = MemoryModel.for_run(cfg, read_shape(tiny_model, cfg), "cpu", torch.float32)
+    plan = plan_for(cfg, data.lengths, data.target_counts, packing=True, processes=2)
+
+    def peak(b):
+        return peak_items(mm, largest_pass(mm, plan.with_micro_batch(b)), Budget(2**40, "plenty"))[1]
+
+    cap = str((peak(1) + peak(4)) // 2)
+    result, run = job.run("oom", LAUNCHERS["num-processes"], "--batch-size", "4", "--gradient-accumulation-steps", "1",
+                          "--max-memory", cap, expect=1)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: out of memory at batch_size 4")]
+    # each process that ran out says so, in one line: here both, at the same pass
+    assert errors and set(errors) == {errors[0]}, result.stderr[-3000:]
+    assert "With 2 processes the micro-batch is not halved" in errors[0]
+    assert "batch_size 1 with gradient_accumulation_steps 4" in errors[0]  # a fix that keeps the effective batch
+    assert "with 2 processes training stops when memory runs out" in result.stdout  # warned before training
+    assert "Traceback" not in result.stderr

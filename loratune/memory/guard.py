@@ -48,10 +48,16 @@ class RunMemory:
             return None
         if _largest_fitting(self.mm, plan, self.budget)[0] is None:
             require_fit(memory)
+        then = (
+            "training will halve the micro-batch when memory runs out, keeping the effective batch. To avoid the "
+            "retries"
+            if plan.processes == 1
+            else f"with {plan.processes} processes training stops when memory runs out (it does not halve the "
+            "micro-batch). To avoid that"
+        )
         return (
             f"batch_size {plan.micro_batch} needs about {size_text(memory.total)} at its largest pass, more than "
-            f"{self.budget.source}: training will halve the micro-batch when memory runs out, keeping the effective "
-            f"batch. To avoid the retries, change one of: " + "; ".join(memory.fixes)
+            f"{self.budget.source}: {then}, change one of: " + "; ".join(memory.fixes)
         )
 
     def raise_if_over(self, batch) -> None:

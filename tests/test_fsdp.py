@@ -1,0 +1,74 @@
+"""FSDP2 as users launch it: `accelerate launch --config_file fsdp.yaml` (fsdp_version: 2), here on 2 CPU
+processes with gloo. The frozen base, the adapter, its gradients and AdamW state are sharded; saving gathers the
+adapter alone into PEFT's folder, and resuming hands each process its shard back.
+
+The comparison with one process catches the known traps of LoRA under FSDP2: only rank 0's slice of the adapter
+saved, so that a resumed run lost the other half (accelerate PR #4206), and gloo summing the processes' gradients
+instead of averaging them (pytorch issue #162338)."""
+
+import pytest
+from distributed_runs import (
+    DRIVER,
+    ONE,
+    Job,
+    assert_loads_with_peft,
+    assert_same_steps,
+    relative_difference,
+    train_steps,
+)
+
+FSDP2 = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model, tmp_path_factory):
+    job = Job(tiny_model, tmp_path_factory.mktemp("fsdp"))
+    (job.folder / "fsdp.yaml").write_text(FSDP2)
+    return job
+
+
+def launcher(job, script=("-m", "loratune")):
+    config = str(job.folder / "fsdp.yaml")
+    return ["-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "{port}", *script,
+            "train"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp(job):
+    return job.run("fsdp", launcher(job), "--gradient-accumulation-steps", "2")
+
+
+def test_fsdp2_on_two_processes_equals_one_process(job, fsdp):
+    one = job.run("one", ONE, "--gradient-accumulation-steps", "4")[1]
+    result, run = fsdp
+    out = result.stdout
+    assert out.count("engine: FSDP2, 2 processes on 1 node, backend gloo, device cpu") == 1, out[-2000:]
+    # the tiny model's every weight splits evenly: each process holds half of everything
+    assert "FSDP2: this process holds 11,264 of the 22,528 trainable parameters" in out
+    assert "105,632 of all 211,264" in out
+    assert_same_steps(one, run)
+    for adapter in ("last", "adapter"):  # gathered whole, averaged gradients: the one-process adapter
+        assert relative_difference(one / adapter, run / adapter) <= 1e-4
+    assert_loads_with_peft(run / "adapter")
+
+
+def test_fsdp2_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job, fsdp):
+    """SIGKILL of both processes at their 3rd pass (step 2 or 3 of 4); the resumed run loads the whole adapter and
+    AdamW state from the checkpoint, each process its shard, and ends where the uninterrupted run did."""
+    env = {"FAULT": "kill_at_pass:3"}
+    result, run = job.run("killed", launcher(job, [DRIVER]), "--gradient-accumulation-steps", "2", env=env, expect=None)
+    assert result.returncode != 0 and not (run / "summary.json").exists()
+    assert train_steps(run)[-1] < 4
+    result, run = job.run("killed", launcher(job), "--gradient-accumulation-steps", "2", "--resume")
+    assert "resuming from" in result.stdout
+    assert train_steps(run) == [1, 2, 3, 4]
+    assert relative_difference(fsdp[1] / "last", run / "last") <= 1e-6
