@@ -6,6 +6,8 @@ The comparison with one process catches the known traps of LoRA under FSDP2: onl
 saved, so that a resumed run lost the other half (accelerate PR #4206), and gloo summing the processes' gradients
 instead of averaging them (pytorch issue #162338)."""
 
+import json
+
 import pytest
 from distributed_runs import (
     DRIVER,
@@ -72,3 +74,27 @@ def test_fsdp2_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job
     assert "resuming from" in result.stdout
     assert train_steps(run) == [1, 2, 3, 4]
     assert relative_difference(fsdp[1] / "last", run / "last") <= 1e-6
+
+
+def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tmp_path, capsys):
+    """A 7B Llama (its config alone: plans load no weights) on 24 GB GPUs: with FSDP2 over 4 processes a device
+    holds a quarter of the frozen weights and of AdamW's state, and batch_size auto takes the room that frees."""
+    from transformers import LlamaConfig
+
+    from loratune.cli import main
+
+    LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    args = ["plan", "--model", str(tmp_path), "--gpu-memory", "24GB", "--max-length", "2048", "--batch-size", "auto",
+            "--gradient-checkpointing", "--tokens-per-second", "1000", "--num-processes", "4", "--json"]  # fmt: skip
+    plans = {}
+    for engine, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        assert main(args + extra) == 0
+        plans[engine] = json.loads(capsys.readouterr().out)
+    ddp, fsdp = plans["ddp"], plans["fsdp"]
+    assert ddp["device"].endswith("one of 4 data-parallel processes") and "FSDP2" in fsdp["device"]
+    assert fsdp["items"]["frozen weights (bf16), a 1/4 shard"] == ddp["items"]["frozen weights (bf16)"] // 4
+    assert fsdp["items"]["AdamW state (2 x fp32), a 1/4 shard"] == ddp["items"]["AdamW state (2 x fp32)"] // 4
+    assert fsdp["fits"] and ddp["fits"] and fsdp["batch_size"] > ddp["batch_size"]

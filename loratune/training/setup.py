@@ -28,7 +28,7 @@ from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.loss import CausalLMLoss
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from . import checkpoint as ckpt
-from .engine import held_here, shard, start
+from .engine import LaunchRefused, held_here, shard, start
 from .metrics import Metrics
 from .resolved import ResolvedRun
 from .run_folder import check_output_dir, check_resumable, clean_leftovers, create_output_dir, fingerprint
@@ -55,7 +55,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     model_path = resolve_model(config.model)
     tokenizer, encoder, data = load_data(config, model_path, accelerator, console)
     shape = read_shape(model_path, config)
-    memory = RunMemory(config, shape, accelerator.device, dtype)
+    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1)
     plan, batch_size_from = plan_steps(config, data, shape, memory, accelerator, dtype, console)
     model, plan = load_trainable_model(config, model_path, dtype, engine.load_device, plan, encoder, console)
     loss_module = CausalLMLoss(model, shape_buckets=plan.buckets)
@@ -131,6 +131,8 @@ def _devices(cfg: TrainConfig):
         keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator, engine = start(wanted, "fp16" if dtype == torch.float16 else "no")
+    if engine.sharded and cfg.load_in_4bit:
+        raise LaunchRefused(f"load_in_4bit: {engine.kind} does not shard 4-bit weights here; use DDP, or a 16-bit base")
     return accelerator, engine, dtype
 
 
