@@ -98,3 +98,25 @@ def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tm
     assert fsdp["items"]["frozen weights (bf16), a 1/4 shard"] == ddp["items"]["frozen weights (bf16)"] // 4
     assert fsdp["items"]["AdamW state (2 x fp32), a 1/4 shard"] == ddp["items"]["AdamW state (2 x fp32)"] // 4
     assert fsdp["fits"] and ddp["fits"] and fsdp["batch_size"] > ddp["batch_size"]
+
+
+@pytest.mark.parametrize(
+    "env, refusal",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed, which loratune does not run yet"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "asks for FSDP version 1; loratune runs FSDP2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, None),
+    ],
+)
+def test_the_engine_is_the_one_the_accelerate_config_asks_for_or_a_refusal(monkeypatch, env, refusal):
+    """As `accelerate launch --config_file` sets the environment; never silently another engine."""
+    from loratune.training import engine
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if refusal is None:
+        assert engine._requested_sharding() == ("FSDP2", False)
+    else:
+        with pytest.raises(engine.LaunchRefused, match=refusal):
+            engine._requested_sharding()

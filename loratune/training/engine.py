@@ -84,11 +84,12 @@ def start(device: torch.device, mixed_precision: str):
     did not all join, and an engine that cannot run here."""
     from accelerate import Accelerator
 
+    sharding, reshard = _requested_sharding()  # before accelerate acts on the request (DeepSpeed, say)
     # On a machine without a GPU accelerate joins the processes only when told the device is the CPU; with the
     # default device (`auto`) each process trained alone.
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     check_launch(accelerator.num_processes, accelerator.distributed_type)
-    return accelerator, engine_of(accelerator)
+    return accelerator, engine_of(accelerator, sharding, reshard)
 
 
 def check_launch(joined: int, distributed_type) -> None:
@@ -109,12 +110,13 @@ def check_launch(joined: int, distributed_type) -> None:
     )
 
 
-def engine_of(accelerator) -> Engine:
-    """The engine the launcher asked for, as accelerate set it up."""
+def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
+    """The engine: `kind` when the launch asked for sharding (FSDP2), else as accelerate set it up."""
     from accelerate.utils import DistributedType
 
-    kind, reshard = _requested_sharding()
     distributed = accelerator.distributed_type
+    if not torch.distributed.is_initialized():  # one process, not started by a launcher: nothing to shard over
+        kind = None
     if kind is None:
         if distributed == DistributedType.NO:
             kind = "single process"
@@ -138,8 +140,9 @@ def _requested_sharding() -> tuple[str | None, bool]:
     loratune does not run rather than fall back to another engine."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise LaunchRefused(
-            "the accelerate config asks for DeepSpeed, which loratune does not run yet; use an FSDP config "
-            f"(fsdp_version: 2) for sharded weights, or plain data parallel ({README})"
+            "the accelerate config asks for DeepSpeed, which loratune does not run yet (its optimizer steps inside the "
+            "backward pass, its checkpoints are one file per process); for sharded weights use an FSDP config with "
+            f"fsdp_version: 2, or plain data parallel ({README})"
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None, True
