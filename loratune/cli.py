@@ -241,7 +241,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.tokens_per_second is not None and args.tokens_per_second <= 0:
         raise UserError(f"--tokens-per-second {args.tokens_per_second}: must be > 0")
     plan = plan_run(
-        resolved.config, gpu_memory=gpu_memory, device=device or args.device, tokens_per_second=args.tokens_per_second
+        resolved.config,
+        gpu_memory=gpu_memory,
+        device=device or args.device,
+        tokens_per_second=args.tokens_per_second,
+        processes=args.num_processes,
+        fsdp=args.fsdp,
     )
     print(plan.to_json() if args.json else plan.text())
     return 0
@@ -308,6 +313,18 @@ def _plan(commands) -> None:
         type=float,
         metavar="N",
         help="training throughput for the time per epoch (default: a previous run's, else a quick benchmark)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=_ranged(int, above=0),
+        default=1,
+        metavar="N",
+        help="plan one device of an N-process run: its share of each step (default: 1)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2 over the N processes: weights, gradients and optimizer state sharded (an accelerate FSDP config)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)

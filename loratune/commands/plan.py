@@ -23,11 +23,14 @@ def plan_run(
     gpu_memory: int | None = None,
     device: str | None = None,
     tokens_per_second: float | None = None,
+    processes: int = 1,
+    fsdp: bool = False,
 ) -> MemoryPlan:
     """Plan cfg's run without loading weights: the model's config, the tokenized training data (when given), the
-    device's memory (`gpu_memory`: a GPU of that size, not this machine's), and the throughput for the time."""
-    mm, model_path = _memory_model(cfg, gpu_memory, device)
-    plan = _step_plan(cfg, mm, model_path)
+    device's memory (`gpu_memory`: a GPU of that size, not this machine's), and the throughput for the time.
+    With `processes` > 1 the plan is one device's: its share of each step, and with `fsdp` its shards."""
+    mm, model_path = _memory_model(cfg, gpu_memory, device, shards=processes if fsdp else 1)
+    plan = _step_plan(cfg, mm, model_path, processes)
     source = "given"
     if tokens_per_second is None:
         tokens_per_second, source = measured_throughput(cfg), f"measured in {cfg.output_dir}/metrics.jsonl"
@@ -60,21 +63,21 @@ def peak_bytes(cfg: TrainConfig) -> int:
     )
 
 
-def _step_plan(cfg: TrainConfig, mm: MemoryModel, model_path: str) -> StepPlan:
+def _step_plan(cfg: TrainConfig, mm: MemoryModel, model_path: str, processes: int = 1) -> StepPlan:
     """The passes training would make: of the tokenized training data when given (tokenizer only, no weights),
     else of examples of max_length."""
     packing, buckets = cfg.packing and mm.shape.packs, _buckets(cfg, mm)
     if not cfg.train_data:
-        return max_length_plan(cfg, packing=packing, buckets=buckets)
+        return max_length_plan(cfg, packing=packing, buckets=buckets, processes=processes)
     train = prepare(cfg, encoder_for(load_tokenizer(model_path), cfg)).train
-    return plan_for(cfg, train.lengths, train.target_counts, packing=packing, buckets=buckets)
+    return plan_for(cfg, train.lengths, train.target_counts, packing=packing, buckets=buckets, processes=processes)
 
 
 def _buckets(cfg: TrainConfig, mm: MemoryModel) -> bool:
     return cfg.packing and mm.shape.packs and wants_shape_buckets(mm.device, mm.dtype)
 
 
-def _memory_model(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None):
+def _memory_model(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None, shards: int = 1):
     """The memory model of cfg's run on the device a plan is for (refusing 4-bit loading off CUDA), and the model
     folder."""
     if gpu_memory is not None and device is None:  # a GPU that may not be here: plan as training would pick
@@ -86,4 +89,4 @@ def _memory_model(cfg: TrainConfig, gpu_memory: int | None = None, device: str |
     if cfg.load_in_4bit and target.type != "cuda":
         four_bit_config(target, dtype)  # raises the refusal training would give
     model_path = resolve_model(cfg.model)
-    return MemoryModel.for_run(cfg, read_shape(model_path, cfg), target, dtype), model_path
+    return MemoryModel.for_run(cfg, read_shape(model_path, cfg), target, dtype, shards), model_path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from ..core.errors import UserError
 
 def train_command(args, resolve_args) -> int:
     """`resolve_args(args, default_preset)` turns the command line into a resolved config (cli.py)."""
+    from ..training.engine import LaunchRefused, launched
     from ..training.loop import train
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -30,7 +30,12 @@ def train_command(args, resolve_args) -> int:
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
         if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
             config = config.model_copy(update={"output_dir": next_free(Path(config.output_dir))})
-    train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    try:
+        train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    except LaunchRefused:
+        if launched().rank == 0:
+            raise
+        return 0  # the launcher's rank 0 says why, once; this process did nothing
     return 0
 
 
@@ -46,7 +51,13 @@ def next_free(folder: Path) -> str:
 
 
 def _relaunch(processes: int) -> int:
-    """`--num-processes N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPUs)."""
+    """`--num-processes N`: the same command under torchrun (run here, in this process), N data-parallel processes
+    (gloo on CPU, NCCL on GPUs). A process that fails has said why; torchrun's own report of it is left out."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     argv, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -55,6 +66,12 @@ def _relaunch(processes: int) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "loratune", *argv]  # fmt: skip
-    return subprocess.call(command)
+    # torchrun would give each process one thread; on a CPU they share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "loratune", *argv]))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 128 - min(codes))  # killed by a signal: 128 + its number, as a shell
+    return 0

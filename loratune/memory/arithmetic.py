@@ -8,6 +8,10 @@ The estimate models what this trainer keeps alive at its peak:
   loratune runs it (fused fp32 LoRA layers, per-example attention), plus the larger of two working sets:
   the loss's chunks of fp32 logits (modeling.loss) or the backward pass's gradients;
 - framework overhead on CUDA: the context and the caching allocator's spare blocks.
+Under FSDP2 over N processes (`shards`), a device holds 1/N of the frozen weights, the LoRA weights and AdamW's
+state, plus the whole weights of the units that run: the root's (embeddings, final norm, output layer) for the
+whole pass and two decoder layers (the one running and the next, gathered ahead). LoRA's gradients are counted
+whole: they stay unsharded while a step accumulates passes. Not measured yet (no multi-GPU machine here).
 
 The counts are checked against measured peaks (tests/test_memory.py, bench/memory_accuracy.py and
 docs/memory-accuracy.md).
@@ -85,13 +89,20 @@ class MemoryModel:
     load_in_4bit: bool = False
     checkpointing: bool = False
     lora_dropout: float = 0.0
+    shards: int = 1  # FSDP2: the processes the weights and optimizer state are split over
 
     @classmethod
     def for_run(
-        cls, cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype
+        cls, cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype, shards: int = 1
     ) -> MemoryModel:
         return cls(
-            shape, torch.device(device).type, dtype, cfg.load_in_4bit, cfg.gradient_checkpointing, cfg.lora_dropout
+            shape,
+            torch.device(device).type,
+            dtype,
+            cfg.load_in_4bit,
+            cfg.gradient_checkpointing,
+            cfg.lora_dropout,
+            shards,
         )
 
     @property
@@ -104,11 +115,23 @@ class MemoryModel:
         per_linear = NF4_BYTES if self.load_in_4bit else self.base_bytes
         kind = "4-bit NF4 linear layers + " if self.load_in_4bit else ""
         frozen = s.block_linear_params * per_linear + s.other_params * self.base_bytes
+        n = self.shards
+        if n == 1:
+            return {
+                f"frozen weights ({kind}{dtype_name(self.dtype)})": int(frozen),
+                "LoRA weights (fp32)": s.lora_params * ADAPTER,
+                "LoRA gradients (fp32)": s.lora_params * ADAPTER,
+                "AdamW state (2 x fp32)": 2 * s.lora_params * ADAPTER,
+            }
+        layer = (s.block_linear_params * per_linear + s.lora_params * ADAPTER) / max(1, s.layers)
         return {
-            f"frozen weights ({kind}{dtype_name(self.dtype)})": int(frozen),
-            "LoRA weights (fp32)": s.lora_params * ADAPTER,
-            "LoRA gradients (fp32)": s.lora_params * ADAPTER,
-            "AdamW state (2 x fp32)": 2 * s.lora_params * ADAPTER,
+            f"frozen weights ({kind}{dtype_name(self.dtype)}), a 1/{n} shard": int(frozen / n),
+            f"LoRA weights (fp32), a 1/{n} shard": s.lora_params * ADAPTER // n,
+            "LoRA gradients (fp32, whole while a step accumulates)": s.lora_params * ADAPTER,
+            f"AdamW state (2 x fp32), a 1/{n} shard": 2 * s.lora_params * ADAPTER // n,
+            "weights gathered to run (embeddings, output layer, 2 decoder layers)": int(
+                s.other_params * self.base_bytes + 2 * layer
+            ),
         }
 
     def pass_bytes(self, tokens: int, targets: int | None = None, rows: int = 1) -> PassBytes:

@@ -28,10 +28,10 @@ class RunMemory:
     that is how the recovery is tested without a GPU.
     """
 
-    def __init__(self, cfg: TrainConfig, shape: ModelShape, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, shape: ModelShape, device: torch.device, dtype: torch.dtype, shards: int = 1):
         self.cfg, self.device = cfg, torch.device(device)
         self.budget = device_budget(cfg, self.device)
-        self.mm = MemoryModel.for_run(cfg, shape, self.device, dtype)
+        self.mm = MemoryModel.for_run(cfg, shape, self.device, dtype, shards)
         self.simulated = bool(cfg.max_memory) and self.device.type != "cuda"
         if cfg.max_memory and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -48,10 +48,16 @@ class RunMemory:
             return None
         if _largest_fitting(self.mm, plan, self.budget)[0] is None:
             require_fit(memory)
+        then = (
+            "training will halve the micro-batch when memory runs out, keeping the effective batch. To avoid the "
+            "retries"
+            if plan.processes == 1
+            else f"with {plan.processes} processes training stops when memory runs out (it does not halve the "
+            "micro-batch). To avoid that"
+        )
         return (
             f"batch_size {plan.micro_batch} needs about {size_text(memory.total)} at its largest pass, more than "
-            f"{self.budget.source}: training will halve the micro-batch when memory runs out, keeping the effective "
-            f"batch. To avoid the retries, change one of: " + "; ".join(memory.fixes)
+            f"{self.budget.source}: {then}, change one of: " + "; ".join(memory.fixes)
         )
 
     def raise_if_over(self, batch) -> None:

@@ -186,7 +186,7 @@ def estimate(
     )
     memory = MemoryPlan(
         model=cfg.model,
-        device=f"{mm.device} ({dtype_name(mm.dtype)} base)",
+        device=f"{mm.device} ({dtype_name(mm.dtype)} base)" + _processes_text(mm, plan),
         batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
         largest_pass={"tokens": size.tokens, "targets": size.targets, "rows": size.rows, "source": source},
@@ -213,6 +213,12 @@ def estimate(
     if not memory.fits:
         memory.fixes = fixes(mm, plan, budget, cfg, from_data)
     return memory
+
+
+def _processes_text(mm: MemoryModel, plan: StepPlan) -> str:
+    if mm.shards > 1:
+        return f", one of {mm.shards} processes with FSDP2 (weights and optimizer state sharded)"
+    return f", one of {plan.processes} data-parallel processes" if plan.processes > 1 else ""
 
 
 def require_fit(memory: MemoryPlan) -> None:

@@ -87,7 +87,21 @@ class CausalLMLoss(torch.nn.Module):
         self.shape_buckets = shape_buckets
         lm = peft_model.get_base_model()
         self.plain_head = _plain_head(lm)
-        self.last_layer, self.last_mlp = _last_dense_mlp(lm)
+        # The model's own last layer and MLP, held in a tuple, outside the module tree: registered here as well,
+        # their weights would be reachable by two paths, and FSDP2 would take them for another unit's.
+        self._last = _last_dense_mlp(lm)
+
+    @property
+    def last_layer(self) -> torch.nn.Module | None:
+        return self._last[0]
+
+    @property
+    def last_mlp(self) -> torch.nn.Module | None:
+        return self._last[1]
+
+    @last_mlp.setter
+    def last_mlp(self, mlp: torch.nn.Module | None) -> None:
+        self._last = (self._last[0], mlp)
 
     def forward(self, batch) -> torch.Tensor:
         lm = self.model.get_base_model()

@@ -3,6 +3,11 @@
 A checkpoint (RUN/checkpoints/step-N, or step-N.P when taken after pass P of step N+1) holds the adapter, the
 optimizer and scheduler state, every random-number state, the position in the data and the early-stopping state,
 and for a step cut in the middle its gradients so far. It is written whole or not at all (core.files.atomic_dir).
+
+Weights and optimizer state go through torch.distributed.checkpoint's state-dict functions, which gather FSDP2's
+shards into whole tensors when saving and hand each process its shard when loading; for one process or DDP they are
+the plain state dicts. The optimizer state is keyed by parameter name, so a checkpoint resumes on another engine or
+number of processes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..core.errors import UserError
 from ..core.files import atomic_dir
@@ -68,18 +80,50 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
     return int(step), int(passes or 0)
 
 
-def save_checkpoint(run: Path, peft_model, optimizer, scheduler, state: TrainState, partial_grads=None) -> Path:
+def save_checkpoint(
+    run: Path, model, loss_module, optimizer, scheduler, state: TrainState, main: bool, partial_grads=None
+) -> Path | None:
+    """Every process calls it (sharded weights and optimizer state are gathered from all); the main process writes
+    the checkpoint and returns its path."""
+    adapter = adapter_state(model)
+    optimizer_state = get_optimizer_state_dict(loss_module, optimizer, options=_whole(cpu_offload=True))
+    if not main:
+        return None
     name = f"step-{state.step:06d}" + (f".{state.pass_in_step}" if state.pass_in_step else "")
     final = run / CHECKPOINTS / name
     with atomic_dir(final) as tmp:
-        peft_model.save_pretrained(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp / "adapter", state_dict=adapter)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if partial_grads is not None:
             torch.save(partial_grads, tmp / "partial_grads.pt")
         (tmp / "state.json").write_text(state.to_json())
     return final
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights, whole, on every process (named as the model's parameters): FSDP2's shards are
+    gathered, so all processes must call it. A few MB: LoRA's weights only, never the frozen base."""
+    return get_model_state_dict(model, options=_whole(ignore_frozen_params=True))
+
+
+def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
+    """Load an adapter file's weights (PEFT's names) into the model, each process taking its shard under FSDP2."""
+    from peft import get_peft_model_state_dict
+
+    # PEFT's own renaming (the adapter's name dropped) applied to the parameter names, to map the file's names back
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    index = get_peft_model_state_dict(model, state_dict={n: torch.tensor(i) for i, n in enumerate(names)})
+    if index.keys() != saved.keys():
+        raise KeyError(f"the adapter file's weights are not this model's ({sorted(index.keys() ^ saved.keys())[:3]})")
+    state = {names[int(i)]: saved[k] for k, i in index.items()}
+    set_model_state_dict(model, state, options=_whole(ignore_frozen_params=True))
+
+
+def _whole(**options):
+    """Whole (unsharded) tensors, as one process would hold them: checkpoints resume on any number of processes."""
+    return StateDictOptions(full_state_dict=True, **options)
 
 
 def prune_checkpoints(run: Path, keep: int, best_step: int | None) -> None:
@@ -90,13 +134,13 @@ def prune_checkpoints(run: Path, keep: int, best_step: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler):
+def load_checkpoint(path: Path, model, loss_module, optimizer, scheduler):
     """Restore weights, optimizer, schedule and RNG; return the saved state and any partial gradients."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(peft_model, load_file(path / "adapter" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    load_adapter(model, load_file(path / "adapter" / "adapter_model.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    set_optimizer_state_dict(loss_module, optimizer, optimizer_state, options=_whole())
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     grads = path / "partial_grads.pt"
@@ -119,7 +163,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_state(run: Path, model, optimizer, scheduler, console) -> tuple[TrainState, list | None] | None:
+def resume_state(run: Path, model, loss_module, optimizer, scheduler, console) -> tuple[TrainState, list | None] | None:
     """Restore the newest readable checkpoint of `run` (a damaged one falls back to an older one) and return its
     state and any gradients of a step cut in the middle; None when the run has no checkpoint yet."""
     found = list_checkpoints(run)
@@ -128,7 +172,7 @@ def resume_state(run: Path, model, optimizer, scheduler, console) -> tuple[Train
         return None
     for path in reversed(found):
         try:
-            state, partial = load_checkpoint(path, model, optimizer, scheduler)
+            state, partial = load_checkpoint(path, model, loss_module, optimizer, scheduler)
         except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
             console.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); trying an older one")
             continue

@@ -31,7 +31,7 @@ def train(
     s = setup(config, resume=resume, overwrite=overwrite, console=console)
     if s.main:
         preload_plotting()
-    if s.data.test and s.main:
+    if s.scores_test:
         with s.model.disable_adapter():
             s.test_before = test_scores(s, "base model")
     s.progress = s.console.progress(s.resolved.total_steps, s.state.step)
@@ -82,14 +82,13 @@ def after_step(s: Session, end_of_epoch: bool) -> None:
         validate(s, epoch=state.epoch + state.step_in_epoch / s.resolved.steps_per_epoch)
     if evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
         state.elapsed = s.elapsed()
+        save_checkpoint(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, state, s.main)
         if s.main:
-            save_checkpoint(s.run, s.model, s.optimizer, s.scheduler, state)
             prune_checkpoints(s.run, cfg.keep_checkpoints, state.best_step)
         s.accelerator.wait_for_everyone()
     if s.any_process(s.stop.requested):
         state.elapsed = s.elapsed()
-        if s.main:
-            save_checkpoint(s.run, s.model, s.optimizer, s.scheduler, state)
+        save_checkpoint(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, state, s.main)
         raise Interrupted(s.run, s.stop.signal_name)
 
 

@@ -11,16 +11,21 @@ from ..core.errors import UserError
 from ..core.files import atomic_dir, atomic_write
 from ..data.formats import prompt_text
 from ..modeling.evaluate import answer, score
+from .checkpoint import adapter_state
 from .session import Session
 
 
-def save_adapter(path: Path, model, tokenizer, template: str) -> None:
-    """The adapter in PEFT's format, with the tokenizer and chat template it was trained with; never a NaN one."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and not torch.isfinite(p).all():
+def save_adapter(path: Path, model, tokenizer, template: str, main: bool = True) -> None:
+    """The adapter in PEFT's format, with the tokenizer and chat template it was trained with; never a NaN one.
+    Every process calls it (FSDP2's shards are gathered); the main process writes."""
+    weights = adapter_state(model)
+    for name, value in weights.items():
+        if not torch.isfinite(value).all():
             raise UserError(f"the adapter has non-finite weights ({name}); refusing to save it", exit_code=1)
+    if not main:
+        return
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
 
@@ -57,12 +62,11 @@ def finish(s: Session) -> dict:
     limited = s.cfg.max_steps and state.step >= s.cfg.max_steps
     state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
     state.elapsed = s.elapsed()
-    if s.main:
-        save_adapter(s.run / "last", s.model, s.tokenizer, s.encoder.template)
-        if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
-            save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template)
+    save_adapter(s.run / "last", s.model, s.tokenizer, s.encoder.template, s.main)
+    if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
+        save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template, s.main)
     s.accelerator.wait_for_everyone()
-    test_after = test_scores(s, "fine-tuned", before=s.test_before) if s.data.test and s.main else None
+    test_after = test_scores(s, "fine-tuned", before=s.test_before) if s.scores_test else None
     summary = _summary(s, test_after)
     s.trackers.finish(summary)
     if s.main:

@@ -14,6 +14,7 @@ from ..data.plan import StepPlan
 from ..data.prepare import Prepared
 from ..memory.guard import RunMemory
 from .checkpoint import TrainState
+from .engine import Engine
 from .metrics import Metrics
 from .resolved import ResolvedRun
 from .signals import StopRequest
@@ -25,6 +26,7 @@ class Session:
     cfg: TrainConfig  # as the user gave it; never changed
     run: Path
     accelerator: object
+    engine: Engine  # single process, DDP or FSDP2, and where
     console: Console
     device: torch.device
     dtype: torch.dtype
@@ -32,7 +34,7 @@ class Session:
     encoder: object
     data: Prepared
     model: torch.nn.Module  # the PEFT model
-    loss_module: torch.nn.Module  # what the backward pass runs through (wrapped by DDP when distributed)
+    loss_module: torch.nn.Module  # what the backward pass runs through (wrapped by DDP, or sharded by FSDP2)
     trainable: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -61,6 +63,12 @@ class Session:
     @property
     def processes(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def scores_test(self) -> bool:
+        """Whether the held-out test set is answered during the run: by the main process alone, which needs the
+        whole weights (not FSDP2's shard)."""
+        return bool(self.data.test) and self.main and not self.engine.sharded
 
     @property
     def pad_id(self) -> int:

@@ -28,6 +28,7 @@ from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.loss import CausalLMLoss
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from . import checkpoint as ckpt
+from .engine import LaunchRefused, held_here, shard, start
 from .metrics import Metrics
 from .resolved import ResolvedRun
 from .run_folder import check_output_dir, check_resumable, clean_leftovers, create_output_dir, fingerprint
@@ -42,8 +43,9 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     run = Path(config.output_dir or "runs/run")
     if resume and not ckpt.list_checkpoints(run) and not (run / "config.yaml").is_file():
         raise UserError(f"--resume: {run} holds no checkpoint to resume from")
-    accelerator, dtype = _devices(config)
+    accelerator, engine, dtype = _devices(config)
     console = console or Console(enabled=accelerator.is_main_process)
+    console.info(engine.describe())
     check_output_dir(run, overwrite=overwrite, resume=resume)
     trackers = Trackers(config.report_to, enabled=accelerator.is_main_process)  # a missing package stops here
     for warning in guide_warnings(config):
@@ -53,20 +55,30 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     model_path = resolve_model(config.model)
     tokenizer, encoder, data = load_data(config, model_path, accelerator, console)
     shape = read_shape(model_path, config)
-    memory = RunMemory(config, shape, accelerator.device, dtype)
+    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1)
     plan, batch_size_from = plan_steps(config, data, shape, memory, accelerator, dtype, console)
-    model, plan = load_trainable_model(config, model_path, dtype, accelerator.device, plan, encoder, console)
+    model, plan = load_trainable_model(config, model_path, dtype, engine.load_device, plan, encoder, console)
     loss_module = CausalLMLoss(model, shape_buckets=plan.buckets)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.batch_size == "auto" and accelerator.device.type == "cuda":
+    if config.batch_size == "auto" and accelerator.device.type == "cuda" and not engine.sharded:
         plan = confirm_batch_size(loss_module, data, plan, memory, tokenizer.pad_token_id, accelerator.device, console)
-    _describe_model(config, model, trainable, accelerator.device, dtype, console)
+    _describe_model(config, model, accelerator.device, dtype, console)
+    if engine.sharded and data.test:
+        console.warn(
+            f"the held-out test set is not answered during an {engine.kind} run (each generated token would gather "
+            f"the weights from every process); score it afterwards with: loratune eval {run} --data "
+            f"{config.test_data} --generate"
+        )
+    if engine.sharded:
+        shard(loss_module, engine)  # before the optimizer: sharding replaces the parameters
+        console.info(held_here(model, engine))
 
     total_steps = plan.steps_per_epoch * config.epochs
     total_steps = total_steps if config.max_steps is None else min(config.max_steps, total_steps)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, trainable, accelerator.device, total_steps, warmup_steps)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    if not engine.sharded:  # DDP (or nothing, for one process)
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     resolved = ResolvedRun.of(
         plan,
         device=accelerator.device,
@@ -81,13 +93,14 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
         data.val.lengths,
         data.val.target_counts,
         packing=plan.packing,
-        processes=plan.processes,
+        processes=1 if engine.sharded else plan.processes,  # sharded: every process runs every validation pass
         buckets=plan.buckets,
     ).with_micro_batch(plan.micro_batch)
     session = Session(
         config,
         run,
         accelerator,
+        engine,
         console,
         accelerator.device,
         dtype,
@@ -110,16 +123,17 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
 
 
 def _devices(cfg: TrainConfig):
-    """The accelerator that runs this process and the frozen base's dtype; optional kernels are checked first."""
-    from accelerate import Accelerator
-
+    """This process's accelerator and engine (the launch checked) and the frozen base's dtype; optional kernels
+    are checked first."""
     wanted = resolve_device(cfg.device)
     check_kernels(cfg, wanted)
     if wanted.type == "cpu":
         keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="fp16" if dtype == torch.float16 else "no")
-    return accelerator, dtype
+    accelerator, engine = start(wanted, "fp16" if dtype == torch.float16 else "no")
+    if engine.sharded and cfg.load_in_4bit:
+        raise LaunchRefused(f"load_in_4bit: {engine.kind} does not shard 4-bit weights here; use DDP, or a 16-bit base")
+    return accelerator, engine, dtype
 
 
 def load_data(cfg: TrainConfig, model_path: str, accelerator, console: Console):
@@ -241,7 +255,7 @@ def _resume(s: Session, current: dict) -> None:
     check_resumable(s.run, s.cfg, current)
     saved = ResolvedRun.read(s.run)
     clean_leftovers(s.run)
-    restored = ckpt.resume_state(s.run, s.model, s.optimizer, s.scheduler, s.console)
+    restored = ckpt.resume_state(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, s.console)
     if restored is None:
         return
     s.state, s.partial = restored
@@ -262,8 +276,9 @@ def _resume(s: Session, current: dict) -> None:
         s.resolved = s.resolved.with_plan(s.plan, "the checkpoint's, taken in the middle of a step")
 
 
-def _describe_model(cfg: TrainConfig, model, trainable, device, dtype, console: Console) -> None:
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+def _describe_model(cfg: TrainConfig, model, device, dtype, console: Console) -> None:
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
         f"{n_trainable:,} trainable of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%)"

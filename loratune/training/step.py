@@ -17,6 +17,7 @@ import torch
 
 from ..core.errors import UserError
 from .checkpoint import save_checkpoint
+from .engine import no_sync
 from .session import Session
 from .signals import Interrupted
 
@@ -62,7 +63,7 @@ def _passes(s: Session, passes: list[list[int]], targets: int) -> tuple[int, int
         batch = s.plan.batch(s.data.train, mine[i], s.pad_id).to(s.device)
         s.memory.raise_if_over(batch)
         sync = i == len(mine) - 1
-        with nullcontext() if sync else s.accelerator.no_sync(s.loss_module):
+        with nullcontext() if sync else no_sync(s.accelerator, s.engine, s.loss_module):
             loss_sum = s.loss_module(batch)
             # Divide by the step's target count (x processes, since DDP averages): the update is the mean over all
             # the step's target tokens whatever the split into passes and processes.
@@ -77,13 +78,20 @@ def _passes(s: Session, passes: list[list[int]], targets: int) -> tuple[int, int
     return tokens, positions
 
 
+# Several processes: the others are in the middle of the same step, some inside a collective operation that waits for
+# this one, so they cannot all go back and replay it together. The launcher stops them when this one exits.
+_NOT_HALVED = (
+    ". With {} processes the micro-batch is not halved during the run: resume the last checkpoint with --resume and "
+    "a smaller batch_size (and gradient_accumulation_steps raised to keep the effective batch)"
+)
+
+
 def _halve(s: Session) -> None:
     """Free the failed step's gradients and halve the passes that replay it; the step keeps its examples, so the
     update is the same (the loss is normalised by the step's target count)."""
     plan, world = s.plan, s.processes
-    if plan.micro_batch == 1 or world > 1:  # other processes would wait for this one forever: stop all with fixes
-        more = f" (halving is not tried with {world} processes)" if world > 1 else ""
-        raise UserError(s.memory.out_of_memory(plan) + more, exit_code=1)
+    if plan.micro_batch == 1 or world > 1:
+        raise UserError(s.memory.out_of_memory(plan) + (_NOT_HALVED.format(world) if world > 1 else ""), exit_code=1)
     s.optimizer.zero_grad(set_to_none=True)
     s.state.pass_in_step, s.state.step_loss_sum = 0, 0.0
     if s.device.type == "cuda":
@@ -125,14 +133,11 @@ def _update(s: Session, targets: int, tokens: int, positions: int, start: float)
 
 
 def _clip(s: Session) -> float:
-    if s.cfg.max_grad_norm > 0:
-        return float(s.accelerator.clip_grad_norm_(s.trainable, s.cfg.max_grad_norm))
-    grads = [p.grad for p in s.trainable if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    """The gradient norm before clipping (over all processes' shards when sharded); clips to max_grad_norm > 0."""
+    return float(s.accelerator.clip_grad_norm_(s.trainable, s.cfg.max_grad_norm or float("inf")))
 
 
 def _save_cut_step(s: Session) -> None:
     s.state.elapsed = s.elapsed()
     grads = [p.grad.detach().cpu() if p.grad is not None else torch.zeros_like(p, device="cpu") for p in s.trainable]
-    if s.main:
-        save_checkpoint(s.run, s.model, s.optimizer, s.scheduler, s.state, partial_grads=grads)
+    save_checkpoint(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, s.state, s.main, partial_grads=grads)

@@ -20,14 +20,17 @@ def validate(s: Session, epoch: float) -> None:
     `early_stopping_patience` evaluations without an improvement of `early_stopping_min_delta`."""
     cfg, state = s.cfg, s.state
     plan = s.val_plan.with_micro_batch(s.plan.micro_batch)
-    total, count = dataset_loss(s.loss_module, s.data.val, plan, s.pad_id, s.device, rank=s.rank)
-    val_loss = s.all_sum(total) / s.all_sum(count)
+    if s.engine.sharded:  # every pass gathers the weights from all processes: each runs all of them
+        total, count = dataset_loss(s.loss_module, s.data.val, plan, s.pad_id, s.device)
+    else:  # each its share, outside DDP, whose forward pass syncs buffers: shares may differ in passes
+        module = s.accelerator.unwrap_model(s.loss_module)
+        total, count = map(s.all_sum, dataset_loss(module, s.data.val, plan, s.pad_id, s.device, rank=s.rank))
+    val_loss = total / count
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
     if improved:
         state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, round(epoch, 4)
         state.evals_since_best = 0
-        if s.main:
-            save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template)
+        save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template, s.main)
     else:
         state.evals_since_best += 1
     state.history.append({"step": state.step, "val_loss": val_loss})

@@ -1,0 +1,208 @@
+"""Which processes train, and how: one process, or several started by a launcher (`--num-processes`, torchrun,
+`accelerate launch`, MPI, Slurm), data-parallel (DDP) or with the weights sharded (FSDP2).
+
+N processes that each believe they are alone train on N times the data and write the same run folder N times, and
+the result looks fine. So the processes the launcher started are compared with those that joined the job, and a
+launch that does not add up stops before any weight is loaded. The engine comes from what the launcher asked for
+(an accelerate config file sets ACCELERATE_USE_FSDP or ACCELERATE_USE_DEEPSPEED), never silently another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..core.errors import UserError
+
+# (processes, this process's rank) as launchers set them: torchrun and accelerate launch, MPI, then Slurm's srun.
+LAUNCHER_VARIABLES = (
+    ("WORLD_SIZE", "RANK"),
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("PMI_SIZE", "PMI_RANK"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),
+    ("SLURM_NTASKS", "SLURM_PROCID"),
+)
+README = "README.md, 'Several GPUs'"
+
+
+class LaunchRefused(UserError):
+    """A launch that cannot train as one job: processes that did not all join it, or an engine loratune does not
+    run. Every process raises it, before any weight is loaded; the launcher's rank 0 reports it, so the user reads
+    one line."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    processes: int
+    rank: int
+    variable: str  # the environment variable that gave the number ("" for a plain single process)
+
+
+def launched() -> Launch:
+    """The processes the launcher started, as its environment says."""
+    for size, rank in LAUNCHER_VARIABLES:
+        if size in os.environ:
+            return Launch(int(os.environ[size]), int(os.environ.get(rank, 0)), size)
+    return Launch(1, 0, "")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the processes train together, named at the start of training."""
+
+    kind: str  # single process, DDP, FSDP2
+    processes: int
+    nodes: int
+    backend: str | None
+    device: torch.device
+    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward pass
+
+    @property
+    def sharded(self) -> bool:
+        """The weights are split over the processes: every forward pass gathers them, so all processes run the same
+        passes (validation) or none does (generation)."""
+        return self.kind == "FSDP2"
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where the base is loaded: sharding moves each process's part to its device, so a sharded base is read
+        into host memory first rather than whole onto one GPU."""
+        return torch.device("cpu") if self.sharded else self.device
+
+    def describe(self) -> str:
+        if self.processes == 1 and not self.sharded:
+            return f"engine: single process, device {self.device}"
+        where = f"{self.processes} processes on {self.nodes} node{'s' if self.nodes > 1 else ''}"
+        return f"engine: {self.kind}, {where}, backend {self.backend}, device {self.device.type}"
+
+
+def start(device: torch.device, mixed_precision: str):
+    """The accelerator of this process (the process group joined) and the engine; refuses a launch whose processes
+    did not all join, and an engine that cannot run here."""
+    from accelerate import Accelerator
+
+    sharding, reshard = _requested_sharding()  # before accelerate acts on the request (DeepSpeed, say)
+    # On a machine without a GPU accelerate joins the processes only when told the device is the CPU; with the
+    # default device (`auto`) each process trained alone.
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    check_launch(accelerator.num_processes, accelerator.distributed_type)
+    return accelerator, engine_of(accelerator, sharding, reshard)
+
+
+def check_launch(joined: int, distributed_type) -> None:
+    launch = launched()
+    if launch.processes == joined:
+        return
+    if launch.variable == "SLURM_NTASKS":
+        how = (
+            "srun started the tasks without a launcher: run one `torchrun` (or `accelerate launch`) per node under "
+            f"srun ({README})"
+        )
+    else:
+        how = f"check the launch command against {README}"
+    raise LaunchRefused(
+        f"{launch.variable}={launch.processes}: the launcher started {launch.processes} processes, but this one "
+        f"joined a job of {joined} ({distributed_type.value}), so each would train alone on all the data; "
+        f"stopped before loading any weights. {how}"
+    )
+
+
+def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
+    """The engine: `kind` when the launch asked for sharding (FSDP2), else as accelerate set it up."""
+    from accelerate.utils import DistributedType
+
+    distributed = accelerator.distributed_type
+    if not torch.distributed.is_initialized():  # one process, not started by a launcher: nothing to shard over
+        kind = None
+    if kind is None:
+        if distributed == DistributedType.NO:
+            kind = "single process"
+        elif distributed.value.startswith("MULTI_"):
+            kind = "DDP"
+        else:
+            raise LaunchRefused(f"accelerate set up {distributed.value}, which loratune does not run; use DDP or FSDP2")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return Engine(
+        kind,
+        accelerator.num_processes,
+        max(1, accelerator.num_processes // max(1, local)),
+        accelerator.state.backend,
+        accelerator.device,
+        reshard,
+    )
+
+
+def _requested_sharding() -> tuple[str | None, bool]:
+    """FSDP2 when the accelerate config (or environment) asks for FSDP, with its reshard setting; refuses what
+    loratune does not run rather than fall back to another engine."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise LaunchRefused(
+            "the accelerate config asks for DeepSpeed, which loratune does not run yet (its optimizer steps inside the "
+            "backward pass, its checkpoints are one file per process); for sharded weights use an FSDP config with "
+            f"fsdp_version: 2, or plain data parallel ({README})"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None, True
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise LaunchRefused(
+            f"the accelerate config asks for FSDP version {plugin.fsdp_version}; loratune runs FSDP2: set "
+            "fsdp_version: 2 under fsdp_config"
+        )
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise LaunchRefused("fsdp_offload_params: loratune does not offload FSDP2 weights yet; set it to false")
+    if plugin.activation_checkpointing:
+        raise LaunchRefused(
+            "fsdp_activation_checkpointing: set it to false and use loratune's gradient_checkpointing: true instead"
+        )
+    return "FSDP2", bool(plugin.reshard_after_forward)
+
+
+def shard(module: torch.nn.Module, engine: Engine) -> None:
+    """FSDP2 (torch's fully_shard): each decoder layer its own unit, the rest (embeddings, final norm, output
+    layer) the root's. Frozen weights, adapter weights, their gradients and so the optimizer state are all split
+    over the processes; a layer's weights are gathered only while it runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(engine.device.type, (engine.processes,))
+    decoder = module.model.get_base_model().get_decoder()
+    for layer in getattr(decoder, "layers", []):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=engine.reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=engine.reshard_after_forward)
+
+
+def held_here(model: torch.nn.Module, engine: Engine) -> str:
+    """What this process holds of the sharded weights: its shards, not the whole."""
+
+    def count(params) -> tuple[int, int]:
+        params = list(params)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        return local, sum(p.numel() for p in params)
+
+    trainable = count(p for p in model.parameters() if p.requires_grad)
+    every = count(model.parameters())
+    return (
+        f"{engine.kind}: this process holds {trainable[0]:,} of the {trainable[1]:,} trainable parameters (and their "
+        f"gradients and AdamW state), {every[0]:,} of all {every[1]:,}"
+    )
+
+
+@contextlib.contextmanager
+def no_sync(accelerator, engine: Engine, module: torch.nn.Module):
+    """Accumulate this pass's gradients locally; they are reduced with the step's last pass."""
+    if engine.sharded:
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(module):
+            yield
