@@ -21,13 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..core.errors import UserError
 from ..core.files import atomic_dir
@@ -85,6 +78,8 @@ def save_checkpoint(
 ) -> Path | None:
     """Every process calls it (sharded weights and optimizer state are gathered from all); the main process writes
     the checkpoint and returns its path."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     adapter = adapter_state(model)
     optimizer_state = get_optimizer_state_dict(loss_module, optimizer, options=_whole(cpu_offload=True))
     if not main:
@@ -105,12 +100,15 @@ def save_checkpoint(
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter's weights, whole, on every process (named as the model's parameters): FSDP2's shards are
     gathered, so all processes must call it. A few MB: LoRA's weights only, never the frozen base."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     return get_model_state_dict(model, options=_whole(ignore_frozen_params=True))
 
 
 def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
     """Load an adapter file's weights (PEFT's names) into the model, each process taking its shard under FSDP2."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     # PEFT's own renaming (the adapter's name dropped) applied to the parameter names, to map the file's names back
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -123,6 +121,8 @@ def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
 
 def _whole(**options):
     """Whole (unsharded) tensors, as one process would hold them: checkpoints resume on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, **options)
 
 
@@ -137,6 +137,7 @@ def prune_checkpoints(run: Path, keep: int, best_step: int | None) -> None:
 def load_checkpoint(path: Path, model, loss_module, optimizer, scheduler):
     """Restore weights, optimizer, schedule and RNG; return the saved state and any partial gradients."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     load_adapter(model, load_file(path / "adapter" / "adapter_model.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
