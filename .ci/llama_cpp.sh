@@ -24,4 +24,5 @@ if ! ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
     mv "$tmp" "$wheels"  # whole or not at all: a failed build leaves no wheel to reuse
     echo "built in $((SECONDS - start)) s"
 fi
-"$PYTHON" -m pip install --quiet "$wheels"/llama_cpp_python-"$VERSION"-*.whl
+# Its other dependencies (numpy, jinja2, typing-extensions) come with loratune.
+"$PYTHON" -m pip install --quiet --no-deps "$wheels"/llama_cpp_python-"$VERSION"-*.whl "diskcache>=5.6.1,<6"
