@@ -231,6 +231,27 @@ def test_each_family_exports_to_a_file_llama_cpp_computes_like_transformers(fami
         assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("kind,tolerance", [("bf16", 0.02), ("q8_0", 0.03), ("q4_0", 0.15), ("q4_1", 0.15)])
+def test_each_type_is_written_in_its_format_and_within_its_rounding(kind, tolerance, tiny_run, llama_cpp, tmp_path):
+    from gguf import GGUFReader
+
+    from loratune.inference.merge import merged_model
+    from loratune.modeling.model import load_tokenizer
+
+    ids = load_tokenizer(str(tiny_run / "adapter"))(TEXT).input_ids
+    with torch.no_grad():
+        expected = merged_model(tiny_run, dtype=torch.float32).model(torch.tensor([ids])).logits[0].numpy()
+    path = export_gguf(tiny_run, tmp_path / f"m-{kind}.gguf", kind).path
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    llm = load(llama_cpp, path)
+    try:
+        got = logits(llm, ids)
+    finally:
+        llm.close()
+    assert np.abs(got - expected).max() < tolerance * np.abs(expected).max()
+
+
 # --- The tokenizer: llama.cpp's pre-tokenizer of each name splits text as tokenizer.json says --------------------
 
 
@@ -335,3 +356,106 @@ def test_a_full_disk_leaves_no_half_written_file(tiny_run, tmp_path, capsys, mon
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", full)
     _refused(capsys, [str(tiny_run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")], "disk full while writing")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- The built-in model, trained on the quickstart task, answered by llama.cpp -----------------------------------
+
+QUICKSTART_STEPS = 12  # enough for the adapter to take held-out exact match far from the base model's
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    """A short real training of the built-in model on the quickstart task (its held-out prompts are scored below)."""
+    from loratune import TrainConfig, train
+    from loratune.core.presets import PRESETS
+
+    root = tmp_path_factory.mktemp("quickstart")
+    values = {**PRESETS["quickstart"].values, "test_data": None, "max_steps": QUICKSTART_STEPS}
+    train(TrainConfig(**{**values, "output_dir": str(root / "run")}))
+    return root / "run"
+
+
+@torch.no_grad()
+def transformers_greedy(run, prompt: list[int], budget: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = run.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False, top_k=None,
+        top_p=None, temperature=None, eos_token_id=sorted(run.encoder.end_ids), pad_token_id=run.tokenizer.pad_token_id,
+    )[0, len(prompt) :].tolist()  # fmt: skip
+    return out[:-1] if out and out[-1] in run.encoder.end_ids else out
+
+
+def llama_greedy(llama_cpp, llm, prompt: list[int], budget: int) -> list[int]:
+    """Greedy decoding in llama.cpp, stopping where llama.cpp itself says generation ends (the GGUF's end tokens)."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    while len(out) < budget:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run, llama_cpp, tmp_path):
+    import time
+    from importlib import metadata
+
+    from loratune.core.presets import PRESETS
+    from loratune.data.prepare import read_examples
+    from loratune.inference.run import load_run
+    from loratune.modeling.model import BUILTIN_MODELS
+
+    run = load_run(quickstart_run)
+    examples = read_examples(PRESETS["quickstart"].values["test_data"], "test", run.config)
+    prompts = [run.encoder.prompt_ids(ex) for ex in examples]
+    references = [run.encoder.reference(ex).strip() for ex in examples]
+    budget = max(len(run.tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
+    expected = [transformers_greedy(run, p, budget) for p in prompts]
+    decode = run.tokenizer.decode
+    hf_exact = sum(decode(a, skip_special_tokens=True).strip() == r for a, r in zip(expected, references))
+
+    files, seconds = {}, {}
+    for kind in ("f16", "bf16", "q8_0", "adapter"):
+        start = time.perf_counter()
+        files[kind] = export_gguf(quickstart_run, tmp_path / f"q-{kind}.gguf", "f16" if kind == "adapter" else kind,
+                                  adapter_only=kind == "adapter").path  # fmt: skip
+        seconds[kind] = time.perf_counter() - start
+    spec = BUILTIN_MODELS[run.config.model]
+    base = Path(metadata.distribution(spec.package).locate_file(spec.file))  # the Q4_1 file training's base came from
+    results = {}
+    models = {k: {"model": files[k]} for k in ("f16", "bf16", "q8_0")}
+    models.update(adapter={"model": base, "lora_path": str(files["adapter"])}, base={"model": base})
+    for kind, options in models.items():
+        llm = load(llama_cpp, options.pop("model"), **options)
+        try:
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            assert all(llama_cpp.llama_vocab_is_eog(vocab, i) for i in run.encoder.end_ids)
+            for ex, prompt in zip(examples[:4], prompts):  # llama.cpp tokenizes the rendered prompt as training did
+                text = run.encoder.render(ex.messages[:-1], add_generation_prompt=True)
+                assert llm.tokenize(text.encode(), add_bos=True, special=True) == prompt
+            answers = [llama_greedy(llama_cpp, llm, p, budget) for p in prompts]
+            if kind == "f16":  # the path a user takes: the GGUF's own chat template and end tokens
+                for ex, answer in zip(examples[:3], answers):
+                    reply = llm.create_chat_completion(ex.messages[:-1], temperature=0.0, max_tokens=budget)
+                    assert reply["choices"][0]["message"]["content"] == llm.detokenize(answer).decode()
+        finally:
+            llm.close()
+        exact = sum(llm_text.strip() == r for llm_text, r in zip((decode(a) for a in answers), references))
+        same = sum(a == e for a, e in zip(answers, expected))
+        results[kind] = {"identical": same, "exact_match": exact}
+    sizes = {k: f.stat().st_size for k, f in files.items()}
+    print(f"\n{len(prompts)} held-out prompts; transformers exact match {hf_exact}; llama.cpp {results}; "
+          f"sizes {sizes}; export seconds { {k: round(v, 1) for k, v in seconds.items()} }")  # fmt: skip
+
+    n = len(prompts)
+    assert hf_exact >= 0.25 * n and results["base"]["exact_match"] <= 0.05 * n  # the adapter is what scores
+    for kind in ("f16", "bf16"):
+        assert results[kind]["identical"] >= 0.9 * n and abs(results[kind]["exact_match"] - hf_exact) <= 1, kind
+    assert abs(results["q8_0"]["exact_match"] - hf_exact) <= 2
+    assert results["adapter"]["exact_match"] == hf_exact
+    assert sizes["q8_0"] < 0.6 * sizes["f16"] and sizes["adapter"] < 0.05 * sizes["f16"]
