@@ -360,7 +360,8 @@ def test_a_full_disk_leaves_no_half_written_file(tiny_run, tmp_path, capsys, mon
 
 # --- The built-in model, trained on the quickstart task, answered by llama.cpp -----------------------------------
 
-QUICKSTART_STEPS = 12  # enough for the adapter to take held-out exact match far from the base model's
+# A shorter quickstart (64 examples at a higher learning rate): the adapter takes held-out exact match from 0 to most.
+SHORT_QUICKSTART = {"test_data": None, "max_steps": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -370,19 +371,9 @@ def quickstart_run(tmp_path_factory) -> Path:
     from loratune.core.presets import PRESETS
 
     root = tmp_path_factory.mktemp("quickstart")
-    values = {**PRESETS["quickstart"].values, "test_data": None, "max_steps": QUICKSTART_STEPS}
-    train(TrainConfig(**{**values, "output_dir": str(root / "run")}))
+    values = {**PRESETS["quickstart"].values, **SHORT_QUICKSTART, "output_dir": str(root / "run")}
+    train(TrainConfig(**values))
     return root / "run"
-
-
-@torch.no_grad()
-def transformers_greedy(run, prompt: list[int], budget: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = run.model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False, top_k=None,
-        top_p=None, temperature=None, eos_token_id=sorted(run.encoder.end_ids), pad_token_id=run.tokenizer.pad_token_id,
-    )[0, len(prompt) :].tolist()  # fmt: skip
-    return out[:-1] if out and out[-1] in run.encoder.end_ids else out
 
 
 def llama_greedy(llama_cpp, llm, prompt: list[int], budget: int) -> list[int]:
@@ -402,22 +393,25 @@ def llama_greedy(llama_cpp, llm, prompt: list[int], budget: int) -> list[int]:
 
 @pytest.mark.slow
 def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run, llama_cpp, tmp_path):
+    """The quickstart's 48 held-out prompts, answered greedily by transformers (base + adapter, in fp32, as
+    `loratune eval --generate` generates) and by llama.cpp from each exported file."""
     import time
     from importlib import metadata
 
     from loratune.core.presets import PRESETS
     from loratune.data.prepare import read_examples
     from loratune.inference.run import load_run
+    from loratune.modeling.generate import generate_texts
     from loratune.modeling.model import BUILTIN_MODELS
 
     run = load_run(quickstart_run)
+    run.model.float()  # the weights training produced, computed exactly (bf16 rounds differently on each CPU)
     examples = read_examples(PRESETS["quickstart"].values["test_data"], "test", run.config)
     prompts = [run.encoder.prompt_ids(ex) for ex in examples]
     references = [run.encoder.reference(ex).strip() for ex in examples]
     budget = max(len(run.tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
-    expected = [transformers_greedy(run, p, budget) for p in prompts]
-    decode = run.tokenizer.decode
-    hf_exact = sum(decode(a, skip_special_tokens=True).strip() == r for a, r in zip(expected, references))
+    expected = generate_texts(run.model, run.tokenizer, prompts, run.encoder.end_ids, budget)
+    hf_exact = sum(a == r for a, r in zip(expected, references))
 
     files, seconds = {}, {}
     for kind in ("f16", "bf16", "q8_0", "adapter"):
@@ -427,9 +421,9 @@ def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run
         seconds[kind] = time.perf_counter() - start
     spec = BUILTIN_MODELS[run.config.model]
     base = Path(metadata.distribution(spec.package).locate_file(spec.file))  # the Q4_1 file training's base came from
-    results = {}
     models = {k: {"model": files[k]} for k in ("f16", "bf16", "q8_0")}
     models.update(adapter={"model": base, "lora_path": str(files["adapter"])}, base={"model": base})
+    results = {}
     for kind, options in models.items():
         llm = load(llama_cpp, options.pop("model"), **options)
         try:
@@ -438,22 +432,25 @@ def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run
             for ex, prompt in zip(examples[:4], prompts):  # llama.cpp tokenizes the rendered prompt as training did
                 text = run.encoder.render(ex.messages[:-1], add_generation_prompt=True)
                 assert llm.tokenize(text.encode(), add_bos=True, special=True) == prompt
-            answers = [llama_greedy(llama_cpp, llm, p, budget) for p in prompts]
+            asked = prompts if kind != "base" else prompts[:8]  # the base alone: enough to see it does not score
+            answers = [llama_greedy(llama_cpp, llm, p, budget) for p in asked]
             if kind == "f16":  # the path a user takes: the GGUF's own chat template and end tokens
                 for ex, answer in zip(examples[:3], answers):
                     reply = llm.create_chat_completion(ex.messages[:-1], temperature=0.0, max_tokens=budget)
                     assert reply["choices"][0]["message"]["content"] == llm.detokenize(answer).decode()
         finally:
             llm.close()
-        exact = sum(llm_text.strip() == r for llm_text, r in zip((decode(a) for a in answers), references))
-        same = sum(a == e for a, e in zip(answers, expected))
-        results[kind] = {"identical": same, "exact_match": exact}
+        texts = [run.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        results[kind] = {
+            "identical": sum(a == e for a, e in zip(texts, expected)),
+            "exact_match": sum(a == r for a, r in zip(texts, references)),
+        }
     sizes = {k: f.stat().st_size for k, f in files.items()}
     print(f"\n{len(prompts)} held-out prompts; transformers exact match {hf_exact}; llama.cpp {results}; "
           f"sizes {sizes}; export seconds { {k: round(v, 1) for k, v in seconds.items()} }")  # fmt: skip
 
     n = len(prompts)
-    assert hf_exact >= 0.25 * n and results["base"]["exact_match"] <= 0.05 * n  # the adapter is what scores
+    assert hf_exact >= 0.25 * n and results["base"]["exact_match"] == 0  # the adapter is what scores
     for kind in ("f16", "bf16"):
         assert results[kind]["identical"] >= 0.9 * n and abs(results[kind]["exact_match"] - hf_exact) <= 1, kind
     assert abs(results["q8_0"]["exact_match"] - hf_exact) <= 2
