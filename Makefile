@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart test bench llama-cpp
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: setup
 	$(BIN)/loratune train
+
+# llama.cpp's Python bindings, which the GGUF export tests load exported files with: built from source once
+# (minutes), then installed from the wheel kept in loratune's cache folder.
+llama-cpp: setup
+	PYTHON=$(BIN)/python .ci/llama_cpp.sh
 
 # Lint, format and the layer contract first: they take seconds and fail fast.
 test: setup

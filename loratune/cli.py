@@ -218,6 +218,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference.export import export_gguf
+    from .inference.export.writer import K_QUANTS
+
+    done = export_gguf(args.run_dir, args.out, args.type, args.adapter_only, args.overwrite, args.adapter)
+    print(f"wrote {done.path} ({done.size / 1e6:,.1f} MB, {args.type}) and its Ollama Modelfile {done.modelfile}")
+    if not done.translated:
+        print("note: the chat template has no Ollama translation; the Modelfile relies on the one in the GGUF")
+    if not args.adapter_only:
+        print(f"note: {K_QUANTS}")
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from .commands.inspect import inspect, text, to_json
 
@@ -273,7 +286,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _data, _ui):
+    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _export, _data, _ui):
         add(commands)
     return parser
 
@@ -423,6 +436,28 @@ def _merge(commands) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     p.set_defaults(func=cmd_merge)
+
+
+def _export(commands) -> None:
+    from .inference.export.writer import TYPES
+
+    p = commands.add_parser("export", help="write the fine-tuned model as a GGUF file for llama.cpp and Ollama")
+    _run_dir(p)
+    p.add_argument("--format", required=True, choices=["gguf"], help="file format (gguf: llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--out", metavar="FILE", help="the .gguf file (default: RUN_DIR/<run name>[-adapter]-<type>.gguf)")
+    p.add_argument(
+        "--type",
+        default="f16",
+        metavar="TYPE",
+        help=f"number format of the weights: {', '.join(TYPES)} (default: f16; an adapter: f16, bf16 or q8_0)",
+    )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write the LoRA adapter alone, for `llama-cli -m BASE.gguf --lora FILE` and Ollama's ADAPTER line",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    p.set_defaults(func=cmd_export)
 
 
 def _data(commands) -> None:

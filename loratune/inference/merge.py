@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..core.config import TrainConfig
 from ..core.device import DTYPES
 from ..core.errors import UserError, first_line
 from ..core.files import atomic_dir, check_replaceable
@@ -31,8 +33,6 @@ def merge(
     run_dir: str | Path, out: str | Path, adapter: str = "adapter", dtype: str | None = None, overwrite: bool = False
 ) -> Path:
     """Write base + adapter, merged, to `out`; `dtype` (bf16, fp16, fp32) defaults to the base's stored dtype."""
-    from peft import PeftModel
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite or not out.is_dir():
@@ -41,19 +41,8 @@ def merge(
         check_replaceable(out, "--out", lambda entry: marked or entry.name.startswith("."))
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    run_dir, folder = locate_run(run_dir, adapter)
-    cfg = read_run_config(run_dir)
-    model_path = resolve_model(cfg.model)
-    target = DTYPES[dtype] if dtype else stored_dtype(model_path)
-    stored = _stored_quantized(model_path)
-    if cfg.load_in_4bit or stored:
-        base = _dequantised_base(model_path, target, stored)
-    else:
-        base = load_model(model_path, target, torch.device("cpu"))
-    with quiet_peft():
-        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
-    model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
-    _stop_at_training_end_tokens(model, folder)
+    merged = merged_model(run_dir, adapter, DTYPES[dtype] if dtype else None)
+    model, run_dir, folder = merged.model, merged.run_dir, merged.adapter
     with atomic_dir(out.resolve()) as tmp:  # resolved: "." has no name to write next to
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         for f in folder.iterdir():  # the tokenizer and chat template exactly as saved with the adapter
@@ -64,13 +53,43 @@ def merge(
                 {
                     "run": str(run_dir.resolve()),
                     "adapter": str(folder.resolve()),
-                    "base": model_path,
-                    "dtype": str(target).removeprefix("torch."),
+                    "base": merged.base,
+                    "dtype": str(model.dtype).removeprefix("torch."),
                 },
                 indent=1,
             )
         )
     return out
+
+
+@dataclass
+class Merged:
+    model: torch.nn.Module  # base + adapter as one plain transformers model, on the CPU
+    run_dir: Path
+    adapter: Path  # the adapter folder, which also holds the tokenizer and chat template of the run
+    base: str  # the base model's folder (or hub id)
+    config: TrainConfig
+
+
+def merged_model(run_dir: str | Path, adapter: str = "adapter", dtype: torch.dtype | None = None) -> Merged:
+    """The run's base with its adapter merged in, in `dtype` (default: the base's stored dtype); generation stops at
+    the end tokens training used."""
+    from peft import PeftModel
+
+    run_dir, folder = locate_run(run_dir, adapter)
+    cfg = read_run_config(run_dir)
+    model_path = resolve_model(cfg.model)
+    target = dtype or stored_dtype(model_path)
+    stored = _stored_quantized(model_path)
+    if cfg.load_in_4bit or stored:
+        base = _dequantised_base(model_path, target, stored)
+    else:
+        base = load_model(model_path, target, torch.device("cpu"))
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    model.config.use_cache = True  # load_model turns the cache off for training; generation wants it
+    _stop_at_training_end_tokens(model, folder)
+    return Merged(model, run_dir, folder, model_path, cfg)
 
 
 def stored_dtype(model_path: str) -> torch.dtype:

@@ -74,7 +74,7 @@ def load_run(
         model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()
     encoder = Encoder(tokenizer, tokenizer.chat_template, cfg.train_on_inputs, end_ids=generation_end_ids(base))
-    data_format = _trained_format(run_dir, cfg)
+    data_format = trained_format(run_dir, cfg)
     return LoadedRun(model, tokenizer, encoder, cfg, data_format, run_dir, folder)
 
 
@@ -84,7 +84,7 @@ def run_end_ids(tokenizer, model) -> set[int]:
     return Encoder(tokenizer, tokenizer.chat_template, end_ids=generation_end_ids(model)).end_ids
 
 
-def _trained_format(run_dir, cfg: TrainConfig) -> str:
+def trained_format(run_dir, cfg: TrainConfig) -> str:
     """The data shape the run trained on (detected at training time and recorded in data.json)."""
     record = Path(run_dir) / "data.json"
     if record.is_file():
