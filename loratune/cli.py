@@ -223,11 +223,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export.writer import K_QUANTS
 
     done = export_gguf(args.run_dir, args.out, args.type, args.adapter_only, args.overwrite, args.adapter)
-    print(f"wrote {done.path} ({done.size / 1e6:,.1f} MB, {args.type}) and its Ollama Modelfile {done.modelfile}")
     if not done.translated:
         print("note: the chat template has no Ollama translation; the Modelfile relies on the one in the GGUF")
     if not args.adapter_only:
         print(f"note: {K_QUANTS}")
+    # Last: the line that says what came out (the UI shows an export's last line).
+    print(f"wrote {done.path} ({done.size / 1e6:,.1f} MB, {args.type}) and its Ollama Modelfile {done.modelfile}")
     return 0
 
 

@@ -59,6 +59,15 @@ class Server:
         status, data, _ = self.request("POST", path, body=body)
         return status, data
 
+    def wait_job(self, name: str, kind: str, timeout: float = 120) -> dict:
+        """A merge or export of run `name`, once it has ended."""
+        deadline = time.monotonic() + timeout
+        job = self.get(f"/api/runs/{name}")[1][kind]
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = self.get(f"/api/runs/{name}")[1][kind]
+        return job
+
     def wait_row(self, name: str, check, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -274,7 +283,7 @@ def test_new_run_checks_say_what_the_guide_and_the_config_say(tiny_model, tmp_pa
     assert r["inspect"]["histogram"] and not (tmp_path / "runs" / "p").exists()
 
 
-def test_runs_outlive_the_ui_fail_with_their_error_line_and_merge(tiny_model, tiny_run, tmp_path, server_for):
+def test_runs_outlive_the_ui_fail_with_their_error_line_merge_and_export(tiny_model, tiny_run, tmp_path, server_for):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "done")
     train = write_jsonl(tmp_path / "train.jsonl", varied_rows(24))
@@ -300,13 +309,16 @@ def test_runs_outlive_the_ui_fail_with_their_error_line_and_merge(tiny_model, ti
         assert second.post("/api/runs/long/stop") == (200, {"stopping": "long"})
         row = second.wait_row("long", lambda row: row["state"] != "running", timeout=60)
         assert row["state"] == "stopped" and "SIGINT: checkpoint saved" in row["why"]
-        merged = second.wait_row("done", lambda row: True) and second.get("/api/runs/done")[1]["merge"]
-        deadline = time.monotonic() + 120
-        while merged["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.5)
-            merged = second.get("/api/runs/done")[1]["merge"]
-        assert merged["state"] == "done", merged
+        assert second.wait_job("done", "merge")["state"] == "done"
         assert (runs / "merged" / "done" / "config.json").is_file()
+
+        assert second.post("/api/runs/done/export", {"type": "q4_2"})[0] == 200  # the CLI checks the type
+        failed = second.wait_job("done", "export")
+        assert failed["state"] == "failed" and "q4_2" in failed["line"] and "q8_0" in failed["line"], failed
+        assert second.post("/api/runs/done/export", {"type": "q8_0"})[0] == 200
+        exported = second.wait_job("done", "export")
+        assert exported["state"] == "done" and exported["line"].startswith(f"wrote {runs / 'done' / 'done-q8_0.gguf'}")
+        assert (runs / "done" / "done-q8_0.gguf").is_file() and (runs / "done" / "done-q8_0.Modelfile").is_file()
     finally:
         kill_children(runs)
 

@@ -1,4 +1,5 @@
-"""The child processes the UI starts: `loratune train` (a new run, or --resume) and `loratune merge`.
+"""The child processes the UI starts: `loratune train` (a new run, or --resume), `loratune merge` and
+`loratune export`.
 
 Each one is an ordinary CLI process in its own session, so it goes on when the UI stops or restarts; its record
 (pid, command line, where each setting came from) and its output are kept beside the runs, in RUNS/.loratune-ui/,
@@ -23,14 +24,14 @@ from ..core.errors import UserError
 from ..core.files import atomic_write
 
 STATE_DIR = ".loratune-ui"  # a dot-folder: never taken for a run
-KINDS = ("train", "merge")
+KINDS = ("train", "merge", "export")
 LOG_TAIL_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Job:
     name: str  # the run it is for
-    kind: str  # train or merge
+    kind: str  # one of KINDS
     pid: int
     argv: list[str]  # after `loratune`
     started: float

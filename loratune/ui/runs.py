@@ -199,7 +199,6 @@ class Runs:
         raw = _read_yaml(run / "config.yaml")
         job = self.jobs.get(name)
         summary = read_json(run / "summary.json")
-        merge = self.jobs.get(name, "merge")
         return {
             "row": self.row(name),
             "config": _config_rows(raw, job.sources if job else {}),
@@ -216,7 +215,8 @@ class Runs:
             "adapters": [a for a in ("adapter", "last") if (run / a / "adapter_config.json").is_file()],
             "command": job.command if job else None,
             "log": self.jobs.log_lines(name)[-40:] if job else [],
-            "merge": _merge_state(self.jobs, merge),
+            "merge": _job_state(self.jobs, self.jobs.get(name, "merge"), "merging base and adapter"),
+            "export": _job_state(self.jobs, self.jobs.get(name, "export"), "writing the GGUF file"),
         }
 
 
@@ -290,10 +290,11 @@ def _samples(raw: dict, summary) -> list[dict]:
     return out
 
 
-def _merge_state(jobs: Jobs, job) -> dict | None:
+def _job_state(jobs: Jobs, job, doing: str) -> dict | None:
+    """A merge or export: running, or how it ended with its last line (the file it wrote, or its error)."""
     if job is None:
         return None
     if jobs.alive(job):
-        return {"state": "running", "line": "merging base and adapter", "out": job.argv[3]}
+        return {"state": "running", "line": doing}
     outcome = jobs.outcome(job)
-    return {"state": outcome.state, "line": outcome.line, "out": job.argv[3]}
+    return {"state": outcome.state, "line": outcome.line}

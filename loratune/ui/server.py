@@ -198,6 +198,18 @@ async def merge_run(request: Request, ui: State):
     return JSONResponse({"name": name, "command": job.command, "out": str(out)})
 
 
+@api
+async def export_run(request: Request, ui: State):
+    """`loratune export RUN --format gguf --type T`: the file and its Modelfile go into the run folder, as the CLI
+    writes them by default; the CLI checks the type and says what is wrong."""
+    name = request.path_params["name"]
+    folder = ui.run(name)
+    kind = str((await _body(request)).get("type", "f16"))
+    argv = ["export", str(folder), "--format", "gguf", "--type", kind, "--overwrite"]
+    job = ui.jobs.start(name, "export", argv)
+    return JSONResponse({"name": name, "command": job.command})
+
+
 def _shared_warning(ui: State, name: str) -> str | None:
     others = ui.running(but=name)
     if not others:
@@ -350,6 +362,7 @@ def create_app(runs: Path, token: str | None = None, hosts: set[str] | None = No
         Route("/api/runs/{name}/stop", stop_run, methods=["POST"]),
         Route("/api/runs/{name}/resume", resume_run, methods=["POST"]),
         Route("/api/runs/{name}/merge", merge_run, methods=["POST"]),
+        Route("/api/runs/{name}/export", export_run, methods=["POST"]),
         Route("/api/form", form_schema),
         Route("/api/check", check_form, methods=["POST"]),
         Route("/api/plan", plan_form, methods=["POST"]),

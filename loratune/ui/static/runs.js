@@ -130,16 +130,21 @@ function checkpointsSection(name, d, row) {
 }
 
 function exportSection(name, d) {
-  const merge = d.merge;
+  const jobLine = (job) => job ? el(`div.notice.${job.state === "failed" ? "error" : "info"}`,
+    `${job.state}: ${job.line}`) : null;
+  const running = (job) => !!(job && job.state === "running");
+  const type = el("select#gguf-type", ["f16", "bf16", "q8_0", "q4_0", "q4_1"].map((t) => el("option", t)));
   return el("div",
     el("div.row",
-      el("button#merge", { disabled: !d.adapters.includes("adapter") || (merge && merge.state === "running"),
+      el("button#merge", { disabled: !d.adapters.includes("adapter") || running(d.merge),
         onclick: () => act(name, "merge") }, "Merge base + adapter"),
       el("span.muted", " one ordinary transformers model folder, written to the runs folder's merged/")),
-    merge ? el(`div.notice.${merge.state === "failed" ? "error" : "info"}`,
-      `${merge.state}: ${merge.state === "done" ? `merged model in ${merge.out}` : merge.line}`) : null,
-    el("div.row", el("button", { disabled: true, title: "not in this version of loratune" }, "Export GGUF"),
-      el("span.muted", " not available yet: GGUF export comes with a later loratune (`loratune export`).")));
+    jobLine(d.merge),
+    el("div.row",
+      el("button#export", { disabled: !d.adapters.includes("adapter") || running(d.export),
+        onclick: () => act(name, "export", { type: type.value }) }, "Export GGUF"), " ", type,
+      el("span.muted", " one file for llama.cpp, Ollama and LM Studio, with its Ollama Modelfile, in the run folder")),
+    jobLine(d.export));
 }
 
 function configSection(d) {
@@ -149,9 +154,9 @@ function configSection(d) {
       el("td.muted", c.source)))));
 }
 
-async function act(name, action) {
+async function act(name, action, body) {
   try {
-    const r = await api(`/api/runs/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+    const r = await api(`/api/runs/${encodeURIComponent(name)}/${action}`, { method: "POST", body });
     if (r.warning) notice("warning", r.warning);
     notice("info", r.command ? `started: ${r.command}` : `${action}: sent`);
     if (UI.refreshRun) await UI.refreshRun();
@@ -177,10 +182,10 @@ UI.pages.run = async (main, name) => {
   charts = runCharts(grid, byTokens);
 
   let lastKey = "";
-  let merging = false;
+  let working = false;
   const refresh = async (row) => {
     const d = await api(url);
-    merging = !!(d.merge && d.merge.state === "running");
+    working = [d.merge, d.export].some((job) => job && job.state === "running");
     row = row || d.row;
     clear(head, el("h1", name), badge(row.state), el("span.why", row.why || ""),
       el("span.spacer"),
@@ -218,7 +223,7 @@ UI.pages.run = async (main, name) => {
       if (key !== lastKey) { lastKey = key; refresh(e.row).catch((err) => notice("error", err.message)); }
     }
   });
-  // A merge writes no metrics: look again until it ends.
-  const timer = setInterval(() => merging && refresh().catch(() => {}), 2000);
+  // A merge or an export writes no metrics: look again until it ends.
+  const timer = setInterval(() => working && refresh().catch(() => {}), 2000);
   UI.cleanup.push(() => clearInterval(timer));
 };
