@@ -13,6 +13,7 @@ from distributed_runs import (
     DRIVER,
     ONE,
     Job,
+    accelerate_launch,
     assert_loads_with_peft,
     assert_same_steps,
     relative_difference,
@@ -39,9 +40,7 @@ def job(tiny_model, tmp_path_factory):
 
 
 def launcher(job, script=("-m", "loratune")):
-    config = str(job.folder / "fsdp.yaml")
-    return ["-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "{port}", *script,
-            "train"]  # fmt: skip
+    return accelerate_launch(job.folder / "fsdp.yaml", script)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,6 @@ def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tm
 @pytest.mark.parametrize(
     "env, refusal",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed, which loratune does not run yet"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "asks for FSDP version 1; loratune runs FSDP2"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, None),

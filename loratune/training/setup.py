@@ -28,6 +28,7 @@ from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.loss import CausalLMLoss
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from . import checkpoint as ckpt
+from . import zero
 from .engine import LaunchRefused, held_here, shard, start
 from .metrics import Metrics
 from .resolved import ResolvedRun
@@ -68,7 +69,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
             f"the weights from every process); score it afterwards with: loratune eval {run} --data "
             f"{config.test_data} --generate"
         )
-    if engine.sharded:
+    if engine.kind == "FSDP2":
         shard(loss_module, engine)  # before the optimizer: sharding replaces the parameters
         console.info(held_here(model, engine))
 
@@ -77,7 +78,11 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, trainable, accelerator.device, total_steps, warmup_steps)
-    if not engine.sharded:  # DDP (or nothing, for one process)
+    if engine.deepspeed:
+        loss_module, optimizer = zero.prepare(accelerator, loss_module, optimizer, plan.micro_batch, config)
+        if engine.sharded:
+            console.info(held_here(model, engine))
+    elif not engine.sharded:  # DDP (or nothing, for one process)
         loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     resolved = ResolvedRun.of(
         plan,
@@ -266,10 +271,10 @@ def _resume(s: Session, current: dict) -> None:
             f"would take {s.plan.examples_per_step} (batch_size x gradient_accumulation_steps x processes); choose "
             f"values whose product is {saved.examples_per_step}"
         )
-    if s.partial is not None and s.processes > 1:
+    if s.partial is not None and (s.processes > 1 or s.engine.deepspeed):
         raise UserError(
             "cannot resume: this checkpoint was taken in the middle of a step by one process; "
-            "resume it with one process"
+            "resume it with one process, without DeepSpeed"
         )
     if s.partial is not None and s.state.micro_batch:  # its passes must line up with those already done
         s.plan = s.plan.with_micro_batch(s.state.micro_batch)
@@ -277,8 +282,9 @@ def _resume(s: Session, current: dict) -> None:
 
 
 def _describe_model(cfg: TrainConfig, model, device, dtype, console: Console) -> None:
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole
+    n_trainable = sum(n for n, trained in numel if trained)
+    n_total = sum(n for n, _ in numel)
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
         f"{n_trainable:,} trainable of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%)"
