@@ -79,9 +79,10 @@ class Engine:
         return torch.device("cpu") if self.sharded else self.device
 
     def describe(self) -> str:
-        if self.processes == 1 and not self.sharded:
+        if self.kind == "single process":
             return f"engine: single process, device {self.device}"
-        where = f"{self.processes} processes on {self.nodes} node{'s' if self.nodes > 1 else ''}"
+        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        where = f"{processes} on {self.nodes} node{'s' if self.nodes > 1 else ''}"
         return f"engine: {self.kind}, {where}, backend {self.backend}, device {self.device.type}"
 
 
@@ -92,8 +93,17 @@ def start(device: torch.device, mixed_precision: str):
 
     sharding, reshard = _requested_sharding()  # before accelerate acts on the request
     # On a machine without a GPU accelerate joins the processes only when told the device is the CPU; with the
-    # default device (`auto`) each process trained alone.
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    # default device (`auto`) each process trained alone. DeepSpeed, though, it sets up only when not told so (it
+    # then finds the CPU itself).
+    cpu = device.type == "cpu" and not (sharding or "").startswith("ZeRO")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if sharding == "ZeRO-3":
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # accelerate told transformers about ZeRO-3, which would then build every model (even the planner's, on
+        # the meta device) split over the processes; loratune splits the model itself once it is built
+        # (training.zero), so a ZeRO-3 model loads as any other.
+        unset_hf_deepspeed_config()
     check_launch(accelerator.num_processes, accelerator.distributed_type)
     return accelerator, engine_of(accelerator, sharding, reshard)
 
@@ -133,11 +143,12 @@ def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
                 f"accelerate set up {distributed.value}, which loratune does not run; use DDP, FSDP2 or DeepSpeed ZeRO"
             )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    initialized = torch.distributed.is_initialized()  # by DeepSpeed, whose backend accelerate does not record
     return Engine(
         kind,
         accelerator.num_processes,
         max(1, accelerator.num_processes // max(1, local)),
-        accelerator.state.backend,
+        torch.distributed.get_backend() if initialized else accelerator.state.backend,
         accelerator.device,
         reshard,
     )

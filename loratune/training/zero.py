@@ -16,6 +16,7 @@ first, then writes each process's part of every tensor.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -23,6 +24,8 @@ import torch
 def prepare(accelerator, loss_module, optimizer, micro_batch: int, cfg):
     """The DeepSpeed engine that runs `loss_module`'s passes, and the optimizer; `optimizer` stays loratune's
     AdamW inside it (the schedule sets its learning rate)."""
+    # DeepSpeed calls torch's collectives by their older names, which warn at every call
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = 1  # loratune accumulates: DeepSpeed must not divide the loss again
@@ -31,6 +34,9 @@ def prepare(accelerator, loss_module, optimizer, micro_batch: int, cfg):
     if config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
+        # Split the weights now, one at a time as they move to the device: DeepSpeed's engine would first move the
+        # whole model there. (The base was loaded whole into host memory, as for FSDP2: see training.engine.)
+        deepspeed.zero.Init(module=loss_module, dtype=torch.float32, mem_efficient_linear=False)
         # The loss reads the output layer's weight outside the layer's forward pass (see modeling.loss): gathered
         # for the whole forward and backward pass of the loss module.
         head = loss_module.model.get_base_model().get_output_embeddings()
@@ -55,10 +61,10 @@ def managed(params) -> bool:
 
 def whole_trainable(model) -> dict[str, torch.Tensor]:
     """The trainable weights, whole, on every process (all processes call it: each gives its slices)."""
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with GatheredParameters([p for _, p in named]):
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
         return {n: p.detach().clone() for n, p in named}
 
 
@@ -110,14 +116,14 @@ def load_optimizer_state(engine, saved: dict) -> None:
     adamw, zero = _adamw(engine), engine.optimizer
     named = _trainable(engine)
     step = saved["state"][named[0][0]]["step"]
-    for group in adamw.param_groups:
-        for flat in group["params"]:  # created as AdamW creates it at its first step
-            on_device = group.get("fused") or group.get("capturable")
-            adamw.state[flat] = {
-                "step": step.to(flat.device if on_device else "cpu", torch.float32).clone(),
-                "exp_avg": torch.zeros_like(flat),
-                "exp_avg_sq": torch.zeros_like(flat),
-            }
+    # AdamW's state of each flat slice that ZeRO steps, created as AdamW creates it at its first step
+    on_device = adamw.param_groups[0].get("fused") or adamw.param_groups[0].get("capturable")
+    for flat in getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups:
+        adamw.state[flat] = {
+            "step": step.to(flat.device if on_device else "cpu", torch.float32).clone(),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links each weight to its slices of it
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
