@@ -56,7 +56,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     model_path = resolve_model(config.model)
     tokenizer, encoder, data = load_data(config, model_path, accelerator, console)
     shape = read_shape(model_path, config)
-    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1)
+    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1, engine.kind)
     plan, batch_size_from = plan_steps(config, data, shape, memory, accelerator, dtype, console)
     model, plan = load_trainable_model(config, model_path, dtype, engine.load_device, plan, encoder, console)
     loss_module = CausalLMLoss(model, shape_buckets=plan.buckets)
