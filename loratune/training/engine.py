@@ -90,13 +90,15 @@ def start(device: torch.device, mixed_precision: str):
     """The accelerator of this process (the process group joined) and the engine; refuses a launch whose processes
     did not all join, and an engine that cannot run here."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     sharding, reshard = _requested_sharding()  # before accelerate acts on the request
     # On a machine without a GPU accelerate joins the processes only when told the device is the CPU; with the
-    # default device (`auto`) each process trained alone. DeepSpeed, though, it sets up only when not told so (it
-    # then finds the CPU itself).
-    cpu = device.type == "cpu" and not (sharding or "").startswith("ZeRO")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    # default device (`auto`) each process trained alone. DeepSpeed, though, it sets up only when not told so, and
+    # then counts the processes only when told the CPU's backend.
+    zero, cpu = (sharding or "").startswith("ZeRO"), device.type == "cpu"
+    gloo = [InitProcessGroupKwargs(backend="gloo")] if zero and cpu else []
+    accelerator = Accelerator(cpu=cpu and not zero, mixed_precision=mixed_precision, kwargs_handlers=gloo)
     if sharding == "ZeRO-3":
         from transformers.integrations import unset_hf_deepspeed_config
 
