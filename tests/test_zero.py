@@ -8,6 +8,7 @@ step, its clipping or the processes' gradients summed instead of averaged; the r
 state lost or misplaced (DeepSpeed creates it at the first update, after the checkpoint is loaded)."""
 
 import json
+import shutil
 
 import pytest
 from distributed_runs import (
@@ -72,9 +73,10 @@ def test_zero_on_two_processes_equals_one_process(one, zero):
     assert_loads_with_peft(run / "adapter")
 
 
-def test_zero_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job, zero):
+def test_zero_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job, one, zero):
     """SIGKILL of both processes at their 3rd pass (step 2 or 3 of 4); the resumed run writes each process's slices
-    of the whole adapter and AdamW state back, and ends where the uninterrupted run did."""
+    of the whole adapter and AdamW state back, and ends where the uninterrupted run did. The checkpoint holds whole
+    tensors: one process without DeepSpeed resumes it too, and ends where one process did."""
     stage = zero[0]
     config = job.folder / f"zero{stage}.yaml"
     name = f"killed{stage}"
@@ -84,6 +86,10 @@ def test_zero_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job,
     )
     assert result.returncode != 0 and not (run / "summary.json").exists()
     assert train_steps(run)[-1] < 4
+    shutil.copytree(run, job.folder / f"{name}-one")
+    result, alone = job.run(f"{name}-one", ONE, "--gradient-accumulation-steps", "4", "--resume")
+    assert "resuming from" in result.stdout and "engine: single process" in result.stdout
+    assert relative_difference(one / "last", alone / "last") <= 1e-4
     result, run = job.run(name, accelerate_launch(config), *args, "--resume")
     assert "resuming from" in result.stdout
     assert train_steps(run) == [1, 2, 3, 4]
