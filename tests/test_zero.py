@@ -96,6 +96,24 @@ def test_zero_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job,
     assert relative_difference(zero[2] / "last", run / "last") <= 1e-6
 
 
+def test_zero_stop_between_two_passes_finishes_the_step_then_saves_and_resumes(job, zero):
+    """SIGINT to both processes before their 3rd pass, the first of the two each runs in step 3: a step's gradients
+    so far are spread over the processes' slices under ZeRO, so the step is finished, not cut, before the checkpoint;
+    the resumed run ends where the uninterrupted one did."""
+    stage = zero[0]
+    config, name, args = job.folder / f"zero{stage}.yaml", f"stopped{stage}", ("--gradient-accumulation-steps", "2")
+    env = {"FAULT": "signal_at_pass:3:INT"}
+    result, run = job.run(name, accelerate_launch(config, [DRIVER]), *args, env=env, expect=None)
+    assert result.returncode != 0 and f"SIGINT: checkpoint saved. Resume with: loratune train --resume {run}" in (
+        result.stderr
+    ), result.stderr[-2000:]
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved and all("." not in p for p in saved)  # whole steps only
+    result, run = job.run(name, accelerate_launch(config), *args, "--resume")
+    assert train_steps(run) == [1, 2, 3, 4]
+    assert relative_difference(zero[2] / "last", run / "last") <= 1e-6
+
+
 @pytest.mark.parametrize(
     "env, refusal",
     [
