@@ -136,8 +136,12 @@ def _devices(cfg: TrainConfig):
         keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator, engine = start(wanted, "fp16" if dtype == torch.float16 else "no")
-    if engine.sharded and cfg.load_in_4bit:
-        raise LaunchRefused(f"load_in_4bit: {engine.kind} does not shard 4-bit weights here; use DDP, or a 16-bit base")
+    if (engine.sharded or engine.deepspeed) and cfg.load_in_4bit:
+        raise LaunchRefused(
+            f"load_in_4bit: loratune does not run {engine.kind} on 4-bit weights; use DDP, or a 16-bit base"
+        )
+    if engine.deepspeed and dtype == torch.float16:  # accelerate would turn on DeepSpeed's fp16, which casts LoRA too
+        raise LaunchRefused(f"precision fp16: {engine.kind} would train the LoRA weights in fp16 too; use bf16 or fp32")
     return accelerator, engine, dtype
 
 

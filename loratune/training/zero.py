@@ -82,14 +82,15 @@ def optimizer_state(engine) -> dict:
     """AdamW's state, whole tensors per parameter name, as torch.distributed.checkpoint's full state dict."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    adamw = _adamw(engine)
-    step = next(iter(adamw.state.values()))["step"]  # every slice is updated at every step
+    adamw, named = _adamw(engine), _trainable(engine)
     state = {}
-    for name, p in _trainable(engine):  # a collective per tensor: all processes, in the same order
-        moments = {k: safe_get_full_optimizer_state(p, k).cpu() for k in ("exp_avg", "exp_avg_sq")}
-        state[name] = {"step": step.detach().cpu().clone(), **moments}
+    if adamw.state:  # none until the first update (every earlier step skipped as non-finite)
+        step = next(iter(adamw.state.values()))["step"]  # every slice is updated at every step
+        for name, p in named:  # a collective per tensor: all processes, in the same order
+            moments = {k: safe_get_full_optimizer_state(p, k).cpu() for k in ("exp_avg", "exp_avg_sq")}
+            state[name] = {"step": step.detach().cpu().clone(), **moments}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in adamw.param_groups]
-    groups[0]["params"] = list(state)  # loratune's AdamW has one group
+    groups[0]["params"] = [name for name, _ in named]  # loratune's AdamW has one group
     return {"state": state, "param_groups": groups}
 
 
@@ -114,7 +115,11 @@ def load_optimizer_state(engine, saved: dict) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
     adamw, zero = _adamw(engine), engine.optimizer
+    for group, hyper in zip(adamw.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
     named = _trainable(engine)
+    if not saved["state"]:  # saved before the first update
+        return
     step = saved["state"][named[0][0]]["step"]
     # AdamW's state of each flat slice that ZeRO steps, created as AdamW creates it at its first step
     on_device = adamw.param_groups[0].get("fused") or adamw.param_groups[0].get("capturable")
@@ -134,8 +139,6 @@ def load_optimizer_state(engine, saved: dict) -> None:
                 safe_set_local_optimizer_state(p, _slice(p, value), key)
             else:
                 safe_set_full_optimizer_state(p, value, key)
-    for group, hyper in zip(adamw.param_groups, saved["param_groups"]):
-        group.update({k: v for k, v in hyper.items() if k != "params"})
 
 
 def _slice(p, value: torch.Tensor) -> torch.Tensor:
