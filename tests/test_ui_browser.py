@@ -100,7 +100,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
     write_jsonl(data / "val.jsonl", varied_rows(4, seed=1))
     (data / "broken.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "cut\n')
     runs = tmp_path / "runs"
-    shutil.copytree(tiny_run, runs / "second")  # a finished run to compare with and to try
+    shutil.copytree(tiny_run, runs / "second")  # a finished run to compare with, export and try
     ui, url = start_ui(runs)
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -175,6 +175,13 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         assert page.locator("#compare-chart").get_attribute("data-series") == "4"
         assert "learning_rate" in page.locator("#differences").inner_text()
         shot(page, "compare")
+
+        # Export: a finished run's GGUF file, written by `loratune export` as a child process.
+        page.goto(url + "#/run/second")
+        page.select_option("#gguf-type", "q8_0")
+        page.click("#export")
+        page.locator(".notice.info", has_text="done: wrote").wait_for(timeout=90_000)
+        assert (runs / "second" / "second-q8_0.gguf").is_file()
 
         # Try it: the fine-tuned and the base model answer side by side.
         page.goto(url + "#/try?run=second")

@@ -63,15 +63,8 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     if config.batch_size == "auto" and accelerator.device.type == "cuda" and not engine.sharded:
         plan = confirm_batch_size(loss_module, data, plan, memory, tokenizer.pad_token_id, accelerator.device, console)
     _describe_model(config, model, accelerator.device, dtype, console)
-    if engine.sharded and data.test:
-        console.warn(
-            f"the held-out test set is not answered during an {engine.kind} run (each generated token would gather "
-            f"the weights from every process); score it afterwards with: loratune eval {run} --data "
-            f"{config.test_data} --generate"
-        )
-    if engine.kind == "FSDP2":
-        shard(loss_module, engine)  # before the optimizer: sharding replaces the parameters
-        console.info(held_here(model, engine))
+    if engine.sharded:  # before the optimizer: FSDP2's sharding replaces the parameters
+        _shard_weights(config, run, model, loss_module, engine, bool(data.test), console)
 
     total_steps = plan.steps_per_epoch * config.epochs
     total_steps = total_steps if config.max_steps is None else min(config.max_steps, total_steps)
@@ -93,14 +86,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
         batch_size_from=batch_size_from,
     )
     _describe_steps(data, resolved, console)
-    val_plan = plan_for(
-        config,
-        data.val.lengths,
-        data.val.target_counts,
-        packing=plan.packing,
-        processes=1 if engine.sharded else plan.processes,  # sharded: every process runs every validation pass
-        buckets=plan.buckets,
-    ).with_micro_batch(plan.micro_batch)
+    val_plan = _validation_plan(config, data, plan, engine)
     session = Session(
         config,
         run,
@@ -125,6 +111,32 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     )
     open_run_folder(session, model_path, resume=resume, overwrite=overwrite)
     return session
+
+
+def _shard_weights(config: TrainConfig, run: Path, model, loss_module, engine, has_test: bool, console) -> None:
+    """Each process keeps its shard of the weights: FSDP2's now (torch's fully_shard, in training.engine), ZeRO-3's
+    when DeepSpeed's engine is set up (training.zero)."""
+    if has_test:
+        console.warn(
+            f"the held-out test set is not answered during an {engine.kind} run (each generated token would gather "
+            f"the weights from every process); score it afterwards with: loratune eval {run} --data "
+            f"{config.test_data} --generate"
+        )
+    if engine.kind == "FSDP2":
+        shard(loss_module, engine)
+        console.info(held_here(model, engine))
+
+
+def _validation_plan(config: TrainConfig, data, plan, engine):
+    """Validation's passes, split like training's (sharded: every process runs every validation pass)."""
+    return plan_for(
+        config,
+        data.val.lengths,
+        data.val.target_counts,
+        packing=plan.packing,
+        processes=1 if engine.sharded else plan.processes,
+        buckets=plan.buckets,
+    ).with_micro_batch(plan.micro_batch)
 
 
 def _devices(cfg: TrainConfig):
