@@ -147,3 +147,15 @@ def test_the_deepspeed_settings_loratune_runs_or_a_refusal(monkeypatch, tmp_path
     else:
         with pytest.raises(engine.LaunchRefused, match=refusal):
             engine._requested_sharding()
+
+
+def test_deepspeed_not_installed_is_refused_with_the_extra_to_install(monkeypatch):
+    import importlib.util
+
+    from loratune.training import engine
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(engine.LaunchRefused, match=r"not installed: pip install 'loratune\[deepspeed\]'"):
+        engine._requested_sharding()
