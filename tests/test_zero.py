@@ -114,6 +114,18 @@ def test_zero_stop_between_two_passes_finishes_the_step_then_saves_and_resumes(j
     assert relative_difference(zero[2] / "last", run / "last") <= 1e-6
 
 
+def test_a_one_process_checkpoint_resumes_under_zero3(job, one):
+    """The reverse of the above: one process without DeepSpeed killed mid-epoch, resumed by 2 ZeRO-3 processes
+    (each takes its slices of the whole adapter and AdamW state), ends where one process did."""
+    args = ("--gradient-accumulation-steps", "4")
+    result, run = job.run("one-killed", [DRIVER, "train"], *args, env={"FAULT": "kill_at_pass:5"}, expect=None)
+    assert result.returncode != 0 and 1 <= train_steps(run)[-1] < 4
+    result, run = job.run("one-killed", accelerate_launch(job.folder / "zero3.yaml"), "--gradient-accumulation-steps",
+                          "2", "--resume")  # fmt: skip
+    assert "resuming from" in result.stdout and "engine: ZeRO-3" in result.stdout
+    assert relative_difference(one / "last", run / "last") <= 1e-4
+
+
 @pytest.mark.parametrize(
     "env, refusal",
     [
