@@ -217,6 +217,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tokens_per_second=args.tokens_per_second,
         processes=args.num_processes,
         fsdp=args.fsdp,
+        zero3=args.zero3,
     )
     print(plan.to_json() if args.json else plan.text())
     return 0
@@ -291,10 +292,16 @@ def _plan(commands) -> None:
         metavar="N",
         help="plan one device of an N-process run: its share of each step (default: 1)",
     )
-    p.add_argument(
+    sharded = p.add_mutually_exclusive_group()
+    sharded.add_argument(
         "--fsdp",
         action="store_true",
         help="FSDP2 over the N processes: weights, gradients and optimizer state sharded (an accelerate FSDP config)",
+    )
+    sharded.add_argument(
+        "--zero3",
+        action="store_true",
+        help="DeepSpeed ZeRO-3 over the N processes: the same sharded (an accelerate DeepSpeed config, zero_stage: 3)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)

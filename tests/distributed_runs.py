@@ -24,8 +24,15 @@ def free_port() -> int:
 
 def environment(extra=None) -> dict:
     """This environment without any launcher's variables (pytest may itself run under one), plus `extra`."""
-    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "ACCELERATE_USE_FSDP")
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "ACCELERATE_USE_FSDP",
+                "ACCELERATE_USE_DEEPSPEED")  # fmt: skip
     return {k: v for k, v in os.environ.items() if k not in launcher} | (extra or {})
+
+
+def accelerate_launch(config: Path, script=("-m", "loratune")) -> list[str]:
+    """`accelerate launch --config_file CONFIG SCRIPT train`, as users start an FSDP or DeepSpeed run."""
+    return ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "{port}",
+            *script, "train"]  # fmt: skip
 
 
 class Job:

@@ -13,6 +13,7 @@ from distributed_runs import (
     DRIVER,
     ONE,
     Job,
+    accelerate_launch,
     assert_loads_with_peft,
     assert_same_steps,
     relative_difference,
@@ -39,9 +40,7 @@ def job(tiny_model, tmp_path_factory):
 
 
 def launcher(job, script=("-m", "loratune")):
-    config = str(job.folder / "fsdp.yaml")
-    return ["-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "{port}", *script,
-            "train"]  # fmt: skip
+    return accelerate_launch(job.folder / "fsdp.yaml", script)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,11 @@ def test_fsdp2_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job
     assert relative_difference(fsdp[1] / "last", run / "last") <= 1e-6
 
 
-def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tmp_path, capsys):
-    """A 7B Llama (its config alone: plans load no weights) on 24 GB GPUs: with FSDP2 over 4 processes a device
-    holds a quarter of the frozen weights and of AdamW's state, and batch_size auto takes the room that frees."""
+@pytest.mark.parametrize("flag, engine", [("--fsdp", "FSDP2"), ("--zero3", "ZeRO-3")])
+def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tmp_path, capsys, flag, engine):
+    """A 7B Llama (its config alone: plans load no weights) on 24 GB GPUs: with FSDP2 (or DeepSpeed's ZeRO-3, see
+    tests/test_zero.py) over 4 processes a device holds a quarter of the frozen weights and of AdamW's state, and
+    batch_size auto takes the room that frees."""
     from transformers import LlamaConfig
 
     from loratune.cli import main
@@ -90,11 +91,12 @@ def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tm
     args = ["plan", "--model", str(tmp_path), "--gpu-memory", "24GB", "--max-length", "2048", "--batch-size", "auto",
             "--gradient-checkpointing", "--tokens-per-second", "1000", "--num-processes", "4", "--json"]  # fmt: skip
     plans = {}
-    for engine, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for name, extra in (("ddp", []), ("fsdp", [flag])):
         assert main(args + extra) == 0
-        plans[engine] = json.loads(capsys.readouterr().out)
+        plans[name] = json.loads(capsys.readouterr().out)
     ddp, fsdp = plans["ddp"], plans["fsdp"]
-    assert ddp["device"].endswith("one of 4 data-parallel processes") and "FSDP2" in fsdp["device"]
+    assert ddp["device"].endswith("one of 4 data-parallel processes")
+    assert fsdp["device"].endswith(f"one of 4 processes with {engine} (weights and optimizer state sharded)")
     assert fsdp["items"]["frozen weights (bf16), a 1/4 shard"] == ddp["items"]["frozen weights (bf16)"] // 4
     assert fsdp["items"]["AdamW state (2 x fp32), a 1/4 shard"] == ddp["items"]["AdamW state (2 x fp32)"] // 4
     assert fsdp["fits"] and ddp["fits"] and fsdp["batch_size"] > ddp["batch_size"]
@@ -103,7 +105,6 @@ def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tm
 @pytest.mark.parametrize(
     "env, refusal",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed, which loratune does not run yet"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "asks for FSDP version 1; loratune runs FSDP2"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, None),

@@ -25,11 +25,14 @@ def plan_run(
     tokens_per_second: float | None = None,
     processes: int = 1,
     fsdp: bool = False,
+    zero3: bool = False,
 ) -> MemoryPlan:
     """Plan cfg's run without loading weights: the model's config, the tokenized training data (when given), the
     device's memory (`gpu_memory`: a GPU of that size, not this machine's), and the throughput for the time.
-    With `processes` > 1 the plan is one device's: its share of each step, and with `fsdp` its shards."""
-    mm, model_path = _memory_model(cfg, gpu_memory, device, shards=processes if fsdp else 1)
+    With `processes` > 1 the plan is one device's: its share of each step, and with `fsdp` (or `zero3`) its
+    shards."""
+    sharding = "ZeRO-3" if zero3 else "FSDP2"
+    mm, model_path = _memory_model(cfg, gpu_memory, device, processes if fsdp or zero3 else 1, sharding)
     plan = _step_plan(cfg, mm, model_path, processes)
     source = "given"
     if tokens_per_second is None:
@@ -77,7 +80,9 @@ def _buckets(cfg: TrainConfig, mm: MemoryModel) -> bool:
     return cfg.packing and mm.shape.packs and wants_shape_buckets(mm.device, mm.dtype)
 
 
-def _memory_model(cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None, shards: int = 1):
+def _memory_model(
+    cfg: TrainConfig, gpu_memory: int | None = None, device: str | None = None, shards: int = 1, sharding: str = "FSDP2"
+):
     """The memory model of cfg's run on the device a plan is for (refusing 4-bit loading off CUDA), and the model
     folder."""
     if gpu_memory is not None and device is None:  # a GPU that may not be here: plan as training would pick
@@ -89,4 +94,4 @@ def _memory_model(cfg: TrainConfig, gpu_memory: int | None = None, device: str |
     if cfg.load_in_4bit and target.type != "cuda":
         four_bit_config(target, dtype)  # raises the refusal training would give
     model_path = resolve_model(cfg.model)
-    return MemoryModel.for_run(cfg, read_shape(model_path, cfg), target, dtype, shards), model_path
+    return MemoryModel.for_run(cfg, read_shape(model_path, cfg), target, dtype, shards, sharding), model_path

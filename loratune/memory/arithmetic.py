@@ -11,7 +11,9 @@ The estimate models what this trainer keeps alive at its peak:
 Under FSDP2 over N processes (`shards`), a device holds 1/N of the frozen weights, the LoRA weights and AdamW's
 state, plus the whole weights of the units that run: the root's (embeddings, final norm, output layer) for the
 whole pass and two decoder layers (the one running and the next, gathered ahead). LoRA's gradients are counted
-whole: they stay unsharded while a step accumulates passes. Not measured yet (no multi-GPU machine here).
+whole: they stay unsharded while a step accumulates passes. Under DeepSpeed's ZeRO-3 the same, except that every
+pass's gradients are reduced to their slices (1/N kept) and ZeRO keeps an fp32 copy of its slice of the LoRA weights
+for AdamW. Not measured yet (no multi-GPU machine here).
 
 The counts are checked against measured peaks (tests/test_memory.py, bench/memory_accuracy.py and
 docs/memory-accuracy.md).
@@ -89,11 +91,18 @@ class MemoryModel:
     load_in_4bit: bool = False
     checkpointing: bool = False
     lora_dropout: float = 0.0
-    shards: int = 1  # FSDP2: the processes the weights and optimizer state are split over
+    shards: int = 1  # FSDP2 or ZeRO-3: the processes the weights and optimizer state are split over
+    sharding: str = "FSDP2"  # which of the two, when shards > 1
 
     @classmethod
     def for_run(
-        cls, cfg: TrainConfig, shape: ModelShape, device: torch.device | str, dtype: torch.dtype, shards: int = 1
+        cls,
+        cfg: TrainConfig,
+        shape: ModelShape,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        shards: int = 1,
+        sharding: str = "FSDP2",
     ) -> MemoryModel:
         return cls(
             shape,
@@ -103,6 +112,7 @@ class MemoryModel:
             cfg.gradient_checkpointing,
             cfg.lora_dropout,
             shards,
+            sharding,
         )
 
     @property
@@ -124,10 +134,17 @@ class MemoryModel:
                 "AdamW state (2 x fp32)": 2 * s.lora_params * ADAPTER,
             }
         layer = (s.block_linear_params * per_linear + s.lora_params * ADAPTER) / max(1, s.layers)
+        lora = s.lora_params * ADAPTER
+        if self.sharding == "ZeRO-3":  # a slice of every pass's gradients; AdamW steps an fp32 copy of the weights
+            weights = {f"LoRA weights (fp32), a 1/{n} shard and ZeRO's fp32 copy of it": 2 * lora // n}
+            gradients = {f"LoRA gradients (fp32), a 1/{n} shard": lora // n}
+        else:
+            weights = {f"LoRA weights (fp32), a 1/{n} shard": lora // n}
+            gradients = {"LoRA gradients (fp32, whole while a step accumulates)": lora}
         return {
             f"frozen weights ({kind}{dtype_name(self.dtype)}), a 1/{n} shard": int(frozen / n),
-            f"LoRA weights (fp32), a 1/{n} shard": s.lora_params * ADAPTER // n,
-            "LoRA gradients (fp32, whole while a step accumulates)": s.lora_params * ADAPTER,
+            **weights,
+            **gradients,
             f"AdamW state (2 x fp32), a 1/{n} shard": 2 * s.lora_params * ADAPTER // n,
             "weights gathered to run (embeddings, output layer, 2 decoder layers)": int(
                 s.other_params * self.base_bytes + 2 * layer

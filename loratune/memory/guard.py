@@ -28,10 +28,18 @@ class RunMemory:
     that is how the recovery is tested without a GPU.
     """
 
-    def __init__(self, cfg: TrainConfig, shape: ModelShape, device: torch.device, dtype: torch.dtype, shards: int = 1):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        shape: ModelShape,
+        device: torch.device,
+        dtype: torch.dtype,
+        shards: int = 1,
+        sharding: str = "FSDP2",
+    ):
         self.cfg, self.device = cfg, torch.device(device)
         self.budget = device_budget(cfg, self.device)
-        self.mm = MemoryModel.for_run(cfg, shape, self.device, dtype, shards)
+        self.mm = MemoryModel.for_run(cfg, shape, self.device, dtype, shards, sharding)
         self.simulated = bool(cfg.max_memory) and self.device.type != "cuda"
         if cfg.max_memory and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory

@@ -217,7 +217,7 @@ def estimate(
 
 def _processes_text(mm: MemoryModel, plan: StepPlan) -> str:
     if mm.shards > 1:
-        return f", one of {mm.shards} processes with FSDP2 (weights and optimizer state sharded)"
+        return f", one of {mm.shards} processes with {mm.sharding} (weights and optimizer state sharded)"
     return f", one of {plan.processes} data-parallel processes" if plan.processes > 1 else ""
 
 

@@ -6,8 +6,8 @@ and for a step cut in the middle its gradients so far. It is written whole or no
 
 Weights and optimizer state go through torch.distributed.checkpoint's state-dict functions, which gather FSDP2's
 shards into whole tensors when saving and hand each process its shard when loading; for one process or DDP they are
-the plain state dicts. The optimizer state is keyed by parameter name, so a checkpoint resumes on another engine or
-number of processes.
+the plain state dicts; DeepSpeed's ZeRO state is read and written in the same form (training.zero). The optimizer
+state is keyed by parameter name, so a checkpoint resumes on another engine or number of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.files import atomic_dir
+from . import zero
 from .run_folder import CHECKPOINTS
 
 
@@ -81,7 +82,10 @@ def save_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     adapter = adapter_state(model)
-    optimizer_state = get_optimizer_state_dict(loss_module, optimizer, options=_whole(cpu_offload=True))
+    if zero.is_engine(loss_module):
+        optimizer_state = zero.optimizer_state(loss_module)
+    else:
+        optimizer_state = get_optimizer_state_dict(loss_module, optimizer, options=_whole(cpu_offload=True))
     if not main:
         return None
     name = f"step-{state.step:06d}" + (f".{state.pass_in_step}" if state.pass_in_step else "")
@@ -102,11 +106,14 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     gathered, so all processes must call it. A few MB: LoRA's weights only, never the frozen base."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    if zero.partitioned(model.parameters()):
+        return zero.whole_trainable(model)
     return get_model_state_dict(model, options=_whole(ignore_frozen_params=True))
 
 
 def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
-    """Load an adapter file's weights (PEFT's names) into the model, each process taking its shard under FSDP2."""
+    """Load an adapter file's weights (PEFT's names) into the model, each process taking its shard under FSDP2 or
+    its slices under ZeRO."""
     from peft import get_peft_model_state_dict
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -116,6 +123,9 @@ def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
     if index.keys() != saved.keys():
         raise KeyError(f"the adapter file's weights are not this model's ({sorted(index.keys() ^ saved.keys())[:3]})")
     state = {names[int(i)]: saved[k] for k, i in index.items()}
+    if zero.managed(model.parameters()):
+        zero.load_weights(dict(model.named_parameters()), state)
+        return
     set_model_state_dict(model, state, options=_whole(ignore_frozen_params=True))
 
 
@@ -141,7 +151,10 @@ def load_checkpoint(path: Path, model, loss_module, optimizer, scheduler):
 
     load_adapter(model, load_file(path / "adapter" / "adapter_model.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-    set_optimizer_state_dict(loss_module, optimizer, optimizer_state, options=_whole())
+    if zero.is_engine(loss_module):
+        zero.load_optimizer_state(loss_module, optimizer_state)
+    else:
+        set_optimizer_state_dict(loss_module, optimizer, optimizer_state, options=_whole())
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     grads = path / "partial_grads.pt"

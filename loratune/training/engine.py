@@ -1,5 +1,6 @@
 """Which processes train, and how: one process, or several started by a launcher (`--num-processes`, torchrun,
-`accelerate launch`, MPI, Slurm), data-parallel (DDP) or with the weights sharded (FSDP2).
+`accelerate launch`, MPI, Slurm), data-parallel (DDP), with the weights sharded (FSDP2), or DeepSpeed's ZeRO-2
+(optimizer state and gradients split) or ZeRO-3 (the weights too).
 
 N processes that each believe they are alone train on N times the data and write the same run folder N times, and
 the result looks fine. So the processes the launcher started are compared with those that joined the job, and a
@@ -53,7 +54,7 @@ def launched() -> Launch:
 class Engine:
     """How the processes train together, named at the start of training."""
 
-    kind: str  # single process, DDP, FSDP2
+    kind: str  # single process, DDP, FSDP2, ZeRO-2, ZeRO-3
     processes: int
     nodes: int
     backend: str | None
@@ -64,7 +65,12 @@ class Engine:
     def sharded(self) -> bool:
         """The weights are split over the processes: every forward pass gathers them, so all processes run the same
         passes (validation) or none does (generation)."""
-        return self.kind == "FSDP2"
+        return self.kind in ("FSDP2", "ZeRO-3")
+
+    @property
+    def deepspeed(self) -> bool:
+        """DeepSpeed's engine runs the passes and the update (training.zero)."""
+        return self.kind.startswith("ZeRO")
 
     @property
     def load_device(self) -> torch.device:
@@ -73,9 +79,10 @@ class Engine:
         return torch.device("cpu") if self.sharded else self.device
 
     def describe(self) -> str:
-        if self.processes == 1 and not self.sharded:
+        if self.kind == "single process":
             return f"engine: single process, device {self.device}"
-        where = f"{self.processes} processes on {self.nodes} node{'s' if self.nodes > 1 else ''}"
+        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        where = f"{processes} on {self.nodes} node{'s' if self.nodes > 1 else ''}"
         return f"engine: {self.kind}, {where}, backend {self.backend}, device {self.device.type}"
 
 
@@ -83,11 +90,22 @@ def start(device: torch.device, mixed_precision: str):
     """The accelerator of this process (the process group joined) and the engine; refuses a launch whose processes
     did not all join, and an engine that cannot run here."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    sharding, reshard = _requested_sharding()  # before accelerate acts on the request (DeepSpeed, say)
+    sharding, reshard = _requested_sharding()  # before accelerate acts on the request
     # On a machine without a GPU accelerate joins the processes only when told the device is the CPU; with the
-    # default device (`auto`) each process trained alone.
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    # default device (`auto`) each process trained alone. DeepSpeed, though, it sets up only when not told so, and
+    # then counts the processes only when told the CPU's backend.
+    zero, cpu = (sharding or "").startswith("ZeRO"), device.type == "cpu"
+    gloo = [InitProcessGroupKwargs(backend="gloo")] if zero and cpu else []
+    accelerator = Accelerator(cpu=cpu and not zero, mixed_precision=mixed_precision, kwargs_handlers=gloo)
+    if sharding == "ZeRO-3":
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # accelerate told transformers about ZeRO-3, which would then build every model (even the planner's, on
+        # the meta device) split over the processes; loratune splits the model itself once it is built
+        # (training.zero), so a ZeRO-3 model loads as any other.
+        unset_hf_deepspeed_config()
     check_launch(accelerator.num_processes, accelerator.distributed_type)
     return accelerator, engine_of(accelerator, sharding, reshard)
 
@@ -115,7 +133,7 @@ def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
     from accelerate.utils import DistributedType
 
     distributed = accelerator.distributed_type
-    if not torch.distributed.is_initialized():  # one process, not started by a launcher: nothing to shard over
+    if kind == "FSDP2" and not torch.distributed.is_initialized():  # one process without a launcher: no shards
         kind = None
     if kind is None:
         if distributed == DistributedType.NO:
@@ -123,27 +141,26 @@ def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
         elif distributed.value.startswith("MULTI_"):
             kind = "DDP"
         else:
-            raise LaunchRefused(f"accelerate set up {distributed.value}, which loratune does not run; use DDP or FSDP2")
+            raise LaunchRefused(
+                f"accelerate set up {distributed.value}, which loratune does not run; use DDP, FSDP2 or DeepSpeed ZeRO"
+            )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    initialized = torch.distributed.is_initialized()  # by DeepSpeed, whose backend accelerate does not record
     return Engine(
         kind,
         accelerator.num_processes,
         max(1, accelerator.num_processes // max(1, local)),
-        accelerator.state.backend,
+        torch.distributed.get_backend() if initialized else accelerator.state.backend,
         accelerator.device,
         reshard,
     )
 
 
 def _requested_sharding() -> tuple[str | None, bool]:
-    """FSDP2 when the accelerate config (or environment) asks for FSDP, with its reshard setting; refuses what
-    loratune does not run rather than fall back to another engine."""
+    """FSDP2 when the accelerate config (or environment) asks for FSDP, with its reshard setting, ZeRO-2 or ZeRO-3
+    when it asks for DeepSpeed; refuses what loratune does not run rather than fall back to another engine."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise LaunchRefused(
-            "the accelerate config asks for DeepSpeed, which loratune does not run yet (its optimizer steps inside the "
-            "backward pass, its checkpoints are one file per process); for sharded weights use an FSDP config with "
-            f"fsdp_version: 2, or plain data parallel ({README})"
-        )
+        return _requested_zero(), True
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None, True
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -162,6 +179,47 @@ def _requested_sharding() -> tuple[str | None, bool]:
             "fsdp_activation_checkpointing: set it to false and use loratune's gradient_checkpointing: true instead"
         )
     return "FSDP2", bool(plugin.reshard_after_forward)
+
+
+def _requested_zero() -> str:
+    """ZeRO-2 or ZeRO-3, as the accelerate config's DeepSpeed settings (or its DeepSpeed config file) ask; what
+    would change loratune's steps is refused."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LaunchRefused(
+            "the accelerate config asks for DeepSpeed, which is not installed: pip install 'loratune[deepspeed]'"
+        )
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        config = DeepSpeedPlugin().deepspeed_config
+    except (ValueError, OSError) as e:  # a DeepSpeed config file that accelerate cannot read, or that contradicts it
+        raise LaunchRefused(f"the accelerate config's DeepSpeed settings: {str(e).splitlines()[0]}") from None
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (2, 3):
+        raise LaunchRefused(f"DeepSpeed zero_stage {stage}: loratune runs ZeRO stage 2 or 3; set zero_stage: 2 or 3")
+    for part in ("offload_optimizer", "offload_param"):
+        if config["zero_optimization"].get(part, {}).get("device", "none") not in ("none", None):
+            raise LaunchRefused(f"DeepSpeed {part}: loratune does not offload to the CPU or NVMe yet; set it to none")
+    for key, what in (
+        ("optimizer", "an optimizer: loratune uses its own AdamW"),
+        ("scheduler", "a scheduler: loratune uses its own learning-rate schedule"),
+    ):
+        if key in config:
+            raise LaunchRefused(f"the DeepSpeed config sets {what}; remove its {key} section")
+    for precision in ("fp16", "bf16"):
+        if str(config.get(precision, {}).get("enabled", "auto")).lower() == "true":
+            raise LaunchRefused(
+                f"the DeepSpeed config enables {precision}, which would cast the LoRA weights too; remove it and set "
+                f"loratune's precision: {precision} (the base in {precision}, LoRA in fp32)"
+            )
+    if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+        raise LaunchRefused(
+            "the DeepSpeed config sets gradient_accumulation_steps: set loratune's gradient_accumulation_steps "
+            "instead (loratune accumulates the passes of each step itself)"
+        )
+    return f"ZeRO-{stage}"
 
 
 def shard(module: torch.nn.Module, engine: Engine) -> None:
@@ -183,10 +241,10 @@ def held_here(model: torch.nn.Module, engine: Engine) -> str:
 
     def count(params) -> tuple[int, int]:
         params = list(params)
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
-        return local, sum(p.numel() for p in params)
+        local = sum(_held(p) for p in params)
+        return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
-    trainable = count(p for p in model.parameters() if p.requires_grad)
+    trainable = count(p for p in model.parameters() if p.requires_grad)  # FSDP2's shards or ZeRO-3's slices
     every = count(model.parameters())
     return (
         f"{engine.kind}: this process holds {trainable[0]:,} of the {trainable[1]:,} trainable parameters (and their "
@@ -194,10 +252,23 @@ def held_here(model: torch.nn.Module, engine: Engine) -> str:
     )
 
 
+def _held(p) -> int:
+    if hasattr(p, "ds_tensor"):  # ZeRO-3's slice, the last one padded
+        return min(p.ds_tensor.numel(), max(0, p.ds_numel - p.ds_tensor.numel() * torch.distributed.get_rank()))
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 @contextlib.contextmanager
 def no_sync(accelerator, engine: Engine, module: torch.nn.Module):
-    """Accumulate this pass's gradients locally; they are reduced with the step's last pass."""
-    if engine.sharded:
+    """Accumulate this pass's gradients; they are reduced with the step's last pass. DeepSpeed's ZeRO reduces
+    every pass's gradients to the processes that hold their slices: such a pass only does not end the step."""
+    if engine.deepspeed:
+        module.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            module.set_gradient_accumulation_boundary(True)
+    elif engine.sharded:
         module.set_requires_gradient_sync(False)
         try:
             yield

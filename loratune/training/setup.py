@@ -28,6 +28,7 @@ from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.loss import CausalLMLoss
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from . import checkpoint as ckpt
+from . import zero
 from .engine import LaunchRefused, held_here, shard, start
 from .metrics import Metrics
 from .resolved import ResolvedRun
@@ -55,14 +56,14 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     model_path = resolve_model(config.model)
     tokenizer, encoder, data = load_data(config, model_path, accelerator, console)
     shape = read_shape(model_path, config)
-    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1)
+    memory = RunMemory(config, shape, accelerator.device, dtype, engine.processes if engine.sharded else 1, engine.kind)
     plan, batch_size_from = plan_steps(config, data, shape, memory, accelerator, dtype, console)
     model, plan = load_trainable_model(config, model_path, dtype, engine.load_device, plan, encoder, console)
     loss_module = CausalLMLoss(model, shape_buckets=plan.buckets)
     if config.batch_size == "auto" and accelerator.device.type == "cuda" and not engine.sharded:
         plan = confirm_batch_size(loss_module, data, plan, memory, tokenizer.pad_token_id, accelerator.device, console)
     _describe_model(config, model, accelerator.device, dtype, console)
-    if engine.sharded:  # before the optimizer: sharding replaces the parameters
+    if engine.sharded:  # before the optimizer: FSDP2's sharding replaces the parameters
         _shard_weights(config, run, model, loss_module, engine, bool(data.test), console)
 
     total_steps = plan.steps_per_epoch * config.epochs
@@ -70,7 +71,11 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, trainable, accelerator.device, total_steps, warmup_steps)
-    if not engine.sharded:  # DDP (or nothing, for one process)
+    if engine.deepspeed:
+        loss_module, optimizer = zero.prepare(accelerator, loss_module, optimizer, plan.micro_batch, config)
+        if engine.sharded:
+            console.info(held_here(model, engine))
+    elif not engine.sharded:  # DDP (or nothing, for one process)
         loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     resolved = ResolvedRun.of(
         plan,
@@ -109,15 +114,17 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
 
 
 def _shard_weights(config: TrainConfig, run: Path, model, loss_module, engine, has_test: bool, console) -> None:
-    """FSDP2: each process keeps its shard of the weights (torch's fully_shard, in training.engine)."""
+    """Each process keeps its shard of the weights: FSDP2's now (torch's fully_shard, in training.engine), ZeRO-3's
+    when DeepSpeed's engine is set up (training.zero)."""
     if has_test:
         console.warn(
             f"the held-out test set is not answered during an {engine.kind} run (each generated token would gather "
             f"the weights from every process); score it afterwards with: loratune eval {run} --data "
             f"{config.test_data} --generate"
         )
-    shard(loss_module, engine)
-    console.info(held_here(model, engine))
+    if engine.kind == "FSDP2":
+        shard(loss_module, engine)
+        console.info(held_here(model, engine))
 
 
 def _validation_plan(config: TrainConfig, data, plan, engine):
@@ -141,8 +148,12 @@ def _devices(cfg: TrainConfig):
         keep_freed_cpu_memory()
     dtype = choose_dtype(cfg.precision, wanted)
     accelerator, engine = start(wanted, "fp16" if dtype == torch.float16 else "no")
-    if engine.sharded and cfg.load_in_4bit:
-        raise LaunchRefused(f"load_in_4bit: {engine.kind} does not shard 4-bit weights here; use DDP, or a 16-bit base")
+    if (engine.sharded or engine.deepspeed) and cfg.load_in_4bit:
+        raise LaunchRefused(
+            f"load_in_4bit: loratune does not run {engine.kind} on 4-bit weights; use DDP, or a 16-bit base"
+        )
+    if engine.deepspeed and dtype == torch.float16:  # accelerate would turn on DeepSpeed's fp16, which casts LoRA too
+        raise LaunchRefused(f"precision fp16: {engine.kind} would train the LoRA weights in fp16 too; use bf16 or fp32")
     return accelerator, engine, dtype
 
 
@@ -276,10 +287,10 @@ def _resume(s: Session, current: dict) -> None:
             f"would take {s.plan.examples_per_step} (batch_size x gradient_accumulation_steps x processes); choose "
             f"values whose product is {saved.examples_per_step}"
         )
-    if s.partial is not None and s.processes > 1:
+    if s.partial is not None and (s.processes > 1 or s.engine.deepspeed):
         raise UserError(
             "cannot resume: this checkpoint was taken in the middle of a step by one process; "
-            "resume it with one process"
+            "resume it with one process, without DeepSpeed"
         )
     if s.partial is not None and s.state.micro_batch:  # its passes must line up with those already done
         s.plan = s.plan.with_micro_batch(s.state.micro_batch)
@@ -287,8 +298,9 @@ def _resume(s: Session, current: dict) -> None:
 
 
 def _describe_model(cfg: TrainConfig, model, device, dtype, console: Console) -> None:
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole
+    n_trainable = sum(n for n, trained in numel if trained)
+    n_total = sum(n for n, _ in numel)
     console.info(
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
         f"{n_trainable:,} trainable of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%)"

@@ -67,12 +67,13 @@ def _passes(s: Session, passes: list[list[int]], targets: int) -> tuple[int, int
             loss_sum = s.loss_module(batch)
             # Divide by the step's target count (x processes, since DDP averages): the update is the mean over all
             # the step's target tokens whatever the split into passes and processes.
-            s.accelerator.backward(loss_sum * (world / targets))
+            backward = s.loss_module.backward if s.engine.deepspeed else s.accelerator.backward
+            backward(loss_sum * (world / targets))
         state.step_loss_sum += float(loss_sum.detach())
         tokens += batch.n_tokens
         positions += batch.input_ids.numel()
         state.pass_in_step = i + 1
-        if s.stop.requested and not sync and world == 1:  # a mid-step save holds one process's gradients
+        if s.stop.requested and not sync and world == 1 and not s.engine.deepspeed:  # one process's gradients
             _save_cut_step(s)
             raise Interrupted(s.run, s.stop.signal_name)
     return tokens, positions
@@ -90,7 +91,7 @@ def _halve(s: Session) -> None:
     """Free the failed step's gradients and halve the passes that replay it; the step keeps its examples, so the
     update is the same (the loss is normalised by the step's target count)."""
     plan, world = s.plan, s.processes
-    if plan.micro_batch == 1 or world > 1:
+    if plan.micro_batch == 1 or world > 1 or s.engine.deepspeed:
         raise UserError(s.memory.out_of_memory(plan) + (_NOT_HALVED.format(world) if world > 1 else ""), exit_code=1)
     s.optimizer.zero_grad(set_to_none=True)
     s.state.pass_in_step, s.state.step_loss_sum = 0, 0.0
@@ -112,16 +113,13 @@ def _update(s: Session, targets: int, tokens: int, positions: int, start: float)
     """Clip, skip a non-finite update, step the optimizer and the schedule, and move the state one step on."""
     state = s.state
     loss = s.all_sum(state.step_loss_sum) / targets
-    grad_norm = _clip(s)
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or s.cfg.precision == "fp16")
+    grad_norm, finite = (_deepspeed_update if s.engine.deepspeed else _optimizer_update)(s, loss)
     if finite:
-        s.optimizer.step()
         state.nonfinite_streak = 0
     else:
         state.nonfinite_streak += 1
         state.nonfinite_total += 1
         s.progress.note(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
-    s.optimizer.zero_grad(set_to_none=True)
     lr = s.scheduler.get_last_lr()[0]
     s.scheduler.step()
     state.step += 1
@@ -132,9 +130,22 @@ def _update(s: Session, targets: int, tokens: int, positions: int, start: float)
     return StepResult(loss, grad_norm, lr, int(tokens), int(positions), targets, time.perf_counter() - start, finite)
 
 
-def _clip(s: Session) -> float:
-    """The gradient norm before clipping (over all processes' shards when sharded); clips to max_grad_norm > 0."""
-    return float(s.accelerator.clip_grad_norm_(s.trainable, s.cfg.max_grad_norm or float("inf")))
+def _optimizer_update(s: Session, loss: float) -> tuple[float, bool]:
+    """Clip (the norm over all processes' shards when sharded) to max_grad_norm > 0, then update unless the loss or
+    the gradient is not finite. Returns the gradient norm before clipping, and whether the update was made."""
+    grad_norm = float(s.accelerator.clip_grad_norm_(s.trainable, s.cfg.max_grad_norm or float("inf")))
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or s.cfg.precision == "fp16")
+    if finite:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def _deepspeed_update(s: Session, loss: float) -> tuple[float, bool]:
+    """DeepSpeed's step (training.zero): the same clipping; it skips an update whose gradient norm is not finite."""
+    s.loss_module.step()
+    grad_norm = float(s.loss_module.get_global_grad_norm())
+    return grad_norm, math.isfinite(loss) and math.isfinite(grad_norm)
 
 
 def _save_cut_step(s: Session) -> None:
