@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ..modeling.evaluate import dataset_loss
 from .outputs import save_adapter
 from .session import Session
@@ -23,7 +25,7 @@ def validate(s: Session, epoch: float) -> None:
     if s.engine.sharded:  # every pass gathers the weights from all processes: each runs all of them
         total, count = dataset_loss(s.loss_module, s.data.val, plan, s.pad_id, s.device)
     else:  # each its share, outside DDP, whose forward pass syncs buffers: shares may differ in passes
-        module = s.accelerator.unwrap_model(s.loss_module)
+        module = _unwrapped(s)
         total, count = map(s.all_sum, dataset_loss(module, s.data.val, plan, s.pad_id, s.device, rank=s.rank))
     val_loss = total / count
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
@@ -44,3 +46,10 @@ def validate(s: Session, epoch: float) -> None:
             f"early stopping: validation loss did not improve by {cfg.early_stopping_min_delta} "
             f"for {state.evals_since_best} evaluations"
         )
+
+
+def _unwrapped(s: Session):
+    """The loss module inside DDP's or DeepSpeed's wrapper. Not accelerate's unwrap_model: it imports DeepSpeed
+    whenever it is installed, which prints DeepSpeed's warnings in runs that do not use it."""
+    wrapped = isinstance(s.loss_module, DistributedDataParallel) or s.engine.deepspeed
+    return s.loss_module.module if wrapped else s.loss_module
