@@ -181,6 +181,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         page.select_option("#gguf-type", "q8_0")
         page.click("#export")
         page.locator(".notice.info", has_text="done: wrote").wait_for(timeout=90_000)
+        assert page.input_value("#gguf-type") == "q8_0"  # kept while the page redraws
         assert (runs / "second" / "second-q8_0.gguf").is_file()
 
         # Try it: the fine-tuned and the base model answer side by side.

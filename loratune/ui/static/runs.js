@@ -133,7 +133,10 @@ function exportSection(name, d) {
   const jobLine = (job) => job ? el(`div.notice.${job.state === "failed" ? "error" : "info"}`,
     `${job.state}: ${job.line}`) : null;
   const running = (job) => !!(job && job.state === "running");
-  const type = el("select#gguf-type", ["f16", "bf16", "q8_0", "q4_0", "q4_1"].map((t) => el("option", t)));
+  // The page is redrawn as the run's state changes: the chosen type is kept outside it.
+  const type = el("select#gguf-type", { onchange: (e) => (UI.ggufType = e.target.value) },
+    ["f16", "bf16", "q8_0", "q4_0", "q4_1"].map((t) => el("option", t)));
+  type.value = UI.ggufType || "f16";
   return el("div",
     el("div.row",
       el("button#merge", { disabled: !d.adapters.includes("adapter") || running(d.merge),
