@@ -7,10 +7,11 @@ import gc
 import operator
 import sys
 
-from .core.config import TrainConfig
+from .core.config import TrainConfig, parse_bytes
 from .core.errors import BadRowError, UserError
 from .core.presets import PRESETS, guide_warnings
 from .core.sources import resolve
+from .inference.export.formats import K_QUANTS, TYPES, check_type
 
 FIELD_GROUPS = {
     "model": "Model",
@@ -174,8 +175,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_type(args.type, args.adapter_only)  # before the export's imports: a wrong --type is answered at once
     from .inference.export import export_gguf
-    from .inference.export.writer import K_QUANTS
 
     done = export_gguf(args.run_dir, args.out, args.type, args.adapter_only, args.overwrite, args.adapter)
     if not done.translated:
@@ -197,9 +198,6 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .commands.plan import plan_run
-    from .core.config import parse_bytes
-
     device = None
     if args.device and ":" in args.device:  # a device index (cuda:1) is the plan's, not a config value
         device, args.device = args.device, args.device.split(":")[0]
@@ -210,6 +208,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--gpu-memory {args.gpu_memory!r}: {e}") from None
     if args.tokens_per_second is not None and args.tokens_per_second <= 0:
         raise UserError(f"--tokens-per-second {args.tokens_per_second}: must be > 0")
+    from .commands.plan import plan_run  # after the checks: it loads torch
+
     plan = plan_run(
         resolved.config,
         gpu_memory=gpu_memory,
@@ -402,8 +402,6 @@ def _merge(commands) -> None:
 
 
 def _export(commands) -> None:
-    from .inference.export.writer import TYPES
-
     p = commands.add_parser("export", help="write the fine-tuned model as a GGUF file for llama.cpp and Ollama")
     _run_dir(p)
     p.add_argument("--format", required=True, choices=["gguf"], help="file format (gguf: llama.cpp, Ollama, LM Studio)")

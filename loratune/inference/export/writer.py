@@ -16,13 +16,10 @@ import torch
 from ...core.errors import UserError
 from ...core.files import io_message
 
-# --type: the format of the weight matrices. Norms and biases stay in F32, as llama.cpp's converter keeps them.
-TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1")
-ADAPTER_TYPES = ("f16", "bf16", "q8_0")  # the formats llama.cpp reads LoRA adapters in
-K_QUANTS = (
-    "K-quants (Q4_K_M, Q5_K_M, ...) need llama.cpp's own quantizer: export --type f16, then run "
-    "`llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M`"
-)
+# Re-exported (`as`): build.py imports the formats from here.
+from .formats import ADAPTER_TYPES as ADAPTER_TYPES
+from .formats import K_QUANTS as K_QUANTS
+from .formats import TYPES as TYPES
 
 
 def qtype(name: str):
