@@ -9,12 +9,13 @@ from ..core.errors import UserError
 
 def generate_command(args) -> int:
     """Answers of a run to --prompt TEXT (printed) or to a JSONL file of prompts (one JSON line each)."""
+    if (args.prompt is None) == (args.file is None):
+        raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    # After the check: a wrong command line is answered without loading torch.
     from ..data.formats import prompt_text
     from ..inference.run import load_run, prompt_examples, text_prompt
     from ..modeling.generate import generate_texts
 
-    if (args.prompt is None) == (args.file is None):
-        raise UserError("generate: give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     run = load_run(args.run_dir, adapter=args.adapter, use_adapter=not args.no_adapter)
     if args.prompt is not None:
         examples = [text_prompt(args.prompt, run.data_format)]

@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
-from ..data.encode import encoder_for
-from ..data.inspect import Inspection, inspect_data, render
-from ..modeling.model import load_tokenizer, resolve_model
-from .plan import peak_bytes
+
+if TYPE_CHECKING:
+    from ..data.inspect import Inspection
 
 
 def inspect(cfg: TrainConfig, percentile: float) -> tuple[Inspection, list[str]]:
     """The inspection of cfg's data, and a line of estimated peak training memory per max_length it shows."""
     if not cfg.train_data:
         raise UserError("data inspect: give a run config (loratune data inspect run.yaml) or a data file (--data FILE)")
+    # Imported after the check, which then answers without loading torch.
+    from ..data.encode import encoder_for
+    from ..data.inspect import inspect_data
+    from ..modeling.model import load_tokenizer, resolve_model
+
     ins = inspect_data(cfg, encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg), percentile)
     return ins, memory_lines(cfg, [e.max_length for e in (ins.current, ins.at_recommended) if e])
 
 
 def memory_lines(cfg: TrainConfig, max_lengths: list[int]) -> list[str]:
+    from .plan import peak_bytes
+
     out = []
     for max_length in max_lengths:
         try:
@@ -34,6 +41,8 @@ def memory_lines(cfg: TrainConfig, max_lengths: list[int]) -> list[str]:
 
 
 def text(ins: Inspection, memory: list[str], cfg: TrainConfig) -> str:
+    from ..data.inspect import render
+
     return "\n".join([render(ins, cfg), *memory])
 
 

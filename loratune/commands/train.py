@@ -11,11 +11,6 @@ from ..core.errors import UserError
 
 def train_command(args, resolve_args) -> int:
     """`resolve_args(args, default_preset)` turns the command line into a resolved config (cli.py)."""
-    from ..training.engine import LaunchRefused, launched
-    from ..training.loop import train
-
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch(args.num_processes)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite starts it over: give one of them")
     if args.resume and (isinstance(args.resume, str) or not args.config):
@@ -26,10 +21,16 @@ def train_command(args, resolve_args) -> int:
         args.output_dir = str(run)  # --resume RUN_DIR names the run, whatever output_dir a config file gives
     quickstart = not args.config and not args.preset and not args.train_data and not args.data
     config = resolve_args(args, default_preset="quickstart" if quickstart else None).config
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:  # after the check: a bad setting is said once
+        return _relaunch(args.num_processes)
     if quickstart:  # after the arguments are checked: a bad one is the only line printed
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
         if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
             config = config.model_copy(update={"output_dir": next_free(Path(config.output_dir))})
+    # Only now: a bad argument or setting is answered without loading torch.
+    from ..training.engine import LaunchRefused, launched
+    from ..training.loop import train
+
     try:
         train(config, resume=bool(args.resume), overwrite=args.overwrite)
     except LaunchRefused:
