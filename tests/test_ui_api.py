@@ -130,12 +130,17 @@ def test_states_of_finished_failed_cut_damaged_and_deleted_runs(tiny_run, tmp_pa
     (jobs / "bad.train.log").write_text(f"=== start\n{error}\n")
     (jobs / "gone.train.json").write_text(json.dumps(record | {"name": "gone", "returncode": 130}))
     (jobs / "gone.train.log").write_text("=== start\nstopped: SIGINT: checkpoint saved.\n")  # then deleted
+    shutil.copytree(tiny_run, runs / "my run ü")  # a name the UI would not give, from a terminal: it works too
+    (runs / "a,b").mkdir()  # Compare's separator: not listed
+    (runs / "a,b" / "config.yaml").write_text("model: x\n")
     ui = server_for(runs)
 
     status, data = ui.get("/api/runs")
     assert status == 200
     rows = {r["name"]: r for r in data["runs"]}
-    assert set(rows) == {"bad", "cut", "done", "half"}
+    assert set(rows) == {"bad", "cut", "done", "half", "my run ü"}
+    assert ui.get("/api/runs/" + urllib.parse.quote("my run ü"))[1]["row"]["state"] == "done"
+    assert ui.get("/api/compare?runs=" + urllib.parse.quote("my run ü,done"))[0] == 200
     assert (rows["done"]["state"], rows["done"]["why"]) == ("done", "all epochs done")
     assert rows["done"]["best_val_loss"] == pytest.approx(
         json.loads((tiny_run / "summary.json").read_text())["best_val_loss"]
@@ -152,6 +157,8 @@ def test_states_of_finished_failed_cut_damaged_and_deleted_runs(tiny_run, tmp_pa
     assert {c["name"]: c["source"] for c in details["config"]}["lora_r"] == "default"
     status, details = ui.get("/api/runs/half")
     assert status == 200 and details["config_error"]
+    status, details = ui.get("/api/runs/bad")  # no folder: its failure says it all, no "config.yaml is missing"
+    assert status == 200 and details["config_error"] is None and not details["row"]["exists"]
 
     shutil.rmtree(runs / "done")
     assert "done" not in {r["name"] for r in ui.get("/api/runs")[1]["runs"]}
@@ -274,13 +281,17 @@ def test_new_run_checks_say_what_the_guide_and_the_config_say(tiny_model, tmp_pa
     values = {"model": tiny_model, "train_data": data}
     status, r = ui.post("/api/check", {"values": values | {"learning_rate": "1e-3", "lora_alpha": "8"}})
     assert r["error"] is None and set(r["warnings"]) == {"learning_rate", "lora_alpha"}
-    status, r = ui.post("/api/check", {"values": values | {"batch_size": "-2"}})
-    assert r["field"] == "batch_size" and "batch_size = '-2'" in r["error"]
+    status, r = ui.post("/api/check", {"values": values | {"batch_size": "-2", "learning_rate": "1e-3"}})
+    assert r["field"] == "batch_size" and r["error"].startswith("batch_size = '-2': must be")  # no CLI flag in it
+    assert set(r["warnings"]) == {"learning_rate"}  # the other fields' warnings stay while one field is wrong
     status, r = ui.post("/api/check", {"values": {"train_data": str(tmp_path / "none.jsonl")}})
     assert "file not found" in r["error"]
     status, r = ui.post("/api/plan", {"values": values, "name": "p"})
-    assert status == 200 and r["plan"]["fits"] and r["inspect"]["recommended"]
+    assert status == 200 and r["plan"]["fits"] and r["inspect"]["recommended"] and r["start_error"] is None
     assert r["inspect"]["histogram"] and not (tmp_path / "runs" / "p").exists()
+    status, r = ui.post("/api/plan", {"values": {"model": tiny_model}, "name": "p"})
+    assert status == 200 and r["plan"] and r["start_error"] == "give training data (a path, or Upload…) to start"
+    assert ui.post("/api/runs", {"values": {"model": tiny_model}, "name": "p"}) == (400, {"error": r["start_error"]})
 
 
 def test_runs_outlive_the_ui_fail_with_their_error_line_merge_and_export(tiny_model, tiny_run, tmp_path, server_for):
@@ -323,11 +334,8 @@ def test_runs_outlive_the_ui_fail_with_their_error_line_merge_and_export(tiny_mo
         kill_children(runs)
 
 
-def test_try_streams_the_fine_tuned_then_the_base_answer(tiny_run, tmp_path, server_for):
-    runs = tmp_path / "runs"
-    shutil.copytree(tiny_run, runs / "done")
-    ui = server_for(runs)
-    body = {"run": "done", "message": "order two mugs", "max_new_tokens": 12, "history": {}}
+def ask(ui: Server, body: dict) -> list[dict]:
+    """Try it's events for one request, to its end."""
     conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=120)
     conn.request("POST", "/api/try", body=json.dumps(body), headers={"X-Loratune": "1"})
     response = conn.getresponse()
@@ -338,9 +346,220 @@ def test_try_streams_the_fine_tuned_then_the_base_answer(tiny_run, tmp_path, ser
         if line.startswith("data: "):
             events.append(json.loads(line[6:]))
     conn.close()
+    return events
+
+
+def test_try_streams_the_fine_tuned_then_the_base_answer(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    ui = server_for(runs)
+    events = ask(ui, {"run": "done", "message": "order two mugs", "max_new_tokens": 12, "history": {}})
     assert events[0]["ready"] and not any("error" in e for e in events)
     done = [i for i, e in enumerate(events) if e.get("done")]
     assert [events[i]["side"] for i in done] == ["fine-tuned", "base"]
     pieces = [e for e in events[: done[0]] if e.get("side") == "fine-tuned" and "text" in e]
     assert len(pieces) > 1  # streamed piece by piece, not in one go
     assert "".join(p["text"] for p in pieces).strip() == events[done[0]]["text"]
+
+
+def strict_json(text: str):
+    """JSON as a browser parses it: NaN and Infinity are errors."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_or_infinity_in_the_metrics_is_sent_as_null(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    for name in ("nan", "other"):
+        shutil.copytree(tiny_run, runs / name)
+    (runs / "nan" / "summary.json").unlink()  # the best validation loss comes from the metrics then
+    with open(runs / "nan" / "metrics.jsonl", "a") as f:  # as the trainer writes a skipped non-finite step
+        f.write(json.dumps({"event": "train", "step": 7, "loss": float("nan"), "grad_norm": float("inf")}) + "\n")
+        f.write(json.dumps({"event": "eval", "step": 7, "val_loss": float("nan")}) + "\n")
+    ui = server_for(runs)
+
+    for path in ("/api/runs", "/api/runs/nan", "/api/compare?runs=nan,other"):
+        status, _, response = ui.request("GET", path)
+        assert status == 200, path
+    status, data = ui.get("/api/runs")
+    best = min(r["val_loss"] for r in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())
+               if r["event"] == "eval")  # fmt: skip
+    assert {r["name"]: r for r in data["runs"]}["nan"]["best_val_loss"] == pytest.approx(best)
+    train = ui.get("/api/compare?runs=nan,other")[1]["runs"]["nan"]["train"]
+    assert train[-1] == {"event": "train", "step": 7, "loss": None, "grad_norm": None}
+
+    conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=10)
+    conn.request("GET", "/api/runs/nan/events")
+    response = conn.getresponse()
+    line = response.fp.readline().decode()
+    while not line.startswith("data: "):
+        line = response.fp.readline().decode()
+    records = strict_json(line[6:])["records"]
+    conn.close()
+    assert records[-2]["loss"] is None and records[-1] == {"event": "eval", "step": 7, "val_loss": None}
+
+
+def test_two_uis_asked_to_start_one_run_name_at_once_start_it_once(tiny_model, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    train = write_jsonl(tmp_path / "train.jsonl", varied_rows(8))
+    uis = [server_for(runs), server_for(runs)]  # two UIs on one runs folder, as two `loratune ui` would be
+    body = {"name": "same", "values": {"model": tiny_model, "train_data": train}}
+    barrier, answers = threading.Barrier(4), []
+
+    def start(ui):
+        barrier.wait()
+        answers.append(ui.post("/api/runs", body))
+
+    threads = [threading.Thread(target=start, args=(ui,)) for ui in uis * 2]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(status for status, _ in answers) == [200, 409, 409, 409], answers
+        refusals = [data["error"] for status, data in answers if status == 409]
+        assert all("same" in e and ("already" in e) for e in refusals), refusals
+        assert uis[1].post("/api/runs", body)[0] == 409  # still starting (no folder yet) or running: still refused
+    finally:
+        kill_children(runs)
+
+
+def test_the_server_checks_the_run_state_before_resume_merge_and_export(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    shutil.copytree(tiny_run, runs / "early")  # stopped before its end: checkpoints, but no adapter yet
+    for gone in ("summary.json", "adapter", "last"):
+        path = runs / "early" / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    age(runs / "early" / "metrics.jsonl", 3600)
+    ui = server_for(runs)
+    try:
+        status, data = ui.post("/api/runs/done/resume")
+        assert status == 409 and "finished" in data["error"] and "does not resume" in data["error"]
+        for action in ("merge", "export"):
+            status, data = ui.post(f"/api/runs/early/{action}", {"type": "f16"})
+            assert status == 409 and f"no adapter to {action}" in data["error"], data
+        assert not list(runs.glob(".loratune-ui/jobs/*.json"))  # nothing was started
+    finally:
+        kill_children(runs)
+
+
+def test_links_out_of_the_runs_folder_are_not_followed(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_run, elsewhere / "run")
+    (elsewhere / "summary.json").write_text(json.dumps({"stop_reason": "SECRET", "best_val_loss": 0.5}))
+    runs.mkdir()
+    (runs / "linked").symlink_to(elsewhere / "run")  # a run folder that links elsewhere
+    shutil.copytree(tiny_run, runs / "real")
+    (runs / "real" / "summary.json").unlink()
+    (runs / "real" / "summary.json").symlink_to(elsewhere / "summary.json")  # a file that links elsewhere
+    (runs / "real" / "metrics.jsonl").unlink()
+    (runs / "real" / "metrics.jsonl").symlink_to(elsewhere / "run" / "metrics.jsonl")
+    ui = server_for(runs)
+
+    status, data = ui.get("/api/runs")
+    assert [r["name"] for r in data["runs"]] == ["real"]
+    assert ui.get("/api/runs/linked")[0] == 404
+    status, details = ui.get("/api/runs/real")
+    assert status == 200 and details["summary"] is None and details["row"]["step"] == 0
+    assert "SECRET" not in json.dumps(details)
+    assert ui.get("/api/compare?runs=real,linked")[0] == 404
+
+
+def test_bodies_and_uploads_over_their_limits_are_refused(tmp_path, server_for, monkeypatch):
+    from loratune.ui import server
+
+    runs = tmp_path / "runs"
+    ui = server_for(runs)
+    big = json.dumps({"values": {"model": "x" * server.JSON_LIMIT}}).encode()
+    status, data, _ = ui.request("POST", "/api/check", raw=big, headers={"Content-Type": "application/json"})
+    assert status == 413 and "larger than 1 MiB" in data["error"]
+
+    monkeypatch.setattr(server, "UPLOAD_LIMIT", 1000)
+    status, data, _ = ui.request("POST", "/api/upload?name=big.jsonl", raw=b"{}\n" * 400)
+    assert status == 413 and "upload 'big.jsonl'" in data["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=10)  # chunked: no length declared
+    conn.request("POST", "/api/upload?name=big.jsonl", body=iter([b"{}\n" * 300] * 2), headers={"X-Loratune": "1"},
+                 encode_chunked=True)  # fmt: skip
+    response = conn.getresponse()
+    assert response.status == 413 and "larger than" in json.loads(response.read())["error"]
+    conn.close()
+    assert list((runs / "uploads").iterdir()) == []  # nothing kept, not even half a file
+    assert ui.request("POST", "/api/upload?name=small.jsonl", raw=b"{}\n" * 300)[0] == 200
+
+
+def test_wrong_json_types_get_one_clear_400(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    ui = server_for(runs)
+    for path in ("/api/check", "/api/plan", "/api/runs"):
+        status, data = ui.post(path, {"name": "x", "preset": ["quick"], "values": {}})
+        assert (status, data) == (400, {"error": 'preset: expected a preset name, got ["quick"]'}), path
+        status, data = ui.post(path, {"name": "x", "values": ["epochs"]})
+        assert status == 400 and data["error"].startswith("values: expected a mapping"), path
+        status, data = ui.post(path, {"name": "x", "values": {"epochs": [1]}})
+        assert data["error"] == "epochs: expected text, a number or true/false", path
+        assert status == (200 if path == "/api/check" else 400)  # a check answers what is wrong with the form
+    status, data = ui.post("/api/runs/done/export", {"type": 5})
+    assert status == 400 and data["error"].startswith("type: expected a GGUF type name")
+    for wrong in ({"history": []}, {"history": {"base": "hi"}}, {"max_new_tokens": "many"}, {"message": 5}):
+        status, data = ui.post("/api/try", {"run": "done", "message": "hi"} | wrong)
+        assert status == 400 and data["error"].split(":")[0] in wrong, data
+
+
+def try_processes(run: Path) -> list[int]:
+    """The live Try it model processes of `run` (a reaped or zombie process has no command line)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if b"loratune.ui.tryit" in words and str(run).encode() in words:
+            found.append(int(proc.name))
+    return found
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def test_try_keeps_one_model_process_per_run_and_ends_it_when_unused(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "done")
+    ui = server_for(runs)
+    run = runs.resolve() / "done"
+    body = {"run": "done", "message": "order two mugs", "max_new_tokens": 4}
+
+    conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=60)
+    conn.request("POST", "/api/try", body=json.dumps(body), headers={"X-Loratune": "1"})
+    conn.getresponse()
+    wait_for(lambda: try_processes(run), 30, "the model process starts")
+    conn.close()  # the page goes away (or times out) while the model loads
+    wait_for(lambda: not try_processes(run), 10, "the loading model process ends")
+
+    assert ask(ui, body)[-1] == {"end": True}
+    (first,) = try_processes(run)
+    ui.app.app.state.ui.workers.idle_seconds = 1
+    assert ask(ui, body | {"message": "and a lamp"})[-1] == {"end": True}
+    assert try_processes(run) == [first]  # asked again: the same process answers
+    wait_for(lambda: not try_processes(run), 10, "the idle model process ends")
+
+
+def test_an_emptied_field_clears_what_the_preset_set(tmp_path):
+    from loratune.core.presets import PRESETS
+    from loratune.ui import form
+
+    assert PRESETS["quickstart"].values["test_data"]
+    argv, sources = form.train_argv({"test_data": ""}, "quickstart", tmp_path / "run")
+    assert "--test-data=" in argv and sources["test_data"] == "--test-data"
+    assert form.resolve_form({"test_data": ""}, "quickstart").config.test_data == ""  # training reads it as none

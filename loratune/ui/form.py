@@ -14,10 +14,13 @@ from ..core.config import GUIDE_FIELDS, TrainConfig, allowed
 from ..core.errors import UserError
 from ..core.presets import DEFAULT_PRESET, PRESETS, guide_warnings
 from ..core.sources import Resolved, resolve
+from .jobs import Conflict
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DATA_FIELDS = ("model", "train_data", "val_data", "test_data")
 HIDDEN = {"output_dir"}  # the run's name sets it: a run started here lives in the runs folder
+FROM_FLAG = re.compile(r" \(from --[a-z0-9-]+\)")  # the form has fields, not flags: its errors start with the name
+NO_TRAIN_DATA = "give training data (a path, or Upload…) to start"
 
 
 def schema() -> dict:
@@ -55,7 +58,11 @@ def _flags(values: dict) -> dict[str, Any]:
     unknown = [k for k in values if k not in TrainConfig.model_fields or k in HIDDEN]
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r}")
-    return {k: v for k, v in values.items() if v is not None and v != ""}
+    wrong = [k for k, v in values.items() if v is not None and not isinstance(v, (str, int, float, bool))]
+    if wrong:
+        raise UserError(f"{wrong[0]}: expected text, a number or true/false")
+    # The page sends a field only when it differs from the preset: an emptied one ("") clears the preset's value.
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def resolve_form(values: dict, preset: str | None, output_dir: Path | None = None) -> Resolved:
@@ -63,20 +70,31 @@ def resolve_form(values: dict, preset: str | None, output_dir: Path | None = Non
     flags = _flags(values)
     if output_dir is not None:
         flags["output_dir"] = str(output_dir)
-    return resolve(None, preset or None, flags)
+    try:
+        return resolve(None, preset or None, flags)
+    except UserError as e:
+        raise UserError(FROM_FLAG.sub("", str(e))) from None
 
 
 def check(values: dict, preset: str | None) -> dict:
-    """What is wrong (one line, and which field) and the Guide's range warnings by field."""
+    """What is wrong (one line, and which field) and the Guide's range warnings by field (the other fields' still
+    shown while one field is wrong)."""
+    error = field = None
     try:
         cfg = resolve_form(values, preset).config
     except UserError as e:
-        field = str(e).split(" ", 1)[0]
-        return {"error": str(e), "field": field if field in TrainConfig.model_fields else None, "warnings": {}}
+        error, field = str(e), str(e).split(" ", 1)[0]
+        field = field if field in TrainConfig.model_fields else None
+        try:
+            cfg = resolve_form({k: v for k, v in values.items() if k != field}, preset).config
+        except UserError:  # something else is wrong too (or not one field): no warnings to trust
+            return {"error": error, "field": field, "warnings": {}}
     warnings: dict[str, list[str]] = {}
     for message in guide_warnings(cfg):
-        warnings.setdefault(message.split("=", 1)[0], []).append(message)
-    return {"error": None, "field": None, "warnings": warnings}
+        name = message.split("=", 1)[0]
+        if name != field:
+            warnings.setdefault(name, []).append(message)
+    return {"error": error, "field": field, "warnings": warnings}
 
 
 def plan_and_inspect(values: dict, preset: str | None, output_dir: Path) -> dict:
@@ -92,7 +110,10 @@ def plan_and_inspect(values: dict, preset: str | None, output_dir: Path) -> dict
         out["plan"], out["plan_text"] = asdict(plan), plan.text()
     except UserError as e:
         out["plan_error"] = str(e)
+    # Start waits for a plan that worked and for data (a data error is training's to report: it may skip rows).
+    out["start_error"] = "the plan failed: see why above" if out["plan_error"] else None
     if not cfg.train_data:
+        out["start_error"] = out["start_error"] or NO_TRAIN_DATA
         out["inspect_error"] = "give training data to see its lengths"
         return out
     try:
@@ -106,6 +127,8 @@ def train_argv(values: dict, preset: str | None, output_dir: Path) -> tuple[list
     """`loratune train` arguments for the form's settings, and where each setting comes from. Raises the one-line
     error training would give for a bad value."""
     resolved = resolve_form(values, preset, output_dir)  # refuses what training would refuse, before it starts
+    if not resolved.config.train_data:
+        raise UserError(NO_TRAIN_DATA)
     argv = ["train", *(["--preset", preset] if preset else [])]
     for name, value in _flags(values).items():
         flag = "--" + name.replace("_", "-")
@@ -133,5 +156,5 @@ def check_run_name(name: str, root: Path, reserved: set[str]) -> Path:
         )
     folder = root / name
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"run name {name!r}: {folder} already holds a run; choose another name")
+        raise Conflict(f"run name {name!r}: {folder} already holds a run; choose another name")
     return folder

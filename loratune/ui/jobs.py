@@ -9,6 +9,7 @@ training saves a checkpoint and exits.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +29,10 @@ from ..core.files import atomic_write
 STATE_DIR = ".loratune-ui"  # a dot-folder: never taken for a run
 KINDS = ("train", "merge", "export")
 LOG_TAIL_BYTES = 64 * 1024
+
+
+class Conflict(UserError):
+    """Refused because of the run's state (running, finished, taken): the page shows the line."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,30 @@ class Jobs:
             return child.returncode is None
         return _process_runs(job.pid, job.argv)  # started by an earlier UI
 
-    def start(self, name: str, kind: str, argv: list[str], sources: dict[str, str] | None = None) -> Job:
-        """Run `loratune ARGV` as a child in its own session, its output appended to the job's log."""
-        with self._lock:
+    @contextmanager
+    def _exclusive(self):
+        """Held while a job is checked and started: by this UI's threads, and (a file lock) by every other UI on
+        the same runs folder, so that two of them never both find a run free and both start it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.folder / "start.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def start(
+        self,
+        name: str,
+        kind: str,
+        argv: list[str],
+        sources: dict[str, str] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> Job:
+        """Run `loratune ARGV` as a child in its own session, its output appended to the job's log; `check()`
+        (raising to refuse) sees the run as no other start can change it until this one is recorded."""
+        with self._exclusive():
+            if check is not None:
+                check()
             if self.alive(self.get(name, kind)):
-                raise UserError(f"{name}: a {kind} process is already running for this run")
-            self.folder.mkdir(parents=True, exist_ok=True)
+                raise Conflict(f"{name}: a {kind} process is already running for this run")
             with open(self.path(name, kind, "log"), "ab") as log:
                 log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(['loratune', *argv])}\n".encode())
                 log.flush()

@@ -29,10 +29,24 @@ RESERVED = {"uploads", "merged"}  # folders of the runs folder that the UI write
 SAMPLE_CHARS = 2000
 
 
-def read_json(path: Path):
-    """The file's JSON, or None when it is missing, damaged or half-written."""
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, its links followed, stays in the runs folder `root` (resolved): a run folder or file that
+    links elsewhere is never read or served."""
+    return os.path.realpath(path).startswith(os.path.join(root, ""))
+
+
+def loads(text: str | bytes):
+    """JSON, with the NaN and Infinity that Python writes (a skipped non-finite step's loss) read as null: the page
+    can parse null and draws it as a gap, and no comparison takes it for a number."""
+    return json.loads(text, parse_constant=lambda _: None)
+
+
+def read_json(path: Path, root: Path):
+    """The file's JSON, or None when it is missing, damaged, half-written or links outside the runs folder."""
+    if not inside(root, path):
+        return None
     try:
-        return json.loads(path.read_text())
+        return loads(path.read_text())
     except (OSError, ValueError):
         return None
 
@@ -41,8 +55,8 @@ class MetricsLog:
     """metrics.jsonl read incrementally: complete lines only; restarted from the top when the file was replaced or
     shortened (a resumed run rewrites it to its checkpoint's lines)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, root: Path):
+        self.path, self.root = path, root
         self._reset()
 
     def _reset(self) -> None:
@@ -53,7 +67,7 @@ class MetricsLog:
     def update(self) -> tuple[list[dict], bool]:
         """(records new since the last call, whether the earlier ones were dropped: then all records are new)."""
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.path) if inside(self.root, self.path) else None
         except OSError:
             st = None
         reset = st is None or st.st_ino != self._inode or st.st_size < self._offset
@@ -74,7 +88,7 @@ class MetricsLog:
         new = []
         for line in lines:
             try:
-                record = json.loads(line) if line.strip() else None
+                record = loads(line) if line.strip() else None
             except ValueError:
                 record = None
                 self.bad_lines += 1
@@ -109,14 +123,37 @@ class Runs:
     def folder(self, name: str) -> Path:
         return self.root / name
 
+    def is_run_folder(self, name: str) -> bool:
+        """A real folder: one that links elsewhere is not followed."""
+        folder = self.folder(name)
+        return folder.is_dir() and not folder.is_symlink()
+
     def names(self) -> list[str]:
-        found = {n for n in self.jobs.names() if self.folder(n).is_dir() or self._folderless(n)}
+        """Every run, whatever its folder's name (spaces, any script) but a ',' (Compare's separator) or a leading
+        '.' (the UI's own state, and '..'); only these names are ever joined to the runs folder."""
+        found = {n for n in self.jobs.names() if _listed(n) and (self.is_run_folder(n) or self._folderless(n))}
         for p in self.root.iterdir() if self.root.is_dir() else []:
-            if p.name.startswith(".") or p.name in RESERVED or not p.is_dir():
+            if not _listed(p.name) or not self.is_run_folder(p.name):
                 continue
             if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
                 found.add(p.name)
         return sorted(found)
+
+    def read_json(self, path: Path):
+        return read_json(path, self.root)
+
+    def checkpoints(self, name: str) -> list[Path]:
+        run = self.folder(name)
+        return [p for p in list_checkpoints(run) if inside(self.root, p)] if self.is_run_folder(name) else []
+
+    def adapters(self, name: str) -> list[str]:
+        """The run's adapters written so far: the best (adapter/) and the last (last/)."""
+        run = self.folder(name)
+        return [
+            a
+            for a in ("adapter", "last")
+            if inside(self.root, run / a / "adapter_config.json") and (run / a / "adapter_config.json").is_file()
+        ]
 
     def _folderless(self, name: str) -> bool:
         """A run this UI started that has no folder: one still loading, or one that failed before it made its
@@ -127,7 +164,7 @@ class Runs:
     def metrics(self, name: str) -> MetricsLog:
         log = self._logs.get(name)
         if log is None:
-            log = self._logs[name] = MetricsLog(self.folder(name) / "metrics.jsonl")
+            log = self._logs[name] = MetricsLog(self.folder(name) / "metrics.jsonl", self.root)
         log.update()
         return log
 
@@ -137,7 +174,7 @@ class Runs:
             resuming = "--resume" in job.argv
             waiting = "" if (run / "metrics.jsonl").is_file() else "loading the model and data"
             return State("running", "resumed" if resuming and not waiting else waiting, False)
-        summary = read_json(run / "summary.json")
+        summary = self.read_json(run / "summary.json")
         if isinstance(summary, dict):
             return State("done", str(summary.get("stop_reason", "finished")), job is None)
         if job is not None:
@@ -153,7 +190,7 @@ class Runs:
             age = None
         if age is not None and age < FRESH_SECONDS:
             return State("running", "started outside the UI", True)
-        checkpoints = list_checkpoints(run) if run.is_dir() else []
+        checkpoints = self.checkpoints(run.name)
         if checkpoints:
             step = checkpoint_position(checkpoints[-1])[0]
             return State("stopped", f"ended without a summary; resumable from its checkpoint at step {step}", True)
@@ -162,9 +199,9 @@ class Runs:
     def row(self, name: str) -> dict:
         """The run's line in the runs list."""
         run, state = self.folder(name), self.state(name)
-        config = _read_yaml(run / "config.yaml")
-        resolved = read_json(run / "resolved.json") or {}
-        summary = read_json(run / "summary.json") or {}
+        config = _read_yaml(run / "config.yaml", self.root)
+        resolved = self.read_json(run / "resolved.json") or {}
+        summary = self.read_json(run / "summary.json") or {}
         log = self.metrics(name)
         train, evals = log.train, log.evals
         job = self.jobs.get(name)
@@ -179,7 +216,7 @@ class Runs:
             "state": state.state,
             "why": state.why,
             "outside": state.outside,
-            "exists": run.is_dir(),
+            "exists": self.is_run_folder(name),
             "model": config.get("model") if config else None,
             "data": config.get("train_data") if config else None,
             "step": train[-1]["step"] if train else 0,
@@ -189,30 +226,31 @@ class Runs:
             "peak_memory": peak,
             "peak_memory_of": peak_of,
             "started": _started(run, job, train),
-            "checkpoints": len(list_checkpoints(run)) if run.is_dir() else 0,
+            "checkpoints": len(self.checkpoints(name)),
             "bad_metrics_lines": log.bad_lines,
         }
 
     def details(self, name: str) -> dict:
         """Everything the run page shows besides the charts."""
         run = self.folder(name)
-        raw = _read_yaml(run / "config.yaml")
+        raw = _read_yaml(run / "config.yaml", self.root)
         job = self.jobs.get(name)
-        summary = read_json(run / "summary.json")
+        summary = self.read_json(run / "summary.json")
+        exists = self.is_run_folder(name)  # else a run that failed before making it: its row says why
         return {
             "row": self.row(name),
             "config": _config_rows(raw, job.sources if job else {}),
-            "config_error": None if raw else "config.yaml is missing or damaged",
-            "resolved": read_json(run / "resolved.json"),
-            "data": _data_lines(read_json(run / "data.json")),
+            "config_error": "config.yaml is missing or damaged" if exists and not raw else None,
+            "resolved": self.read_json(run / "resolved.json"),
+            "data": _data_lines(self.read_json(run / "data.json")),
             "summary": summary,
             "samples": _samples(raw, summary),
             "checkpoints": [
-                {"name": p.name, "step": checkpoint_position(p)[0], "time": _mtime(p)} for p in list_checkpoints(run)
-            ]
-            if run.is_dir()
-            else [],
-            "adapters": [a for a in ("adapter", "last") if (run / a / "adapter_config.json").is_file()],
+                {"name": p.name, "step": step, "passes": passes, "time": _mtime(p)}
+                for p in self.checkpoints(name)
+                for step, passes in [checkpoint_position(p)]
+            ],
+            "adapters": self.adapters(name),
             "command": job.command if job else None,
             "log": self.jobs.log_lines(name)[-40:] if job else [],
             "merge": _job_state(self.jobs, self.jobs.get(name, "merge"), "merging base and adapter"),
@@ -220,7 +258,9 @@ class Runs:
         }
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, root: Path) -> dict:
+    if not inside(root, path):
+        return {}
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -298,3 +338,7 @@ def _job_state(jobs: Jobs, job, doing: str) -> dict | None:
         return {"state": "running", "line": doing}
     outcome = jobs.outcome(job)
     return {"state": outcome.state, "line": outcome.line}
+
+
+def _listed(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and name not in RESERVED and "," not in name

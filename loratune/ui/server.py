@@ -23,21 +23,31 @@ from starlette.staticfiles import StaticFiles
 
 from ..core.errors import UserError
 from ..core.sources import read_run_config
-from ..training.checkpoint import list_checkpoints
 from . import form
 from .guard import Guard
-from .jobs import STATE_DIR, Jobs
-from .runs import RESERVED, MetricsLog, Runs
+from .jobs import STATE_DIR, Conflict, Jobs
+from .runs import RESERVED, MetricsLog, Runs, inside
 from .tryit import TryWorkers
 
 STATIC = Path(__file__).parent / "static"
 POLL_SECONDS = 0.5  # live views see a new metrics line within this (plus the page's own drawing)
 PING_SECONDS = 15
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# The page's requests are small (a form, a conversation); a training file larger than an upload can be is named by
+# its path instead, which the UI (on this machine) reads as the CLI does.
+JSON_LIMIT = 1 << 20
+UPLOAD_LIMIT = 100 << 20
 
 
 class NotFound(UserError):
     pass
+
+
+class TooLarge(UserError):
+    pass
+
+
+STATUS = {NotFound: 404, Conflict: 409, TooLarge: 413}
 
 
 class State:
@@ -56,10 +66,9 @@ class State:
         return sorted(rows, key=lambda r: r["started"] or 0, reverse=True)  # the newest first
 
     def run(self, name: str) -> Path:
-        """The folder of an existing run: `name` must be one folder of the runs folder, never a path."""
-        if not isinstance(name, str) or not form.RUN_NAME.fullmatch(name) or name in RESERVED:
-            raise NotFound(f"no run named {name!r}")
-        if name not in self.runs.names():
+        """The folder of an existing run: `name` must be one of the runs' names (each one folder of the runs
+        folder, never a path)."""
+        if not isinstance(name, str) or name not in self.runs.names():
             raise NotFound(f"no run named {name!r} in {self.root}")
         return self.root / name
 
@@ -68,28 +77,59 @@ class State:
 
 
 def api(handler):
-    """A JSON endpoint: a UserError becomes {"error": line} with 400 (404 for an unknown run)."""
+    """A JSON endpoint: a UserError becomes {"error": line} with 400 (or its STATUS: an unknown run, a refusal by
+    the run's state, a body too large)."""
 
     @wraps(handler)
     async def wrapped(request: Request):
         try:
             return await handler(request, request.app.state.ui)
-        except NotFound as e:
-            return JSONResponse({"error": str(e)}, 404)
         except UserError as e:
-            return JSONResponse({"error": str(e)}, 400)
+            return JSONResponse({"error": str(e)}, STATUS.get(type(e), 400))
 
     return wrapped
 
 
+async def _limited(request: Request, limit: int, what: str):
+    """The request body's chunks, refused (413) once it passes `limit` bytes: a declared length at once, a chunked
+    body as it arrives."""
+    too_large = TooLarge(f"{what} is larger than {limit >> 20} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        yield chunk
+
+
 async def _body(request: Request) -> dict:
+    raw = b"".join([chunk async for chunk in _limited(request, JSON_LIMIT, "the request body")])
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         raise UserError("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object")
     return body
+
+
+def _get(body: dict, key: str, kinds: tuple[type, ...], what: str, default=None):
+    """body[key] when it is one of `kinds` (or absent: `default`), else a 400 saying what was expected."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise UserError(f"{key}: expected {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _form_body(body: dict) -> tuple[dict, str | None]:
+    """The new-run form's settings and preset, of the types the page sends."""
+    values = _get(body, "values", (dict,), "a mapping of setting names to values", {})
+    return values, _get(body, "preset", (str,), "a preset name")
 
 
 def _sse(request: Request, produce) -> StreamingResponse:
@@ -149,7 +189,7 @@ async def run_events(request: Request, ui: State):
     """The run's metrics records as they are written (all of them first), and its row whenever it changes."""
     name = request.path_params["name"]
     folder = ui.run(name)
-    log, last = MetricsLog(folder / "metrics.jsonl"), [None]
+    log, last = MetricsLog(folder / "metrics.jsonl", ui.root), [None]
 
     def produce():
         events = []
@@ -178,12 +218,19 @@ async def stop_run(request: Request, ui: State):
 async def resume_run(request: Request, ui: State):
     name = request.path_params["name"]
     folder = ui.run(name)
-    if ui.jobs.alive(ui.jobs.get(name)):
-        raise UserError(f"{name} is running")
-    if not list_checkpoints(folder) and not (folder / "config.yaml").is_file():
-        raise UserError(f"{name}: nothing to resume (no checkpoint and no config.yaml)")
+
+    def resumable():  # checked as no other start can change it
+        state = ui.runs.state(name)
+        if state.state == "running":
+            raise Conflict(f"{name} is running")
+        if state.state == "done":
+            raise Conflict(f"{name} has finished ({state.why}): a finished run does not resume; start a new run")
+        if not ui.runs.checkpoints(name) and not (folder / "config.yaml").is_file():
+            raise Conflict(f"{name}: nothing to resume (no checkpoint and no config.yaml)")
+
     previous = ui.jobs.get(name)
-    job = ui.jobs.start(name, "train", ["train", "--resume", str(folder)], previous.sources if previous else None)
+    argv = ["train", "--resume", str(folder)]
+    job = ui.jobs.start(name, "train", argv, previous.sources if previous else None, check=resumable)
     return JSONResponse({"name": name, "command": job.command, "warning": _shared_warning(ui, name)})
 
 
@@ -191,8 +238,7 @@ async def resume_run(request: Request, ui: State):
 async def merge_run(request: Request, ui: State):
     name = request.path_params["name"]
     folder = ui.run(name)
-    if not (folder / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"{name}: no adapter yet (the best adapter is written at the end of training)")
+    _need_adapter(ui, name, "merge")
     out = ui.root / "merged" / name
     job = ui.jobs.start(name, "merge", ["merge", str(folder), "--out", str(out), "--overwrite"])
     return JSONResponse({"name": name, "command": job.command, "out": str(out)})
@@ -204,10 +250,16 @@ async def export_run(request: Request, ui: State):
     writes them by default; the CLI checks the type and says what is wrong."""
     name = request.path_params["name"]
     folder = ui.run(name)
-    kind = str((await _body(request)).get("type", "f16"))
+    kind = _get(await _body(request), "type", (str,), "a GGUF type name", "f16")
+    _need_adapter(ui, name, "export")
     argv = ["export", str(folder), "--format", "gguf", "--type", kind, "--overwrite"]
     job = ui.jobs.start(name, "export", argv)
     return JSONResponse({"name": name, "command": job.command})
+
+
+def _need_adapter(ui: State, name: str, action: str) -> None:
+    if "adapter" not in ui.runs.adapters(name):
+        raise Conflict(f"{name}: no adapter to {action} yet (the best adapter is written at the end of training)")
 
 
 def _shared_warning(ui: State, name: str) -> str | None:
@@ -233,26 +285,29 @@ async def form_schema(request: Request, ui: State):
 
 @api
 async def check_form(request: Request, ui: State):
-    body = await _body(request)
-    return JSONResponse(await run_in_threadpool(form.check, body.get("values") or {}, body.get("preset")))
+    values, preset = _form_body(await _body(request))
+    return JSONResponse(await run_in_threadpool(form.check, values, preset))
 
 
 @api
 async def plan_form(request: Request, ui: State):
     body = await _body(request)
+    values, preset = _form_body(body)
     out = form.check_run_name(body.get("name"), ui.root, RESERVED)
-    plan = await run_in_threadpool(form.plan_and_inspect, body.get("values") or {}, body.get("preset"), out)
+    plan = await run_in_threadpool(form.plan_and_inspect, values, preset, out)
     return JSONResponse(plan)
 
 
 @api
 async def start_run(request: Request, ui: State):
     body = await _body(request)
+    values, preset = _form_body(body)
     name = body.get("name")
     out = form.check_run_name(name, ui.root, RESERVED)
-    argv, sources = await run_in_threadpool(form.train_argv, body.get("values") or {}, body.get("preset"), out)
+    argv, sources = await run_in_threadpool(form.train_argv, values, preset, out)
     warning = _shared_warning(ui, name)
-    job = ui.jobs.start(name, "train", argv, sources)
+    # Checked again as no other start (another tab, another UI on this runs folder) can take the name meanwhile.
+    job = ui.jobs.start(name, "train", argv, sources, check=lambda: form.check_run_name(name, ui.root, RESERVED))
     return JSONResponse({"name": name, "command": job.command, "warning": warning})
 
 
@@ -274,7 +329,7 @@ async def upload(request: Request, ui: State):
     tmp = folder / f".{target.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            async for chunk in request.stream():
+            async for chunk in _limited(request, UPLOAD_LIMIT, f"upload {name!r}"):
                 f.write(chunk)
         os.replace(tmp, target)
     finally:
@@ -295,10 +350,12 @@ async def compare(request: Request, ui: State):
         out, configs = {}, {}
         for name in names:
             folder = ui.run(name)
-            log = MetricsLog(folder / "metrics.jsonl")
+            log = MetricsLog(folder / "metrics.jsonl", ui.root)
             log.update()
             out[name] = {"train": log.train, "evals": log.evals}
             try:
+                if not inside(ui.root, folder / "config.yaml"):
+                    raise OSError("links outside the runs folder")
                 configs[name] = read_run_config(folder).model_dump(mode="json")
             except (UserError, ValueError, OSError):
                 configs[name] = {}
@@ -317,15 +374,26 @@ async def compare(request: Request, ui: State):
 async def try_it(request: Request, ui: State):
     """The run's fine-tuned and base model answer one message, streamed as server-sent events."""
     body = await _body(request)
-    folder = ui.run(body.get("run"))
-    adapter = body.get("adapter") or "adapter"
-    checkpoints = {p.name: p / "adapter" for p in list_checkpoints(folder)}
-    if adapter not in ("adapter", "last", *checkpoints):
+    name = body.get("run")
+    folder = ui.run(name)
+    adapter = _get(body, "adapter", (str,), "an adapter name", "adapter")
+    checkpoints = {p.name: p / "adapter" for p in ui.runs.checkpoints(name)}
+    if adapter not in (*ui.runs.adapters(name), *checkpoints):
         raise UserError(f"adapter {adapter!r}: one of adapter, last, or a checkpoint of this run")
     chosen = str(checkpoints[adapter]) if adapter in checkpoints else adapter
-    if not str(body.get("message") or "").strip():
+    message = _get(body, "message", (str,), "text", "")
+    if not message.strip():
         raise UserError("write a message first")
-    request_body = {k: body.get(k) for k in ("message", "history", "max_new_tokens", "temperature") if k in body}
+    history = _get(body, "history", (dict,), "a mapping of side to turns", {})
+    turns = [t for side in history.values() for t in (side if isinstance(side, list) else [None])]
+    if not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns):
+        raise UserError("history: expected each side's turns as a list of {role, content}")
+    request_body = {
+        "message": message,
+        "history": history,
+        "max_new_tokens": _get(body, "max_new_tokens", (int,), "a whole number", 128),
+        "temperature": _get(body, "temperature", (int, float), "a number", 0.0),
+    }
 
     async def stream():
         async for message in ui.workers.ask(folder, chosen, request_body):

@@ -15,10 +15,12 @@ import json
 import os
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 SIDES = ("fine-tuned", "base")
 MAX_WORKERS = 2  # each holds a model in memory
+IDLE_SECONDS = 600
 
 
 _protocol = sys.stdout  # main() moves it to a copy of stdout, so that what libraries print goes to stderr
@@ -104,52 +106,48 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class _Worker:
+    proc: asyncio.subprocess.Process
+    adapter: str
+    idle: asyncio.TimerHandle | None = None  # ends it after IDLE_SECONDS unused
+
+
 class TryWorkers:
-    """The server's side: one worker process per (run, adapter), the most recently used kept, requests one at a
-    time per worker."""
+    """The server's side: one worker per run, reused by every request for it (started again for another adapter),
+    its requests one at a time. A worker ends when its request's page goes away before the model is ready or
+    mid-answer, after `idle_seconds` unused, or when more than MAX_WORKERS runs would hold a model."""
 
-    def __init__(self, log: Path):
-        self.log = log
-        self._workers: OrderedDict[tuple[str, str], tuple[asyncio.subprocess.Process, asyncio.Lock]] = OrderedDict()
-
-    async def _worker(self, run: Path, adapter: str):
-        key = (str(run), adapter)
-        found = self._workers.get(key)
-        if found and found[0].returncode is None:
-            self._workers.move_to_end(key)
-            return found, None
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "loratune.ui.tryit", str(run), adapter,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-            )  # fmt: skip
-        first = await proc.stdout.readline()
-        hello = _parse(first) or {"error": "the model process ended while loading (see .loratune-ui/try.log)"}
-        if "ready" not in hello:
-            await _end(proc)
-            return None, hello
-        self._workers[key] = (proc, asyncio.Lock())
-        while len(self._workers) > MAX_WORKERS:
-            await _end(self._workers.popitem(last=False)[1][0])
-        return self._workers[key], hello
+    def __init__(self, log: Path, idle_seconds: float = IDLE_SECONDS):
+        self.log, self.idle_seconds = log, idle_seconds
+        self._workers: OrderedDict[str, _Worker] = OrderedDict()  # by run, the most recently used last
+        self._turns: dict[str, asyncio.Lock] = {}
 
     async def ask(self, run: Path, adapter: str, request: dict):
         """The worker's messages for one request (an {"error"} when it cannot answer)."""
-        worker, hello = await self._worker(run, adapter)
-        if worker is None:
-            yield hello
-            return
-        if hello:
-            yield hello
-        proc, lock = worker
-        async with lock:
+        key = str(run)
+        async with self._turns.setdefault(key, asyncio.Lock()):
+            worker = self._workers.get(key)
+            if worker is not None and (worker.proc.returncode is not None or worker.adapter != adapter):
+                self._end(key)
+                worker = None
+            hello = None
+            if worker is None:
+                worker, hello = await self._start(run, adapter)
+                if worker is None:
+                    yield hello
+                    return
+            if worker.idle is not None:
+                worker.idle.cancel()
+            self._workers.move_to_end(key)
             finished = False
             try:
-                proc.stdin.write((json.dumps(request) + "\n").encode())
-                await proc.stdin.drain()
+                if hello:
+                    yield hello
+                worker.proc.stdin.write((json.dumps(request) + "\n").encode())
+                await worker.proc.stdin.drain()
                 while not finished:
-                    message = _parse(await proc.stdout.readline())
+                    message = _parse(await worker.proc.stdout.readline())
                     if message is None:
                         yield {"error": "the model process ended (see .loratune-ui/try.log)"}
                         return
@@ -157,12 +155,48 @@ class TryWorkers:
                     yield message
             finally:
                 if not finished:  # the page went away mid-answer: the rest of it would reach the next request
-                    self._workers.pop((str(run), adapter), None)
-                    await _end(proc)
+                    self._end(key)
+                elif self._workers.get(key) is worker:
+                    worker.idle = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire, key, worker)
+
+    async def _start(self, run: Path, adapter: str) -> tuple[_Worker | None, dict]:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loratune.ui.tryit", str(run), adapter,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+            )  # fmt: skip
+        try:
+            hello = _parse(await proc.stdout.readline())
+        except asyncio.CancelledError:  # the page went away while the model loaded
+            _kill(proc)
+            raise
+        hello = hello or {"error": "the model process ended while loading (see .loratune-ui/try.log)"}
+        if "ready" not in hello:
+            _kill(proc)
+            return None, hello
+        self._workers[str(run)] = worker = _Worker(proc, adapter)
+        spare = [k for k in self._workers if not self._turns[k].locked()]
+        for key in spare[: max(0, len(self._workers) - MAX_WORKERS)]:
+            self._end(key)  # the least recently used that no request is using
+        return worker, hello
+
+    def _expire(self, key: str, worker: _Worker) -> None:
+        if self._workers.get(key) is worker and not self._turns[key].locked():
+            self._end(key)
+
+    def _end(self, key: str) -> None:
+        worker = self._workers.pop(key, None)
+        if worker is not None:
+            if worker.idle is not None:
+                worker.idle.cancel()
+            _kill(worker.proc)
 
     async def close(self) -> None:
         while self._workers:
-            await _end(self._workers.popitem()[1][0])
+            key, worker = next(iter(self._workers.items()))
+            self._end(key)
+            await worker.proc.wait()
 
 
 def _parse(line: bytes) -> dict | None:
@@ -173,10 +207,10 @@ def _parse(line: bytes) -> dict | None:
     return message if isinstance(message, dict) else None
 
 
-async def _end(proc) -> None:
+def _kill(proc) -> None:
+    """Kill at once, with no await (a cancelled request may await nothing more); asyncio reaps the process."""
     if proc.returncode is None:
         proc.kill()
-        await proc.wait()
 
 
 if __name__ == "__main__":
