@@ -98,7 +98,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
     data.mkdir()
     write_jsonl(data / "train.jsonl", varied_rows(24))
     write_jsonl(data / "val.jsonl", varied_rows(4, seed=1))
-    (data / "broken.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "cut\n')
+    write_jsonl(data / "broken.jsonl", varied_rows(4))  # broken after its plan, as a file changed meanwhile
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "second")  # a finished run to compare with, export and try
     ui, url = start_ui(runs)
@@ -131,6 +131,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
 
         # Stop = Ctrl-C: a checkpoint, then exit; Resume continues it from there.
         page.click("#stop")
+        page.locator(".notice.info", has_text="Stopping: the run saves a checkpoint").wait_for()
         page.locator(".toolbar .badge.state-stopped").wait_for(timeout=60_000)
         assert "SIGINT: checkpoint saved" in page.locator(".toolbar .why").inner_text()
         assert page.locator("ul.checkpoints li").count() >= 1
@@ -146,6 +147,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         page.fill("#f-train_data", str(data / "broken.jsonl"))
         page.click("#check-plan")
         page.locator("#start:not([disabled])").wait_for(timeout=90_000)
+        (data / "broken.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "cut\n')
         page.click("#start")
         page.wait_for_url("**#/run/broken")
         assert "first is training too" in page.locator(".notice.warning").first.inner_text()
@@ -197,5 +199,92 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         shot(page, "try")
         assert not errors, errors
         assert not elsewhere, elsewhere
+    finally:
+        stop_everything(ui, runs)
+
+
+def legend_colors(page, chart: str) -> dict[str, str]:
+    return page.evaluate(
+        """(chart) => Object.fromEntries([...document.querySelectorAll(`${chart} .u-legend .u-series`)]
+             .filter((row) => row.querySelector(".u-marker"))
+             .map((row) => [row.querySelector(".u-label").textContent,
+                            getComputedStyle(row.querySelector(".u-marker")).borderColor]))""",
+        chart,
+    )
+
+
+def test_pages_keep_working_with_non_finite_metrics_bad_addresses_and_forms(tiny_model, tiny_run, tmp_path, browser):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "live")  # training (its metrics are fresh, it has no summary yet)
+    (runs / "live" / "summary.json").unlink()
+    (runs / "live" / "metrics.jsonl").touch()
+    shutil.copytree(tiny_run, runs / "second")
+    checkpoints = runs / "second" / "checkpoints"
+    shutil.copytree(checkpoints / "step-000004", checkpoints / "step-000004.1")  # as Stop saves one mid-step
+    jobs = runs / ".loratune-ui" / "jobs"  # a run that failed before it made its folder
+    jobs.mkdir(parents=True)
+    record = {"name": "bad", "kind": "train", "pid": 2**22 + 1, "argv": ["train"], "started": 1.0, "returncode": 2}
+    (jobs / "bad.train.json").write_text(json.dumps(record))
+    (jobs / "bad.train.log").write_text("=== start\nerror: train_data = 'x.jsonl': file not found\n")
+    evals = [r for r in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"]
+    ui, url = start_ui(runs)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        # A skipped non-finite step and a NaN validation loss arrive while the run page is open: it draws around them.
+        page.goto(url + "#/run/live")
+        before = wait_points(page, 0)
+        with open(runs / "live" / "metrics.jsonl", "a") as f:  # Python's json, as the trainer writes them
+            for record in ({"event": "train", "step": 7, "loss": float("nan"), "grad_norm": float("inf")},
+                           {"event": "eval", "step": 7, "val_loss": float("nan")},
+                           {"event": "train", "step": 8, "loss": 1.5, "grad_norm": 0.5}):  # fmt: skip
+                f.write(json.dumps(record) + "\n")
+        assert wait_points(page, before + 1, timeout=10) == before + 2
+        assert "after step 6" in page.locator("ul.checkpoints").inner_text()
+
+        page.goto(url + "#/runs")
+        best = page.locator("tr[data-run=live] td.num").nth(1)
+        best.wait_for()
+        assert best.inner_text() == f"{min(r['val_loss'] for r in evals):.4f}"
+
+        # Compare: each run's training and validation curves in two colours.
+        page.goto(url + "#/compare?runs=live,second")
+        page.locator("#compare-chart canvas").wait_for()
+        colors = legend_colors(page, "#compare-chart")
+        assert (
+            len({colors[f"{run} {curve}"] for run in ("live", "second") for curve in ("training", "validation")}) == 4
+        )
+
+        # Checkpoints in words, also where Try it offers them.
+        page.goto(url + "#/run/second")
+        assert "part-way through step 5" in page.locator("ul.checkpoints").inner_text()
+
+        # A run that failed before it made its folder shows its failure, not a missing folder or config.
+        page.goto(url + "#/run/bad")
+        page.locator(".notice.failure", has_text="file not found").wait_for()
+        assert page.locator("text=The run folder is gone").count() == 0
+        assert page.locator("text=config.yaml is missing").count() == 0
+
+        # A malformed % in the address: the page says so and works on.
+        page.goto(url + "#/run/50%")
+        page.locator(".notice.error", has_text="no run named '50%'").wait_for()
+        page.click("nav a[data-page=runs]")
+        page.locator("tr[data-run=second]").wait_for()
+
+        # New run: the Guide's warnings stay while another field is wrong; Start waits for training data.
+        page.goto(url + "#/new")
+        page.fill("#f-model", tiny_model)
+        page.fill("#f-gradient_accumulation_steps", "1")
+        page.fill("#f-batch_size", "-2")
+        page.locator("[data-field=batch_size] .err").wait_for()
+        assert "from --" not in page.locator("[data-field=batch_size] .err").inner_text()
+        assert page.locator("[data-field=gradient_accumulation_steps] .warn").count() == 1
+        page.fill("#f-batch_size", "4")
+        page.click("#check-plan")
+        page.locator("#start-error", has_text="give training data").wait_for(timeout=90_000)
+        assert page.locator("#start").is_disabled()
+        assert not errors, errors
     finally:
         stop_everything(ui, runs)

@@ -125,6 +125,16 @@ function notice(kind, text) {
   return line;
 }
 
+// A name from the address: as typed when it is not valid percent-encoding (a stray "%" must not blank the page).
+function decoded(text) {
+  try { return decodeURIComponent(text); } catch (e) { return text; }
+}
+
+// The Compare page's address for these runs (each name encoded: it may hold spaces or "&").
+function compareHash(names) {
+  return `#/compare?runs=${[...names].map(encodeURIComponent).join(",")}`;
+}
+
 // Routing: #/runs, #/run/NAME, #/new, #/compare?runs=a,b, #/try?run=NAME
 function route() {
   for (const stop of UI.cleanup.splice(0)) stop();
@@ -137,5 +147,5 @@ function route() {
   clear(main, el("div#notices"));
   for (const [kind, text] of UI.pending.splice(0)) notice(kind, text);
   const render = UI.pages[page] || UI.pages.runs;
-  Promise.resolve(render(main, decodeURIComponent(rest.join("/")), params)).catch((e) => notice("error", e.message));
+  Promise.resolve(render(main, decoded(rest.join("/")), params)).catch((e) => notice("error", e.message));
 }

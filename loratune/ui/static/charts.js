@@ -4,6 +4,12 @@
 const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 1e5, 2e5, 5e5, 1e6];
 const COLORS = ["#1f6fb4", "#e4731b", "#2a9d3f", "#c9302c", "#7a52b3", "#8c564b", "#d4509e", "#138a9e"];
 
+// The colour "#rrggbb" at half its brightness.
+function darker(color) {
+  const n = parseInt(color.slice(1), 16);
+  return `rgb(${(n >> 16) >> 1}, ${((n >> 8) & 255) >> 1}, ${(n & 255) >> 1})`;
+}
+
 function axisNumber(v) {
   if (v === null || v === undefined) return "";
   const a = Math.abs(v);

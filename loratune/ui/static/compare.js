@@ -7,11 +7,11 @@ UI.pages.compare = async (main, _, params) => {
   const picker = el("div.picker", all.map((r) => el("label", el("input", { type: "checkbox", value: r.name,
     checked: chosen.has(r.name), onchange: (e) => {
       if (e.target.checked) chosen.add(r.name); else chosen.delete(r.name);
-      location.hash = `#/compare?runs=${[...chosen].join(",")}`;
+      location.hash = compareHash(chosen);
     } }), ` ${r.name} `, badge(r.state))));
   let byTokens = params.get("x") === "tokens";
   const setX = (tokens) => {
-    location.hash = `#/compare?runs=${[...chosen].join(",")}${tokens ? "&x=tokens" : ""}`;
+    location.hash = compareHash(chosen) + (tokens ? "&x=tokens" : "");
   };
   const toggle = el("div.toggle", "x axis: ",
     el("label", el("input", { type: "radio", name: "cx", checked: !byTokens, onchange: () => setX(false) }), " steps"),
@@ -27,9 +27,11 @@ UI.pages.compare = async (main, _, params) => {
   names.forEach((name, i) => {
     const c = runColumns([...data.runs[name].train, ...data.runs[name].evals]);
     const xs = byTokens ? c.tokens : c.step;
+    // One hue per run; validation darker, dashed and dotted, so each run's two curves tell apart.
     const color = COLORS[i % COLORS.length];
     tables.push([xs, c.loss], [xs, c.val]);
-    series.push({ label: `${name} training`, color }, { label: `${name} validation`, color, dash: [6, 4], points: true, width: 2 });
+    series.push({ label: `${name} training`, color },
+      { label: `${name} validation`, color: darker(color), dash: [6, 4], points: true, width: 2 });
   });
   const box = el("div.chart#compare-chart");
   append(main, toggle, el("section.card", box));

@@ -121,15 +121,18 @@ UI.pages.new = async (main) => {
   };
   const plan = async () => {
     const key = JSON.stringify([values(), preset, nameInput.value]);
+    startButton.disabled = true;  // until this plan has worked
+    planned = null;
     const r0 = await check();
     if (r0.error) return;
     planButton.disabled = true;
     clear(planBox, el("p.busy", "Planning: reading the model's config and tokenizing the data…"));
     try {
       const r = await api("/api/plan", { method: "POST", body: { values: values(), preset, name: nameInput.value } });
-      clear(planBox, planView(r, (n) => { inputs.max_length.value = String(n); changed("max_length"); plan(); }));
+      clear(planBox, r.start_error ? el("div.notice.warning#start-error", r.start_error) : null,
+        planView(r, (n) => { inputs.max_length.value = String(n); changed("max_length"); plan(); }));
       planned = key;
-      startButton.disabled = false;
+      startButton.disabled = !!r.start_error;
     } catch (e) {
       clear(planBox, el("div.notice.error", e.message));
     } finally {

@@ -30,7 +30,7 @@ UI.pages.runs = async (main) => {
   append(main,
     el("div.toolbar", el("h1", "Runs"),
       el("a.button", { href: "#/new" }, "New run"),
-      el("button", { onclick: () => (location.hash = `#/compare?runs=${[...selected].join(",")}`) }, "Compare selected")),
+      el("button", { onclick: () => (location.hash = compareHash(selected)) }, "Compare selected")),
     shared, table);
   const show = (rows) => {
     const running = rows.filter((r) => r.state === "running").map((r) => r.name);
@@ -118,11 +118,17 @@ function samplesSection(d) {
       el("td", el("pre", t ?? "—")))))));
 }
 
+// Where a checkpoint is, in words: after an optimizer step, or part-way through one (Stop between its passes).
+function checkpointWhen(c) {
+  return c.passes ? `part-way through step ${c.step + 1}` : `after step ${c.step}`;
+}
+
 function checkpointsSection(name, d, row) {
   const canResume = row.state !== "running" && row.state !== "done" && (d.checkpoints.length || d.config.length);
   return el("div",
     d.checkpoints.length
-      ? el("ul.checkpoints", d.checkpoints.map((c) => el("li", `${c.name} (step ${c.step}, ${fmt.time(c.time)})`)))
+      ? el("ul.checkpoints", d.checkpoints.map((c) => el("li", { title: c.name },
+        `${checkpointWhen(c)}, saved ${fmt.time(c.time)}`)))
       : el("p.muted", "No checkpoint yet (one is written at each evaluation)."),
     el("button#resume", { disabled: !canResume, onclick: () => act(name, "resume") },
       "Resume from the latest checkpoint"),
@@ -152,6 +158,7 @@ function exportSection(name, d) {
 
 function configSection(d) {
   if (d.config_error) return el("p.error-text", d.config_error);
+  if (!d.row.exists) return el("p.muted", "No config: the run ended before it wrote its folder.");
   return el("table.config", el("thead", el("tr", el("th", "setting"), el("th", "value"), el("th", "from"))),
     el("tbody", d.config.map((c) => el("tr", { title: c.help }, el("td", c.name), el("td", fmt.value(c.value)),
       el("td.muted", c.source)))));
@@ -161,7 +168,8 @@ async function act(name, action, body) {
   try {
     const r = await api(`/api/runs/${encodeURIComponent(name)}/${action}`, { method: "POST", body });
     if (r.warning) notice("warning", r.warning);
-    notice("info", r.command ? `started: ${r.command}` : `${action}: sent`);
+    notice("info", r.command ? `started: ${r.command}`
+      : "Stopping: the run saves a checkpoint after its current pass, then exits.");
     if (UI.refreshRun) await UI.refreshRun();
   } catch (e) {
     notice("error", e.message);
@@ -199,7 +207,8 @@ UI.pages.run = async (main, name) => {
       el("a.button", { href: `#/compare?runs=${encodeURIComponent(name)}` }, "Compare"));
     clear(failure, row.state === "failed" ? el("div.notice.error.failure", row.why) : null,
       row.bad_metrics_lines ? el("div.notice.warning", `${row.bad_metrics_lines} damaged line(s) in metrics.jsonl were skipped`) : null,
-      row.exists ? null : el("div.notice.warning", "The run folder is gone (deleted?)."));
+      // A run that failed before it made its folder has its failure above; any other has lost its folder.
+      row.exists || row.state === "failed" ? null : el("div.notice.warning", "The run folder is gone (deleted?)."));
     clear(sections,
       el("section.card", el("h2", "Summary"), summarySection(d)),
       el("section.card", el("h2", "Held-out answers, before and after"), samplesSection(d)),

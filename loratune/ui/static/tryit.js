@@ -35,7 +35,7 @@ UI.pages.try = async (main, _, params) => {
   }
   const d = await api(`/api/runs/${encodeURIComponent(run)}`);
   const choices = [...d.adapters.map((a) => [a, a === "adapter" ? "best (adapter/)" : "last (last/)"]),
-    ...d.checkpoints.map((c) => [c.name, `checkpoint ${c.name}`])];
+    ...d.checkpoints.map((c) => [c.name, `checkpoint ${checkpointWhen(c)}`])];
   clear(adapterSelect, choices.map(([v, label]) => el("option", { value: v }, label)));
   if (!choices.length) { notice("warning", `${run} has no adapter or checkpoint yet.`); ask.disabled = true; }
   message.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) send(); });
