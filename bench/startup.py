@@ -9,6 +9,13 @@ Each is run `--reps` times in fresh processes. "first step" is the time from sta
 its first optimizer step: the launcher watches metrics.jsonl and subtracts the step's own `seconds` from the
 moment its first line appears. Medians are printed; the file cache is warmed by one run that is not counted.
 `--pythonpath DIR` times another checkout of loratune with the same Python (for before/after comparisons).
+
+Two commands that load no model are timed the same way, whole processes: `loratune --help` and `loratune config
+show --preset quickstart`. Every time is printed beside the floor, measured in the same run: a bare Python that
+imports torch, transformers, peft and accelerate, what any training process pays before loratune does anything
+(transformers and peft load most of their modules on first use, so a run's real import cost is higher). A run's
+first step beyond the floor is what loratune adds before training (its data, model and adapters); the commands
+without a model import none of those libraries and should stay far below the floor.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ import time
 from pathlib import Path
 
 N_EXAMPLES = 128
+FLOOR = "import torch, transformers, peft, accelerate"
+COMMANDS = {
+    "--help": ["--help"],
+    "config show": ["config", "show", "--preset", "quickstart"],
+}
 RUNS = {
     "epoch": ["--epochs", "1"],
     "one step": ["--max-steps", "1"],
@@ -43,6 +55,29 @@ def prepare(work: Path) -> tuple[str, str]:
         work / "train.jsonl"
     )
     return str(model), str(data)
+
+
+def time_process(argv: list[str], env: dict, cwd: Path) -> float:
+    """Seconds from starting `argv` to its exit."""
+    start = time.perf_counter()
+    result = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{result.stderr[-2000:]}")
+    return seconds
+
+
+def timed(argv: list[str], env: dict, cwd: Path, reps: int) -> list[float]:
+    time_process(argv, env, cwd)  # warms the file cache
+    return [time_process(argv, env, cwd) for _ in range(reps)]
+
+
+def spread(seconds: list[float]) -> str:
+    return f"{statistics.median(seconds):.2f} s (min {min(seconds):.2f}, max {max(seconds):.2f})"
+
+
+def over(seconds: list[float], floor: float) -> str:
+    return f"{statistics.median(seconds) - floor:+.2f} s over the floor"
 
 
 def time_run(args: list[str], run_dir: Path, env: dict) -> tuple[float, float]:
@@ -83,15 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="loratune-startup-") as tmp:
         work = Path(tmp)
         env["LORATUNE_CACHE"] = str(work / "cache")
+        floors = timed([sys.executable, "-c", FLOOR], env, work, args.reps)
+        floor = statistics.median(floors)
+        print(f"floor (`python -c '{FLOOR}'`): {spread(floors)}; medians of {args.reps}", flush=True)
+        for name, command in COMMANDS.items():
+            seconds = timed([sys.executable, "-m", "loratune", *command], env, work, args.reps)
+            print(f"{name}: whole process {spread(seconds)}, {over(seconds, floor)}", flush=True)
         model, data = prepare(work)
         common = ["--model", model, "--train-data", data]
         for name, extra in RUNS.items():
             time_run(common + extra, work / f"{name}-warm", env)  # warms the file and token caches
             firsts, wholes = zip(*(time_run(common + extra, work / f"{name}-{i}", env) for i in range(args.reps)))
             print(
-                f"{name}: first step at {statistics.median(firsts):.2f} s (min {min(firsts):.2f}, max "
-                f"{max(firsts):.2f}); whole process {statistics.median(wholes):.2f} s (min {min(wholes):.2f}, "
-                f"max {max(wholes):.2f}); medians of {args.reps}",
+                f"{name}: first step at {spread(firsts)}, {over(firsts, floor)}; whole process {spread(wholes)}, "
+                f"{over(wholes, floor)}",
                 flush=True,
             )
 
