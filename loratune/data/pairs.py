@@ -1,0 +1,208 @@
+"""Preference rows -> token ids: a prompt with a chosen and a rejected answer (DPO, IPO, ORPO, SimPO), or a prompt
+with one answer labelled desirable or not (KTO).
+
+Row shapes, detected from the first row's columns:
+
+| shape | columns |
+| --- | --- |
+| `pairs` | `prompt`, `chosen`, `rejected`: all text, or a list of turns and two one-turn assistant answers |
+| `pairs` (implicit prompt) | `chosen`, `rejected`: two conversations that differ only in their last assistant turn |
+| `kto` | `prompt`, `completion` (text, or turns and a one-turn answer), `label` (true: desirable) |
+
+Text rows are raw text, as SFT's `prompt_completion` shape: no chat template, an end token after each answer.
+Conversations are rendered by SFT's `Encoder`: each answer is encoded as the last turn of the prompt's conversation,
+so its prompt tokens are those generation is given and its tokens are those the model would produce after them.
+The chosen and rejected answers of a pair must follow identical prompt tokens (else their log-probabilities would
+not be comparable); a template that renders the prompt differently before each is refused.
+
+`max_length` keeps answers whole and cuts the prompt from the left (one prompt token at least, so the answer's
+first token is predicted); a pair whose longer answer cannot fit is dropped and counted, as SFT's
+`truncate_prompt_left` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..core.errors import UserError
+from .encode import IGNORE, Encoder
+from .formats import Example, RowError, require_answers, to_example
+from .load import BadRows, open_source
+from .prepare import Fit
+
+SHAPES = {"kto": ("prompt", "completion", "label"), "pairs": ("chosen", "rejected")}
+
+
+@dataclass
+class PreferencePair:
+    """One prompt and two answers, as token ids; the answers end with their end-of-turn token."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    origin: str
+
+    def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, labels) of prompt + chosen and prompt + rejected: the answers are the targets."""
+        return [_sequence(self.prompt, answer) for answer in (self.chosen, self.rejected)]
+
+
+@dataclass
+class LabeledAnswer:
+    """One prompt and one answer (KTO), desirable or not."""
+
+    prompt: list[int]
+    completion: list[int]
+    label: bool
+    origin: str
+
+    def sequence(self) -> tuple[np.ndarray, np.ndarray]:
+        return _sequence(self.prompt, self.completion)
+
+
+@dataclass
+class PreferenceSet:
+    """A source's rows as pairs (or labelled answers), and what became of the rows on the way."""
+
+    shape: str
+    items: list[PreferencePair] | list[LabeledAnswer]
+    rows: int = 0
+    bad_rows: int = 0
+    first_bad: str | None = None
+    fit: Fit = field(default_factory=Fit)  # truncated, dropped_too_long, first_too_long
+
+
+def _sequence(prompt: list[int], answer: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(prompt + answer, dtype=np.int64)
+    return ids, np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int64), ids[len(prompt) :]])
+
+
+def read_preferences(
+    spec: str, encoder: Encoder, max_length: int, skip_bad_rows: bool = False, split: str = "train"
+) -> PreferenceSet:
+    """Every row of a source (file, folder or hub dataset) as token ids, fitted to `max_length`."""
+    source, bad = open_source(spec, split), BadRows(skip_bad_rows)
+    out: PreferenceSet | None = None
+    for where, row in source.rows(bad):
+        if out is None:
+            out = PreferenceSet(_detect(list(row), where), [])
+        try:
+            item = _encode_pair(row, encoder, where) if out.shape == "pairs" else _encode_labeled(row, encoder, where)
+        except RowError as e:
+            bad(where, str(e))
+            continue
+        fitted = fit_prompt(item, max_length)
+        if fitted is None:
+            out.fit.dropped_too_long += 1
+            out.fit.first_too_long = out.fit.first_too_long or where
+            continue
+        out.fit.truncated += len(fitted.prompt) < len(item.prompt)
+        out.items.append(fitted)
+    if out is None and not bad.count:
+        raise UserError(f"{source.name}: no rows (the file or folder is empty)")
+    if out is None or not out.items:  # with no shape detected, every row was bad
+        too_long = f"{out.fit.first_too_long}: no room for the answer and a prompt token in max_length={max_length}"
+        raise UserError(f"{source.name}: no usable preference rows (first problem: {bad.first or too_long})")
+    # Every row was kept, dropped for its length, or counted bad (unreadable, malformed, refused by the template).
+    out.rows = len(out.items) + out.fit.dropped_too_long + bad.count
+    out.bad_rows, out.first_bad = bad.count, bad.first
+    return out
+
+
+def _detect(columns: list[str], where: str) -> str:
+    for shape, needed in SHAPES.items():
+        if all(c in columns for c in needed):
+            return shape
+    expected = "; ".join(f"{s}: {', '.join(c)}" for s, c in SHAPES.items())
+    raise UserError(f"{where}: not a preference row: columns {sorted(columns)}; expected one of ({expected})")
+
+
+def fit_prompt(item: PreferencePair | LabeledAnswer, max_length: int) -> PreferencePair | LabeledAnswer | None:
+    """The item with its prompt cut from the left so that prompt + its longest answer fit; None if no prompt token
+    could stay (the answer's first token needs one before it)."""
+    answers = (item.chosen, item.rejected) if isinstance(item, PreferencePair) else (item.completion,)
+    room = max_length - max(map(len, answers))
+    if room < 1:
+        return None
+    return replace(item, prompt=item.prompt[-room:])
+
+
+def kl_pairs(items: list[LabeledAnswer], max_length: int) -> list[LabeledAnswer]:
+    """KTO's mismatched pairs for its KL estimate, as TRL builds them within a batch: each prompt with the
+    previous row's answer (the first prompt with the last answer). The prompt is cut from the left to fit, as
+    everywhere here (TRL's collator would cut the sequence's end instead)."""
+    rotated = [items[-1], *items[:-1]]
+    mismatched = (replace(a, completion=b.completion) for a, b in zip(items, rotated))
+    return [fit_prompt(item, max_length) for item in mismatched]
+
+
+# --- Rows -> Examples -> ids ----------------------------------------------------------------------------------
+
+
+def _encode_pair(row: dict, encoder: Encoder, where: str) -> PreferencePair:
+    chosen, rejected = _implicit(row) if "prompt" not in row else (_example(row, "chosen"), _example(row, "rejected"))
+    prompt, chosen_ids = _split(encoder, chosen)
+    rejected_prompt, rejected_ids = _split(encoder, rejected)
+    if prompt != rejected_prompt:
+        raise RowError(
+            "the chat template rendered the prompt into different tokens before the chosen and the rejected answer "
+            "(does it write text that changes between renders, such as the date?), so their log-probabilities "
+            "would not be comparable; set chat_template to a template that renders a prompt the same way each time"
+        )
+    if chosen_ids == rejected_ids:
+        raise RowError("chosen and rejected are the same answer: nothing to prefer")
+    return PreferencePair(prompt, chosen_ids, rejected_ids, where)
+
+
+def _encode_labeled(row: dict, encoder: Encoder, where: str) -> LabeledAnswer:
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV and TSV have no booleans
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise RowError(f"field 'label' must be true or false (true: the completion is desirable), got {label!r}")
+    prompt, completion = _split(encoder, _example(row, "completion"))
+    return LabeledAnswer(prompt, completion, label, where)
+
+
+def _example(row: dict, side: str) -> Example:
+    """The prompt and one answer as an Example: text as raw text, turns as a conversation ending in the answer."""
+    prompt, answer = row.get("prompt"), row.get(side)
+    if not isinstance(prompt, list) and not isinstance(answer, list):
+        example = to_example(row, "prompt_completion", {"completion": side})
+        require_answers(example, "prompt_completion", {"completion": side})
+        return example
+    if not (isinstance(prompt, list) and isinstance(answer, list)):
+        raise RowError(f"fields 'prompt' and {side!r} must both be text or both be lists of turns")
+    name = f"prompt+{side}"  # turns are numbered within the prompt's turns followed by the answer's
+    example = to_example({name: prompt + answer}, "messages", {"messages": name})
+    require_answers(example, "messages", {"messages": name})
+    if len(answer) != 1 or example.messages[-1]["role"] != "assistant":
+        got = f"{len(answer)} turns" if len(answer) != 1 else f"a {example.messages[-1]['role']} turn"
+        raise RowError(f"field {side!r} must be one assistant turn (the answer to the prompt), got {got}")
+    return example
+
+
+def _implicit(row: dict) -> tuple[Example, Example]:
+    """Two conversations whose shared beginning is the prompt: they may differ only in the last assistant turn."""
+    chosen, rejected = (to_example(row, "messages", {"messages": side}) for side in ("chosen", "rejected"))
+    for side, example in (("chosen", chosen), ("rejected", rejected)):
+        require_answers(example, "messages", {"messages": side})
+        if example.messages[-1]["role"] != "assistant":
+            raise RowError(f"field {side!r} must end with an assistant turn: the answer")
+    if chosen.messages[:-1] != rejected.messages[:-1]:
+        raise RowError(
+            "without a 'prompt' field, chosen and rejected must be the same conversation up to their last turn "
+            "(the prompt), each ending in its own assistant answer"
+        )
+    return chosen, rejected
+
+
+def _split(encoder: Encoder, example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of the example's last answer, as SFT encodes it (answer through its end token)."""
+    sequence = encoder.encode(example)[-1]
+    prompt, answer = sequence.ids[: sequence.answer_start], sequence.ids[sequence.answer_start :]
+    if not prompt:
+        raise RowError("the prompt is empty: the answer's first token would follow nothing")
+    return prompt, answer
