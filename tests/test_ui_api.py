@@ -459,15 +459,22 @@ def test_links_out_of_the_runs_folder_are_not_followed(tiny_run, tmp_path, serve
     (runs / "real" / "summary.json").symlink_to(elsewhere / "summary.json")  # a file that links elsewhere
     (runs / "real" / "metrics.jsonl").unlink()
     (runs / "real" / "metrics.jsonl").symlink_to(elsewhere / "run" / "metrics.jsonl")
+    config = (elsewhere / "run" / "config.yaml").read_text()
+    (elsewhere / "run" / "config.yaml").write_text(config.replace("max_length: 256", "max_length: 4242"))
+    (runs / "real" / "config.yaml").unlink()
+    (runs / "real" / "config.yaml").symlink_to(elsewhere / "run" / "config.yaml")
+    shutil.copytree(tiny_run, runs / "plain")
     ui = server_for(runs)
 
     status, data = ui.get("/api/runs")
-    assert [r["name"] for r in data["runs"]] == ["real"]
+    assert sorted(r["name"] for r in data["runs"]) == ["plain", "real"]
     assert ui.get("/api/runs/linked")[0] == 404
     status, details = ui.get("/api/runs/real")
     assert status == 200 and details["summary"] is None and details["row"]["step"] == 0
-    assert "SECRET" not in json.dumps(details)
+    assert "SECRET" not in json.dumps(details) and "4242" not in json.dumps(details)
     assert ui.get("/api/compare?runs=real,linked")[0] == 404
+    status, data = ui.get("/api/compare?runs=real,plain")
+    assert status == 200 and data["runs"]["real"]["train"] == [] and "4242" not in json.dumps(data)
 
 
 def test_bodies_and_uploads_over_their_limits_are_refused(tmp_path, server_for, monkeypatch):
