@@ -12,8 +12,10 @@ Row shapes, detected from the first row's columns:
 Text rows are raw text, as SFT's `prompt_completion` shape: no chat template, an end token after each answer.
 Conversations are rendered by SFT's `Encoder`: each answer is encoded as the last turn of the prompt's conversation,
 so its prompt tokens are those generation is given and its tokens are those the model would produce after them.
-The chosen and rejected answers of a pair must follow identical prompt tokens (else their log-probabilities would
-not be comparable); a template that renders the prompt differently before each is refused.
+An answer ends at the template's end-of-turn token, as in SFT and generation; TRL's DPO and KTO trainers keep what
+the template writes after it too (ChatML's newline). The chosen and rejected answers of a pair must follow identical
+prompt tokens, else their log-probabilities would not be comparable: a template that renders the prompt differently
+before each (one that writes the date, say) is refused.
 
 `max_length` keeps answers whole and cuts the prompt from the left (one prompt token at least, so the answer's
 first token is predicted); a pair whose longer answer cannot fit is dropped and counted, as SFT's

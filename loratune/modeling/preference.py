@@ -10,14 +10,15 @@ The losses are pure functions of per-sequence sums of log-probabilities (and ans
 defines it (`tests/test_preference.py` checks them against TRL's own trainers); each returns per-pair losses, whose
 mean is the batch loss, and the rewards TRL reports. Where definitions differ:
 
-- log-probabilities are sums over the answer's tokens; IPO, ORPO and SimPO divide them by the answer's token count
-  (IPO: TRL's DPOTrainer normalises by length, a choice its authors confirmed; the IPO paper's own sums do not),
-  while DPO and KTO use the sums.
+- log-probabilities are sums over the answer's tokens; IPO, ORPO and SimPO divide them by the answer's token count,
+  DPO and KTO use the sums. IPO's normalisation is TRL's: the IPO paper does not write it, but its authors told TRL
+  that the paper's results used it.
+- SimPO's default beta is 2.0, as in the SimPO paper's recipes (TRL's CPOConfig defaults to 0.1 for all its losses).
 - rewards: DPO, IPO and KTO report beta * (policy - reference) summed log-probabilities; ORPO and SimPO, which have
   no reference, beta * the policy's mean log-probabilities.
 - ORPO's NLL term is an input: TRL's ORPOTrainer takes it over the prompt's tokens as well as the answer's
   (every non-padding token), and averages it over all of a batch's chosen tokens rather than per pair; per pair
-  (or with answers of equal length) the two agree. SFT in loratune learns the answers only: pass the answers' mean
+  (or with chosen sequences of equal length) the two agree. SFT in loratune learns the answers only: pass the answers' mean
   NLL for that.
 - KTO's KL reference point is the batch's mean of policy - reference log-probabilities of mismatched pairs (each
   prompt with another row's answer, see `data.pairs.kl_pairs`), detached and floored at 0. TRL averages it over
