@@ -254,8 +254,8 @@ def check_batch_auto(context: dict) -> dict:
     """`batch_size: auto` under the same cap: its trial pass on the GPU, first at the estimate's choice (it must
     fit), then forced to start at batch_size 8 (the trial pass must run out of memory and halve). Both runs train
     without an out-of-memory error and give the uncapped run's update."""
-    from loratune.memory import guard
     from loratune.memory.planner import BatchChoice
+    from loratune.planning import resolved as resolution
 
     settings = dict(precision="fp32")
     _reference(context, "reference-fp32", 2, **settings)
@@ -264,13 +264,13 @@ def check_batch_auto(context: dict) -> dict:
     for run in ("auto", "auto-forced"):
         cfg = _config(context, run, 2, max_memory=cap, batch_size="auto", **settings)
         if run == "auto-forced":  # as if the estimate had been too low: the trial pass must catch it
-            chosen = guard.RunMemory.choose_batch_size
+            chosen = resolution.choose_batch_size
 
-            def too_big(self, plan, chosen=chosen):
-                choice = chosen(self, plan)
+            def too_big(mm, plan, budget, cfg, from_data=True, chosen=chosen):
+                choice = chosen(mm, plan, budget, cfg, from_data)
                 return BatchChoice(8, plan.with_micro_batch(8).accumulation, choice.peak, choice.largest, "forced")
 
-            guard.RunMemory.choose_batch_size = too_big
+            resolution.choose_batch_size = too_big
         summary, events = _train(cfg)
         if any(e["event"] == "out_of_memory" for e in events):
             raise AssertionError(f"{run}: training ran out of memory after the trial pass")

@@ -50,6 +50,15 @@ def varied_rows(n: int, seed: int = 0):
     return rows
 
 
+def assert_plan_is_run(cfg, run: Path, **made_smaller) -> None:
+    """`loratune plan` resolves the run training wrote to resolved.json (with the micro-batch training then made
+    smaller after running out of memory, when given)."""
+    from loratune.commands.plan import plan_run
+
+    planned = plan_run(cfg).resolved
+    assert planned | made_smaller == json.loads((run / "resolved.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     """A finished 6-step run of the tiny model with validation and test data (read-only: copy it to change it)."""

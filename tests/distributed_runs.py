@@ -98,3 +98,17 @@ def assert_loads_with_peft(adapter: Path) -> None:
     saved = load_file(adapter / "adapter_model.safetensors")
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def assert_plan_equals_run(job: Job, run: Path, *plan_flags: str) -> None:
+    """`loratune plan --json` with the run's own flags resolves the run training wrote to resolved.json."""
+    import contextlib
+    import io
+
+    from loratune.cli import main
+
+    out = io.StringIO()
+    flags = job.args(run.name, [])[1:]  # the job's settings and the run's folder, without the launcher
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", *flags, *plan_flags, "--json"]) == 0
+    assert json.loads(out.getvalue())["resolved"] == json.loads((run / "resolved.json").read_text())

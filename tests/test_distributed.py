@@ -12,6 +12,7 @@ from distributed_runs import (
     ONE,
     Job,
     assert_loads_with_peft,
+    assert_plan_equals_run,
     assert_same_steps,
     environment,
     free_port,
@@ -55,6 +56,9 @@ def test_two_processes_equal_one_process_with_double_accumulation(job, one_proce
     assert_same_steps(one_process, run)  # each step once (not a run per process), the same gradients
     for adapter in ("last", "adapter"):
         assert relative_difference(one_process / adapter, run / adapter) <= 1e-4
+    if launcher == "num-processes":
+        assert_plan_equals_run(job, run, "--gradient-accumulation-steps", "2", "--num-processes", "2")
+        assert_plan_equals_run(job, one_process, "--gradient-accumulation-steps", "4")
 
     assert_loads_with_peft(run / "adapter")
 
@@ -155,7 +159,7 @@ def test_out_of_memory_with_two_processes_stops_with_the_fixes(job, tiny_model):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: out of memory at batch_size 4")]
     # each process that ran out says so, in one line: here both, at the same pass
     assert errors and set(errors) == {errors[0]}, result.stderr[-3000:]
-    assert "With 2 processes the micro-batch is not halved" in errors[0]
+    assert "With 2 processes the micro-batch is not made smaller" in errors[0]
     assert "batch_size 1 with gradient_accumulation_steps 4" in errors[0]  # a fix that keeps the effective batch
     assert "with 2 processes training stops when memory runs out" in result.stdout  # warned before training
     assert "Traceback" not in result.stderr

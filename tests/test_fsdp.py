@@ -15,6 +15,7 @@ from distributed_runs import (
     Job,
     accelerate_launch,
     assert_loads_with_peft,
+    assert_plan_equals_run,
     assert_same_steps,
     relative_difference,
     train_steps,
@@ -59,6 +60,7 @@ def test_fsdp2_on_two_processes_equals_one_process(job, fsdp):
     assert_same_steps(one, run)
     for adapter in ("last", "adapter"):  # gathered whole, averaged gradients: the one-process adapter
         assert relative_difference(one / adapter, run / adapter) <= 1e-4
+    assert_plan_equals_run(job, run, "--gradient-accumulation-steps", "2", "--num-processes", "2", "--fsdp")
     assert_loads_with_peft(run / "adapter")
 
 
@@ -112,7 +114,7 @@ def test_plan_for_fsdp_shows_one_devices_shards_and_batch_size_auto_uses_them(tm
 )
 def test_the_engine_is_the_one_the_accelerate_config_asks_for_or_a_refusal(monkeypatch, env, refusal):
     """As `accelerate launch --config_file` sets the environment; never silently another engine."""
-    from loratune.training import engine
+    from loratune.training.engine import launch as engine
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

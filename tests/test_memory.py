@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import varied_rows, write_jsonl
+from conftest import assert_plan_is_run, varied_rows, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.measure import measure_pass
@@ -296,6 +296,7 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     )
     reference = train(base.model_copy(update={"output_dir": str(tmp_path / "reference")}))
     assert reference["batch_size"] == 8
+    assert_plan_is_run(base.model_copy(update={"output_dir": str(tmp_path / "reference")}), tmp_path / "reference")
 
     data = prepare(base, encoder_for(load_tokenizer(tiny_model), base)).train
     mm = MemoryModel.for_run(base, read_shape(tiny_model, base), "cpu", torch.float32)
@@ -309,15 +310,21 @@ def test_out_of_memory_and_auto_batch_under_a_cap_keep_the_effective_batch_and_t
     assert peak(2) < peak(8)
     cap = str((peak(2) + peak(8)) // 2)
 
-    train(base.model_copy(update={"output_dir": str(tmp_path / "capped"), "max_memory": cap}))
+    capped = base.model_copy(update={"output_dir": str(tmp_path / "capped"), "max_memory": cap})
+    train(capped)
     events = [json.loads(line) for line in (tmp_path / "capped" / "metrics.jsonl").read_text().splitlines()]
     halvings = [e for e in events if e["event"] == "out_of_memory"]
-    assert halvings and halvings[-1]["batch_size"] < 8
+    assert [e["batch_size"] for e in halvings] == [4, 2][: len(halvings)]  # the divisors of 16 below 8, in turn
+    smaller = halvings[-1]["batch_size"]
+    why = f"made smaller after running out of memory in step {halvings[-1]['step']}"
+    assert_plan_is_run(
+        capped, tmp_path / "capped", batch_size=smaller, gradient_accumulation_steps=16 // smaller, batch_size_from=why
+    )
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, reference["steps"] + 1))
 
-    auto = train(
-        base.model_copy(update={"output_dir": str(tmp_path / "auto"), "max_memory": cap, "batch_size": "auto"})
-    )
+    auto_cfg = base.model_copy(update={"output_dir": str(tmp_path / "auto"), "max_memory": cap, "batch_size": "auto"})
+    auto = train(auto_cfg)
+    assert_plan_is_run(auto_cfg, tmp_path / "auto")
     assert auto["batch_size"] < 8 and auto["batch_size"] * auto["gradient_accumulation_steps"] == 16
     assert not any(
         json.loads(line)["event"] == "out_of_memory"

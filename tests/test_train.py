@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import varied_rows, write_jsonl
+from conftest import assert_plan_is_run, varied_rows, write_jsonl
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
@@ -63,6 +63,9 @@ def test_accumulation_does_not_change_the_update(tiny_model, tmp_path, packing):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
     _assert_same_adapter(_adapter(tmp_path / "one"), _adapter(tmp_path / "four"))
+    for name, batch_size, accumulation in (("one", 8, 1), ("four", 2, 4)):
+        cfg = _config(tiny_model, tmp_path, name, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        assert_plan_is_run(cfg.model_copy(update={"packing": packing}), tmp_path / name)
 
 
 def test_packed_and_padded_give_the_same_adapter(tiny_model, tmp_path, capsys):

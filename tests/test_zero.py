@@ -17,6 +17,7 @@ from distributed_runs import (
     Job,
     accelerate_launch,
     assert_loads_with_peft,
+    assert_plan_equals_run,
     assert_same_steps,
     relative_difference,
     train_steps,
@@ -60,7 +61,7 @@ def zero(job, request):
     return stage, result, run
 
 
-def test_zero_on_two_processes_equals_one_process(one, zero):
+def test_zero_on_two_processes_equals_one_process(job, one, zero):
     stage, result, run = zero
     out = result.stdout
     assert out.count(f"engine: ZeRO-{stage}, 2 processes on 1 node, backend gloo, device cpu") == 1, out[-2000:]
@@ -71,6 +72,8 @@ def test_zero_on_two_processes_equals_one_process(one, zero):
     for adapter in ("last", "adapter"):
         assert relative_difference(one / adapter, run / adapter) <= 1e-4
     assert_loads_with_peft(run / "adapter")
+    if stage == 3:  # `loratune plan --zero3`; a ZeRO-2 device is planned as a DDP one
+        assert_plan_equals_run(job, run, "--gradient-accumulation-steps", "2", "--num-processes", "2", "--zero3")
 
 
 def test_zero_killed_mid_epoch_then_resumed_gives_the_uninterrupted_adapter(job, one, zero):
@@ -142,7 +145,7 @@ def test_a_one_process_checkpoint_resumes_under_zero3(job, one):
 )
 def test_the_deepspeed_settings_loratune_runs_or_a_refusal(monkeypatch, tmp_path, env, refusal):
     """As `accelerate launch --config_file` sets the environment (or points to a DeepSpeed config file)."""
-    from loratune.training import engine
+    from loratune.training.engine import launch as engine
 
     files = {
         "{optimizer}": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
@@ -164,7 +167,7 @@ def test_the_deepspeed_settings_loratune_runs_or_a_refusal(monkeypatch, tmp_path
 def test_deepspeed_not_installed_is_refused_with_the_extra_to_install(monkeypatch):
     import importlib.util
 
-    from loratune.training import engine
+    from loratune.training.engine import launch as engine
 
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find(name, *a))

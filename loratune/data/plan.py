@@ -80,6 +80,17 @@ class StepPlan:
         """The same steps in passes of another size (the update does not change)."""
         return replace(self, micro_batch=micro_batch)
 
+    def micro_batches(self) -> list[int]:
+        """The micro-batches a step may be split into, largest first: the divisors of a process's share of a step,
+        so that padded passes are equal and the effective batch stays exact."""
+        share = self.examples_per_step // self.processes
+        return [d for d in range(share, 0, -1) if share % d == 0]
+
+    def smaller(self) -> int | None:
+        """The one rule for a smaller micro-batch (`batch_size: auto` on a GPU, a step that ran out of memory): the
+        next of `micro_batches` below this one; None at 1."""
+        return next((b for b in self.micro_batches() if b < self.micro_batch), None)
+
     # --- Steps and passes ---------------------------------------------------------------------------------
 
     def epoch(self, epoch: int) -> list[np.ndarray]:

@@ -117,76 +117,41 @@ class DataReport:
 
     def lines(self) -> list[tuple[bool, str]]:
         """(is_warning, message) for the console at the start of training."""
-        out = [
-            (
-                False,
-                f"data: {self.rows} rows ({self.data_format}): {self.train_examples} training, "
-                f"{self.val_examples} validation examples" + ("; tokens from cache" if self.from_cache else ""),
-            )
-        ]
-        hint = (
-            f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
-            if self.recommended_max_length and self.recommended_max_length > self.max_length
-            else ""
-        )
-        if self.bad_rows:
-            out.append((True, f"{self.bad_rows} malformed rows skipped; first: {self.first_bad}"))
-        if self.truncated:
-            out.append(
-                (
-                    False,
-                    f"{self.truncated} examples longer than max_length={self.max_length} were truncated "
-                    f"({self.truncation}){hint}",
-                )
-            )
-        if self.train_fit.windows + self.val_fit.windows:
-            out.append(
-                (
-                    False,
-                    f"long texts were split into {self.train_fit.windows + self.val_fit.windows} extra "
-                    f"windows of max_length={self.max_length}",
-                )
-            )
-        if self.dropped_too_long:
-            first = self.train_fit.first_too_long or self.val_fit.first_too_long
-            out.append(
-                (
-                    True,
-                    f"{self.dropped_too_long} examples longer than max_length={self.max_length} were "
-                    f"dropped (truncation={self.truncation}; first: {first}){hint}",
-                )
-            )
-        if self.dropped_no_target:
-            first = self.train_fit.first_no_target or self.val_fit.first_no_target
-            out.append(
-                (
-                    True,
-                    f"{self.dropped_no_target} examples had no answer token left after truncation="
-                    f"{self.truncation} at max_length={self.max_length} and were dropped (first: {first})",
-                )
-            )
-        if self.val_fit.dropped_too_long + self.val_fit.dropped_no_target and not self.val_examples:
-            out.append(
-                (
-                    True,
-                    f"no validation example fits max_length={self.max_length}: validation loss (and early "
-                    "stopping) cannot be measured",
-                )
-            )
-        if self.duplicates_train_val:
-            out.append(
-                (
-                    True,
-                    f"{self.duplicates_train_val} validation examples also appear in the training data, "
-                    "so validation loss will look better than it is",
-                )
-            )
+        cache = "; tokens from cache" if self.from_cache else ""
+        counts = f"{self.train_examples} training, {self.val_examples} validation examples"
+        out = [(False, f"data: {self.rows} rows ({self.data_format}): {counts}{cache}")]
+        out += [line for line in self._fit_lines() if line[1]]
         if self.duplicates_train:
             out.append((False, f"{self.duplicates_train} training examples are exact repeats of another"))
         if self.split_rows:
             out.append((False, self.split_line()))
-        out += [(False, note) for note in self.notes]
-        return out
+        return out + [(False, note) for note in self.notes]
+
+    def _fit_lines(self) -> list[tuple[bool, str]]:
+        """What reading and fitting the rows to max_length did (an empty message where there is nothing to say)."""
+        n, train, val = self.max_length, self.train_fit, self.val_fit
+        hint = (
+            f"; max_length={self.recommended_max_length} keeps 99% whole (loratune data inspect)"
+            if self.recommended_max_length and self.recommended_max_length > n
+            else ""
+        )
+        no_val = val.dropped_too_long + val.dropped_no_target and not self.val_examples
+        return [
+            (True, self.bad_rows and f"{self.bad_rows} malformed rows skipped; first: {self.first_bad}"),
+            (False, self.truncated and f"{self.truncated} examples longer than max_length={n} were truncated "
+                f"({self.truncation}){hint}"),
+            (False, (train.windows + val.windows) and f"long texts were split into {train.windows + val.windows} "
+                f"extra windows of max_length={n}"),
+            (True, self.dropped_too_long and f"{self.dropped_too_long} examples longer than max_length={n} were "
+                f"dropped (truncation={self.truncation}; first: {train.first_too_long or val.first_too_long}){hint}"),
+            (True, self.dropped_no_target and f"{self.dropped_no_target} examples had no answer token left after "
+                f"truncation={self.truncation} at max_length={n} and were dropped (first: "
+                f"{train.first_no_target or val.first_no_target})"),
+            (True, no_val and f"no validation example fits max_length={n}: validation loss (and early stopping) "
+                "cannot be measured"),
+            (True, self.duplicates_train_val and f"{self.duplicates_train_val} validation examples also appear in "
+                "the training data, so validation loss will look better than it is"),
+        ]  # fmt: skip
 
 
 @dataclass

@@ -60,21 +60,10 @@ def chat(
             "/reset starts over, /exit quits.",
             file=stdout,
         )
-    while True:
-        try:
-            line = input("you> ") if interactive else stdin.readline()
-        except EOFError:
-            line = ""
-        if not line:  # end of input
-            break
-        text = line.strip()
-        if text == "/exit":
-            break
+    for text in _typed(stdin, interactive):
         if text == "/reset":
             history.clear()
             print("(new conversation)", file=sys.stderr)
-            continue
-        if not text:
             continue
         user = {"role": "user", "content": text}
         prompt = _prompt(run, head, history, user, multi_turn)
@@ -82,26 +71,46 @@ def chat(
             history = history[2:]  # the oldest exchange goes first, to stay within the length trained on
             print("(oldest turn dropped to fit max_length)", file=sys.stderr)
             prompt = _prompt(run, head, history, user, multi_turn)
-        if interactive:
-            stdout.write("model> ")
-        try:
-            (reply,) = generate_texts(
-                run.model,
-                run.tokenizer,
-                [prompt],
-                run.encoder.end_ids,
-                max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                streamer=_streamer(run.tokenizer, stdout, run.encoder.end_ids),
-            )
-        except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
-            stdout.write("\n(stopped)\n")
-            continue
-        stdout.write("\n")
-        stdout.flush()
-        if multi_turn:
+        reply = _answer(run, prompt, stdout, interactive, max_new_tokens, temperature, top_p)
+        if multi_turn and reply is not None:
             history += [user, {"role": "assistant", "content": reply}]
+
+
+def _typed(stdin, interactive: bool):
+    """The user's lines, stripped, until the input ends or /exit; blank lines are skipped."""
+    while True:
+        try:
+            line = input("you> ") if interactive else stdin.readline()
+        except EOFError:
+            line = ""
+        text = line.strip()
+        if not line or text == "/exit":  # end of input
+            return
+        if text:
+            yield text
+
+
+def _answer(run, prompt: list[int], stdout, interactive: bool, max_new_tokens, temperature, top_p) -> str | None:
+    """The model's reply, streamed to `stdout`; None when the user stopped it (Ctrl-C)."""
+    if interactive:
+        stdout.write("model> ")
+    try:
+        (reply,) = generate_texts(
+            run.model,
+            run.tokenizer,
+            [prompt],
+            run.encoder.end_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            streamer=_streamer(run.tokenizer, stdout, run.encoder.end_ids),
+        )
+    except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
+        stdout.write("\n(stopped)\n")
+        return None
+    stdout.write("\n")
+    stdout.flush()
+    return reply
 
 
 def _prompt(run, head: list[dict], history: list[dict], user: dict, multi_turn: bool) -> list[int]:

@@ -10,11 +10,16 @@ from ..core.errors import UserError
 from ..core.files import atomic_write
 from ..data.encode import Encoder
 from ..data.formats import prompt_text
-from ..data.plan import StepPlan, plan_for, wants_shape_buckets
+from ..data.plan import StepPlan
 from ..data.prepare import DataReport, TokenizedSet, encode_source, fit, read_examples
+from ..memory.arithmetic import MemoryModel
+from ..memory.planner import device_budget
+from ..memory.shape import read_shape
 from ..modeling.adapter import use_packed_attention
 from ..modeling.evaluate import answer, dataset_loss, perplexity, score
-from ..modeling.loss import CausalLMLoss
+from ..modeling.model import resolve_model
+from ..modeling.objective import Objective, objective_for
+from ..planning.resolved import ResolvedRun, resolve
 from .run import LoadedRun, load_run
 
 
@@ -36,10 +41,10 @@ def evaluate_run(
     models = {"base": run.model.disable_adapter, "fine_tuned": contextlib.nullcontext}
     summary = {"event": "summary", "data": str(data), "adapter": str(run.adapter), "examples": n_examples,
                "scored_examples": len(tokenized), "dropped_too_long": fitted.dropped_too_long}  # fmt: skip
-    loss_module, plan = _loss_module(run, tokenized, batch_size)
+    objective, module, plan = _loss_module(run, tokenized, batch_size)
     for name, use in models.items():
         with use():
-            total, count = dataset_loss(loss_module, tokenized, plan, run.tokenizer.pad_token_id, run.device)
+            total, count = dataset_loss(objective, module, tokenized, plan, run.tokenizer.pad_token_id, run.device)
         summary[name] = {"loss": total / count, "perplexity": perplexity(total / count)}
     summary["target_tokens"] = count  # the same for both models
     rows = (
@@ -67,13 +72,23 @@ def _tokenized(run: LoadedRun, data: str):
     return tokenized, fitted, len(full), text
 
 
-def _loss_module(run: LoadedRun, data: TokenizedSet, batch_size: int | None) -> tuple[CausalLMLoss, StepPlan]:
-    """The loss as training computes it, in passes as validation makes them (the run's batch size by default)."""
-    cfg = run.config
-    packing = cfg.packing and use_packed_attention(run.model.get_base_model())
-    buckets = packing and wants_shape_buckets(run.device, next(run.model.parameters()).dtype)
-    plan = plan_for(cfg, data.lengths, data.target_counts, packing=packing, buckets=buckets)
-    return CausalLMLoss(run.model), plan.with_micro_batch(batch_size) if batch_size else plan
+def _loss_module(run: LoadedRun, data: TokenizedSet, batch_size: int | None) -> tuple[Objective, object, StepPlan]:
+    """The objective and its module as training ran them, in passes as the run's validation made them (its
+    resolved micro-batch, packing and shape buckets; `batch_size` overrides the micro-batch)."""
+    cfg, objective = run.config, objective_for(run.config)
+    resolved = ResolvedRun.read(run.run_dir) or _resolve_again(run)
+    if resolved.packing:
+        use_packed_attention(run.model.get_base_model())
+    plan = resolved.eval_plan(cfg, data)
+    module = objective.module(run.model, shape_buckets=resolved.shape_buckets)
+    return objective, module, plan.with_micro_batch(batch_size) if batch_size else plan
+
+
+def _resolve_again(run: LoadedRun) -> ResolvedRun:
+    """A run folder without a readable resolved.json (written by an older loratune): resolved as training would."""
+    cfg, device = run.config, run.device
+    mm = MemoryModel.for_run(cfg, read_shape(resolve_model(cfg.model), cfg), device, next(run.model.parameters()).dtype)
+    return resolve(cfg, mm, device_budget(cfg, device), device=device)[0]
 
 
 def _generations(run: LoadedRun, examples, models: dict, summary: dict, max_new_tokens: int | None) -> list[dict]:

@@ -21,7 +21,7 @@ docs/memory-accuracy.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +82,18 @@ class PassBytes:
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """How a sharding engine lays the trained state out on one device (each engine names its own)."""
+
+    name: str
+    sliced_gradients: bool  # reduced to each process's slice at every pass, with an fp32 copy of the weights' slice
+
+
+FSDP2_SHARDS = Sharding("FSDP2", sliced_gradients=False)  # gradients whole while a step accumulates
+ZERO3_SHARDS = Sharding("ZeRO-3", sliced_gradients=True)
+
+
+@dataclass(frozen=True)
 class MemoryModel:
     """Bytes of each item for one model and run setting. All methods are arithmetic: cheap enough per pass."""
 
@@ -92,7 +104,7 @@ class MemoryModel:
     checkpointing: bool = False
     lora_dropout: float = 0.0
     shards: int = 1  # FSDP2 or ZeRO-3: the processes the weights and optimizer state are split over
-    sharding: str = "FSDP2"  # which of the two, when shards > 1
+    sharding: Sharding = field(default_factory=lambda: FSDP2_SHARDS)  # how, when shards > 1
 
     @classmethod
     def for_run(
@@ -102,7 +114,7 @@ class MemoryModel:
         device: torch.device | str,
         dtype: torch.dtype,
         shards: int = 1,
-        sharding: str = "FSDP2",
+        sharding: Sharding | None = None,
     ) -> MemoryModel:
         return cls(
             shape,
@@ -112,7 +124,7 @@ class MemoryModel:
             cfg.gradient_checkpointing,
             cfg.lora_dropout,
             shards,
-            sharding,
+            sharding or FSDP2_SHARDS,
         )
 
     @property
@@ -135,7 +147,7 @@ class MemoryModel:
             }
         layer = (s.block_linear_params * per_linear + s.lora_params * ADAPTER) / max(1, s.layers)
         lora = s.lora_params * ADAPTER
-        if self.sharding == "ZeRO-3":  # a slice of every pass's gradients; AdamW steps an fp32 copy of the weights
+        if self.sharding.sliced_gradients:  # a slice of every pass's gradients; AdamW steps an fp32 copy
             weights = {f"LoRA weights (fp32), a 1/{n} shard and ZeRO's fp32 copy of it": 2 * lora // n}
             gradients = {f"LoRA gradients (fp32), a 1/{n} shard": lora // n}
         else:

@@ -89,6 +89,7 @@ class MemoryPlan:
     epoch_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+    resolved: dict = field(default_factory=dict)  # the run as training resolves it (planning.resolved)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -173,9 +174,7 @@ def estimate(
     throughput_source: str = "",
 ) -> MemoryPlan:
     """The memory plan of a run that makes `plan`'s passes (`from_data`: the data's own lengths, else examples of
-    max_length); `batch_size: auto` is planned at the size it would pick."""
-    if cfg.batch_size == "auto":
-        plan = plan.with_micro_batch(choose_batch_size(mm, plan, budget, cfg, from_data).batch_size)
+    max_length) at the plan's micro-batch (`batch_size: auto` resolved already: planning.resolved)."""
     size = largest_pass(mm, plan)
     items, total = peak_items(mm, size, budget)
     by_checkpointing = {
@@ -217,7 +216,7 @@ def estimate(
 
 def _processes_text(mm: MemoryModel, plan: StepPlan) -> str:
     if mm.shards > 1:
-        return f", one of {mm.shards} processes with {mm.sharding} (weights and optimizer state sharded)"
+        return f", one of {mm.shards} processes with {mm.sharding.name} (weights and optimizer state sharded)"
     return f", one of {plan.processes} data-parallel processes" if plan.processes > 1 else ""
 
 
@@ -247,7 +246,7 @@ def choose_batch_size(
 ) -> BatchChoice:
     """`batch_size: auto`: the largest micro-batch whose largest pass fits the budget; the effective batch stays
     (batch sizes that divide each process's share of a step, so the product stays exact)."""
-    found, too_big = _largest_fitting(mm, plan, budget)
+    found, too_big = largest_fitting(mm, plan, budget)
     effective = plan.examples_per_step
     if found is None:
         need = too_big[1] if too_big else 0
@@ -265,11 +264,11 @@ def choose_batch_size(
     return BatchChoice(b, accumulation, need, size, reason)
 
 
-def _largest_fitting(mm: MemoryModel, plan: StepPlan, budget: Budget):
-    """(batch_size, peak, largest pass) of the largest divisor of a process's share of a step that fits, or None;
-    and the (batch_size, peak) of the next larger one that did not fit, or None."""
-    share, too_big = plan.examples_per_step // plan.processes, None
-    for b in sorted((d for d in range(1, share + 1) if share % d == 0), reverse=True):
+def largest_fitting(mm: MemoryModel, plan: StepPlan, budget: Budget):
+    """(batch_size, peak, largest pass) of the largest of the plan's micro-batches that fits, or None; and the
+    (batch_size, peak) of the next larger one that did not fit, or None."""
+    too_big = None
+    for b in plan.micro_batches():
         size = largest_pass(mm, plan.with_micro_batch(b))
         need = peak_items(mm, size, budget)[1]
         if need <= budget.bytes:
@@ -285,7 +284,7 @@ def fixes(mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, fro
         options.append(
             ("gradient_checkpointing: true", peak(replace(mm, checkpointing=True), plan, budget), "about 30% slower")
         )
-    found = _largest_fitting(mm, plan, budget)[0]
+    found = largest_fitting(mm, plan, budget)[0]
     if found and found[0] < plan.micro_batch:
         b, effective = found[0], plan.examples_per_step
         options.append(

@@ -16,17 +16,17 @@ from .generate import generate_texts
 
 @torch.no_grad()
 def dataset_loss(
-    loss_module, data: TokenizedSet, plan: StepPlan, pad_id: int, device, rank: int = 0
+    objective, module, data: TokenizedSet, plan: StepPlan, pad_id: int, device, rank: int = 0
 ) -> tuple[float, int]:
-    """Summed cross-entropy and target-token count over this process's share of `data`, in `plan`'s passes."""
-    was_training = loss_module.training
-    loss_module.eval()
+    """The objective's summed loss and unit count (target tokens for SFT) over this process's share of `data`, in
+    `plan`'s passes."""
+    was_training = module.training
+    module.eval()
     total, count = 0.0, 0
     for examples in plan.eval_passes(rank):
-        batch = plan.batch(data, examples, pad_id)
-        total += float(loss_module(batch.to(device)))
-        count += batch.n_targets
-    loss_module.train(was_training)
+        total += float(objective.forward(module, objective.batch(plan, data, examples, pad_id).to(device)).loss)
+        count += objective.count(plan, examples)
+    module.train(was_training)
     return total, count
 
 

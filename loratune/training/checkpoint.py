@@ -4,10 +4,9 @@ A checkpoint (RUN/checkpoints/step-N, or step-N.P when taken after pass P of ste
 optimizer and scheduler state, every random-number state, the position in the data and the early-stopping state,
 and for a step cut in the middle its gradients so far. It is written whole or not at all (core.files.atomic_dir).
 
-Weights and optimizer state go through torch.distributed.checkpoint's state-dict functions, which gather FSDP2's
-shards into whole tensors when saving and hand each process its shard when loading; for one process or DDP they are
-the plain state dicts; DeepSpeed's ZeRO state is read and written in the same form (training.zero). The optimizer
-state is keyed by parameter name, so a checkpoint resumes on another engine or number of processes.
+The engine reads and writes weights and optimizer state as whole tensors (training.engine), the optimizer state keyed
+by parameter name, so a checkpoint resumes on another engine or number of processes. Resuming reads the checkpoint
+whole first (`latest_checkpoint`), before the run is built, and `restore`s it once it is.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 
 from ..core.errors import UserError
 from ..core.files import atomic_dir
-from . import zero
 from .run_folder import CHECKPOINTS
 
 
@@ -74,19 +72,12 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
     return int(step), int(passes or 0)
 
 
-def save_checkpoint(
-    run: Path, model, loss_module, optimizer, scheduler, state: TrainState, main: bool, partial_grads=None
-) -> Path | None:
+def save_checkpoint(run: Path, engine, model, module, optimizer, scheduler, state: TrainState, partial_grads=None):
     """Every process calls it (sharded weights and optimizer state are gathered from all); the main process writes
     the checkpoint and returns its path."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    adapter = adapter_state(model)
-    if zero.is_engine(loss_module):
-        optimizer_state = zero.optimizer_state(loss_module)
-    else:
-        optimizer_state = get_optimizer_state_dict(loss_module, optimizer, options=_whole(cpu_offload=True))
-    if not main:
+    adapter = engine.adapter_state(model)
+    optimizer_state = engine.optimizer_state(module, optimizer)
+    if not engine.accelerator.is_main_process:
         return None
     name = f"step-{state.step:06d}" + (f".{state.pass_in_step}" if state.pass_in_step else "")
     final = run / CHECKPOINTS / name
@@ -101,39 +92,16 @@ def save_checkpoint(
     return final
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's weights, whole, on every process (named as the model's parameters): FSDP2's shards are
-    gathered, so all processes must call it. A few MB: LoRA's weights only, never the frozen base."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    if zero.partitioned(model.parameters()):
-        return zero.whole_trainable(model)
-    return get_model_state_dict(model, options=_whole(ignore_frozen_params=True))
-
-
-def load_adapter(model, saved: dict[str, torch.Tensor]) -> None:
-    """Load an adapter file's weights (PEFT's names) into the model, each process taking its shard under FSDP2 or
-    its slices under ZeRO."""
+def load_adapter(engine, model, saved: dict[str, torch.Tensor]) -> None:
+    """Load an adapter file's weights (PEFT's names) into the model, each process taking its part."""
     from peft import get_peft_model_state_dict
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     # PEFT's own renaming (the adapter's name dropped) applied to the parameter names, to map the file's names back
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     index = get_peft_model_state_dict(model, state_dict={n: torch.tensor(i) for i, n in enumerate(names)})
     if index.keys() != saved.keys():
         raise KeyError(f"the adapter file's weights are not this model's ({sorted(index.keys() ^ saved.keys())[:3]})")
-    state = {names[int(i)]: saved[k] for k, i in index.items()}
-    if zero.managed(model.parameters()):
-        zero.load_weights(dict(model.named_parameters()), state)
-        return
-    set_model_state_dict(model, state, options=_whole(ignore_frozen_params=True))
-
-
-def _whole(**options):
-    """Whole (unsharded) tensors, as one process would hold them: checkpoints resume on any number of processes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **options)
+    engine.load_adapter_state(model, {names[int(i)]: saved[k] for k, i in index.items()})
 
 
 def prune_checkpoints(run: Path, keep: int, best_step: int | None) -> None:
@@ -144,22 +112,41 @@ def prune_checkpoints(run: Path, keep: int, best_step: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, loss_module, optimizer, scheduler):
-    """Restore weights, optimizer, schedule and RNG; return the saved state and any partial gradients."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole into memory, before anything of the run is built (a few MB: LoRA's weights and
+    AdamW's state)."""
 
-    load_adapter(model, load_file(path / "adapter" / "adapter_model.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-    if zero.is_engine(loss_module):
-        zero.load_optimizer_state(loss_module, optimizer_state)
-    else:
-        set_optimizer_state_dict(loss_module, optimizer, optimizer_state, options=_whole())
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    path: Path
+    state: TrainState
+    adapter: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    partial: list | None  # gradients of a step cut in the middle
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
     grads = path / "partial_grads.pt"
-    partial = torch.load(grads, weights_only=False) if grads.is_file() else None
-    return TrainState.from_json((path / "state.json").read_text()), partial
+    return Checkpoint(
+        path,
+        TrainState.from_json((path / "state.json").read_text()),
+        load_file(path / "adapter" / "adapter_model.safetensors"),
+        torch.load(path / "optimizer.pt", weights_only=False),
+        torch.load(path / "scheduler.pt", weights_only=False),
+        torch.load(path / "rng.pt", weights_only=False),
+        torch.load(grads, weights_only=False) if grads.is_file() else None,
+    )
+
+
+def restore(c: Checkpoint, engine, model, module, optimizer, scheduler) -> None:
+    """Set a read checkpoint's weights, optimizer and schedule state and random-number states."""
+    load_adapter(engine, model, c.adapter)
+    engine.load_optimizer_state(module, optimizer, c.optimizer)
+    scheduler.load_state_dict(c.scheduler)
+    set_rng_state(c.rng)
 
 
 def rng_state() -> dict:
@@ -177,19 +164,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_state(run: Path, model, loss_module, optimizer, scheduler, console) -> tuple[TrainState, list | None] | None:
-    """Restore the newest readable checkpoint of `run` (a damaged one falls back to an older one) and return its
-    state and any gradients of a step cut in the middle; None when the run has no checkpoint yet."""
+def latest_checkpoint(run: Path, console) -> Checkpoint | None:
+    """The newest readable checkpoint of `run` (a damaged one falls back to an older one); None when the run has
+    none yet. Reads files only: nothing of the run needs to be built."""
     found = list_checkpoints(run)
     if not found:
         console.info(f"{run} has no checkpoint yet: starting from the beginning")
         return None
     for path in reversed(found):
         try:
-            state, partial = load_checkpoint(path, model, loss_module, optimizer, scheduler)
+            checkpoint = read_checkpoint(path)
         except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
             console.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); trying an older one")
             continue
-        console.info(f"resuming from {path} (step {state.step}, epoch {state.epoch})")
-        return state, partial
+        console.info(f"resuming from {path} (step {checkpoint.state.step}, epoch {checkpoint.state.epoch})")
+        return checkpoint
     raise UserError(f"cannot resume {run}: no readable checkpoint; use --overwrite to start over")

@@ -33,10 +33,10 @@ def train(
         preload_plotting()
     if s.scores_test:
         with s.model.disable_adapter():
-            s.test_before = test_scores(s, "base model")
-    s.progress = s.console.progress(s.resolved.total_steps, s.state.step)
-    s.segment_start = time.perf_counter()  # training time: from here, without the base model's test above
-    s.loss_module.train()
+            s.training.test_before = test_scores(s, "base model")
+    s.training.progress = s.console.progress(s.resolved.total_steps, s.state.step)
+    s.training.segment_start = time.perf_counter()  # training time: from here, without the base model's test above
+    s.module.train()
     try:
         with s.stop:
             fit(s)
@@ -67,8 +67,8 @@ def log_step(s: Session, r: StepResult, epoch: float) -> None:
     padding_share = 1 - r.tokens / max(1, r.positions)
     s.metrics.write(
         event="train", step=s.state.step, epoch=round(epoch, 4), loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
-        tokens=r.tokens, target_tokens=r.targets, tokens_per_s=r.tokens / r.seconds,
-        target_tokens_per_s=r.targets / r.seconds, padding_share=padding_share, seconds=r.seconds,
+        tokens=r.tokens, target_tokens=r.units, tokens_per_s=r.tokens / r.seconds,
+        target_tokens_per_s=r.units / r.seconds, padding_share=padding_share, seconds=r.seconds, **r.metrics,
     )  # fmt: skip
     s.progress.update(s.state.step, epoch, r.loss, r.lr, r.tokens / r.seconds, padding_share)
 
@@ -81,15 +81,18 @@ def after_step(s: Session, end_of_epoch: bool) -> None:
     if evaluate and len(s.data.val):
         validate(s, epoch=state.epoch + state.step_in_epoch / s.resolved.steps_per_epoch)
     if evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
-        state.elapsed = s.elapsed()
-        save_checkpoint(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, state, s.main)
+        checkpoint(s)
         if s.main:
             prune_checkpoints(s.run, cfg.keep_checkpoints, state.best_step)
-        s.accelerator.wait_for_everyone()
+        s.engine.accelerator.wait_for_everyone()
     if s.any_process(s.stop.requested):
-        state.elapsed = s.elapsed()
-        save_checkpoint(s.run, s.model, s.loss_module, s.optimizer, s.scheduler, state, s.main)
+        checkpoint(s)
         raise Interrupted(s.run, s.stop.signal_name)
+
+
+def checkpoint(s: Session) -> None:
+    s.state.elapsed = s.elapsed()
+    save_checkpoint(s.run, s.engine, s.model, s.module, s.optimizer, s.scheduler, s.state)
 
 
 def _nonfinite_diagnosis(s: Session, examples) -> str:

@@ -11,18 +11,17 @@ from ..core.errors import UserError
 from ..core.files import atomic_dir, atomic_write
 from ..data.formats import prompt_text
 from ..modeling.evaluate import answer, score
-from .checkpoint import adapter_state
 from .session import Session
 
 
-def save_adapter(path: Path, model, tokenizer, template: str, main: bool = True) -> None:
+def save_adapter(path: Path, engine, model, tokenizer, template: str) -> None:
     """The adapter in PEFT's format, with the tokenizer and chat template it was trained with; never a NaN one.
-    Every process calls it (FSDP2's shards are gathered); the main process writes."""
-    weights = adapter_state(model)
+    Every process calls it (sharded weights are gathered); the main process writes."""
+    weights = engine.adapter_state(model)
     for name, value in weights.items():
         if not torch.isfinite(value).all():
             raise UserError(f"the adapter has non-finite weights ({name}); refusing to save it", exit_code=1)
-    if not main:
+    if not engine.accelerator.is_main_process:
         return
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, state_dict=weights)
@@ -62,11 +61,11 @@ def finish(s: Session) -> dict:
     limited = s.cfg.max_steps and state.step >= s.cfg.max_steps
     state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
     state.elapsed = s.elapsed()
-    save_adapter(s.run / "last", s.model, s.tokenizer, s.encoder.template, s.main)
+    save_adapter(s.run / "last", s.engine, s.model, s.tokenizer, s.encoder.template)
     if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
-        save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template, s.main)
-    s.accelerator.wait_for_everyone()
-    test_after = test_scores(s, "fine-tuned", before=s.test_before) if s.scores_test else None
+        save_adapter(s.run / "adapter", s.engine, s.model, s.tokenizer, s.encoder.template)
+    s.engine.accelerator.wait_for_everyone()
+    test_after = test_scores(s, "fine-tuned", before=s.training.test_before) if s.scores_test else None
     summary = _summary(s, test_after)
     s.trackers.finish(summary)
     if s.main:
@@ -112,6 +111,6 @@ def _summary(s: Session, test_after: dict | None) -> dict:
         "batch_size": r.batch_size,  # the micro-batch at the end: batch_size auto's choice, halved after OOM
         "gradient_accumulation_steps": r.gradient_accumulation_steps,
         "adapter": str(s.run / "adapter"),
-        "test_before": s.test_before,
+        "test_before": s.training.test_before,
         "test_after": test_after,
     } | peak_memory(s.device)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch.nn.parallel import DistributedDataParallel
-
 from ..modeling.evaluate import dataset_loss
 from .outputs import save_adapter
 from .session import Session
@@ -17,22 +15,28 @@ def due(s: Session, end_of_epoch: bool) -> bool:
     return bool((every and step % every == 0) or (not every and end_of_epoch) or step == s.resolved.total_steps)
 
 
+def validation_loss(s: Session) -> float:
+    """The objective's mean loss over the validation set. Each process runs its share of the passes (outside the
+    engine's wrapper) unless the weights are sharded: then each runs every pass, as each gathers the weights."""
+    plan = s.resolved.val_plan
+    rank = s.rank if plan.processes > 1 else 0
+    module = s.engine.unwrap(s.module)
+    total, count = dataset_loss(s.objective, module, s.data.val, plan, s.pad_id, s.device, rank=rank)
+    if plan.processes > 1:
+        total, count = s.all_sum(total), s.all_sum(count)
+    return total / count
+
+
 def validate(s: Session, epoch: float) -> None:
-    """Measure the validation loss (all processes share the examples), keep the best adapter, and stop early after
-    `early_stopping_patience` evaluations without an improvement of `early_stopping_min_delta`."""
+    """Measure the validation loss, keep the best adapter, and stop early after `early_stopping_patience`
+    evaluations without an improvement of `early_stopping_min_delta`."""
     cfg, state = s.cfg, s.state
-    plan = s.val_plan.with_micro_batch(s.plan.micro_batch)
-    if s.engine.sharded:  # every pass gathers the weights from all processes: each runs all of them
-        total, count = dataset_loss(s.loss_module, s.data.val, plan, s.pad_id, s.device)
-    else:  # each its share, outside DDP, whose forward pass syncs buffers: shares may differ in passes
-        module = _unwrapped(s)
-        total, count = map(s.all_sum, dataset_loss(module, s.data.val, plan, s.pad_id, s.device, rank=s.rank))
-    val_loss = total / count
+    val_loss = validation_loss(s)
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.early_stopping_min_delta
     if improved:
         state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, round(epoch, 4)
         state.evals_since_best = 0
-        save_adapter(s.run / "adapter", s.model, s.tokenizer, s.encoder.template, s.main)
+        save_adapter(s.run / "adapter", s.engine, s.model, s.tokenizer, s.encoder.template)
     else:
         state.evals_since_best += 1
     state.history.append({"step": state.step, "val_loss": val_loss})
@@ -46,10 +50,3 @@ def validate(s: Session, epoch: float) -> None:
             f"early stopping: validation loss did not improve by {cfg.early_stopping_min_delta} "
             f"for {state.evals_since_best} evaluations"
         )
-
-
-def _unwrapped(s: Session):
-    """The loss module inside DDP's or DeepSpeed's wrapper. Not accelerate's unwrap_model: it imports DeepSpeed
-    whenever it is installed, which prints DeepSpeed's warnings in runs that do not use it."""
-    wrapped = isinstance(s.loss_module, DistributedDataParallel) or s.engine.deepspeed
-    return s.loss_module.module if wrapped else s.loss_module

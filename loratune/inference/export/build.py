@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,25 +63,16 @@ def export_gguf(
     raw = trained_format(run_dir, cfg) in PLAIN_FORMATS
     ends = end_tokens(tokenizer, tokenizer.chat_template, _base_end_ids(model_path))
     go = RAW_GO if raw else go_template(tokenizer, tokenizer.chat_template)
-
-    def general(writer, kind_of_file: str) -> None:
-        writer.add_type(kind_of_file)
-        writer.add_name(run_dir.resolve().name)
-        writer.add_file_type(file_type(kind))
-        if kind not in ("f16", "bf16"):
-            from gguf import GGML_QUANT_VERSION
-
-            writer.add_quantization_version(GGML_QUANT_VERSION)
-
+    header = partial(_general, name=run_dir.resolve().name, kind=kind)
     if adapter_only:
         tensors, alpha = _adapter_tensors(folder, shape, kind)
-        base = source_gguf(model_path)
 
         def metadata(writer):
-            general(writer, "adapter")
+            header(writer, "adapter")
             writer.add_string("adapter.type", "lora")
             writer.add_float32("adapter.lora.alpha", alpha)
 
+        base = source_gguf(model_path)
         text = modelfile(str(base or model_path), go, ends.texts, adapter=f"./{out.name}")
     else:
         model = merged_model(run_dir, adapter, torch.float32).model  # fp32: rounded once, to `kind`, when written
@@ -88,7 +80,7 @@ def export_gguf(
         template = None if raw else tokenizer.chat_template
 
         def metadata(writer):
-            general(writer, "model")
+            header(writer, "model")
             write_hyperparameters(writer, config, shape)
             write_tokenizer(writer, tokenizer, model_path, config.vocab_size)
             write_chat(writer, template, ends)
@@ -97,6 +89,17 @@ def export_gguf(
     size = write_gguf(out, shape.family.arch, metadata, tensors)
     atomic_write(modelfile_path, text)
     return Exported(out, modelfile_path, size, go is not None)
+
+
+def _general(writer, kind_of_file: str, name: str, kind: str) -> None:
+    """The general.* keys every GGUF file carries."""
+    writer.add_type(kind_of_file)
+    writer.add_name(name)
+    writer.add_file_type(file_type(kind))
+    if kind not in ("f16", "bf16"):
+        from gguf import GGML_QUANT_VERSION
+
+        writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
 def _check_outputs(out: Path, overwrite: bool) -> Path:

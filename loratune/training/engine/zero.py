@@ -15,51 +15,105 @@ first, then writes each process's part of every tensor.
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import math
 import warnings
 
 import torch
 
-
-def prepare(accelerator, loss_module, optimizer, micro_batch: int, cfg):
-    """The DeepSpeed engine that runs `loss_module`'s passes, and the optimizer; `optimizer` stays loratune's
-    AdamW inside it (the schedule sets its learning rate)."""
-    # DeepSpeed calls torch's collectives by their older names, which warn at every call
-    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1  # loratune accumulates: DeepSpeed must not divide the loss again
-    config["train_batch_size"] = micro_batch * accelerator.num_processes
-    config["gradient_clipping"] = cfg.max_grad_norm  # 0: none
-    if config["zero_optimization"]["stage"] == 3:
-        import deepspeed
-
-        # Split the weights now, one at a time as they move to the device: DeepSpeed's engine would first move the
-        # whole model there. (The base was loaded whole into host memory, as for FSDP2: see training.engine.)
-        deepspeed.zero.Init(module=loss_module, dtype=torch.float32, mem_efficient_linear=False)
-        # The loss reads the output layer's weight outside the layer's forward pass (see modeling.loss): gathered
-        # for the whole forward and backward pass of the loss module.
-        head = loss_module.model.get_base_model().get_output_embeddings()
-        deepspeed.zero.register_external_parameter(loss_module, head.weight)
-    return accelerator.prepare(loss_module, optimizer)
+from ...memory.arithmetic import ZERO3_SHARDS
+from .ddp import DDP
 
 
-def is_engine(module) -> bool:
-    deepspeed = sys.modules.get("deepspeed")
-    return deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine)
+class ZeRO(DDP):
+    """ZeRO-2 (optimizer state and gradients split) or ZeRO-3 (the weights too), run by DeepSpeed's engine."""
+
+    def __init__(self, accelerator, processes: int, nodes: int, backend: str | None, stage: int):
+        super().__init__(accelerator, processes, nodes, backend)
+        self.kind, self.sharded = f"ZeRO-{stage}", stage == 3
+        self.sharding = ZERO3_SHARDS if self.sharded else None
+
+    @property
+    def may_replay_smaller(self) -> bool:
+        return False  # DeepSpeed's engine was set up for the micro-batch it was given
+
+    @property
+    def may_cut_steps(self) -> bool:
+        return False  # the step's gradients so far are split over DeepSpeed's buffers
+
+    def check(self, cfg, dtype: torch.dtype) -> None:
+        from .fsdp import refuse_4bit
+        from .launch import LaunchRefused
+
+        refuse_4bit(self, cfg)
+        if dtype == torch.float16:  # accelerate would turn on DeepSpeed's fp16, which casts LoRA too
+            raise LaunchRefused(
+                f"precision fp16: {self.kind} would train the LoRA weights in fp16 too; use bf16 or fp32"
+            )
+
+    def prepare(self, module, optimizer, micro_batch: int, cfg):
+        """DeepSpeed's engine runs the passes; `optimizer` stays loratune's AdamW inside it (the schedule sets its
+        learning rate)."""
+        # DeepSpeed calls torch's collectives by their older names, which warn at every call
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch
+        config["gradient_accumulation_steps"] = 1  # loratune accumulates: DeepSpeed must not divide the loss again
+        config["train_batch_size"] = micro_batch * self.processes
+        config["gradient_clipping"] = cfg.max_grad_norm  # 0: none
+        if self.sharded:
+            import deepspeed
+
+            # Split the weights now, one at a time as they move to the device: DeepSpeed's engine would first move
+            # the whole model there. (The base was loaded whole into host memory, as for FSDP2.)
+            deepspeed.zero.Init(module=module, dtype=torch.float32, mem_efficient_linear=False)
+            # The loss reads the output layer's weight outside the layer's forward pass (see modeling.loss):
+            # gathered for the whole forward and backward pass of the loss module.
+            head = module.model.get_base_model().get_output_embeddings()
+            deepspeed.zero.register_external_parameter(module, head.weight)
+        return self.accelerator.prepare(module, optimizer)
+
+    def held_here(self, model) -> str | None:
+        from .fsdp import held_text
+
+        return held_text(self.kind, model) if self.sharded else None
+
+    def unwrap(self, module):
+        return module if self.sharded else module.module
+
+    def backward(self, module, loss: torch.Tensor) -> None:
+        module.backward(loss)
+
+    @contextlib.contextmanager
+    def no_sync(self, module):
+        """ZeRO reduces every pass's gradients to the processes that hold their slices: such a pass only does not
+        end the step."""
+        module.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            module.set_gradient_accumulation_boundary(True)
+
+    def update(self, module, optimizer, trainable, cfg, loss: float) -> tuple[float, bool]:
+        """DeepSpeed's step: the same clipping; it skips an update whose gradient norm is not finite."""
+        module.step()
+        grad_norm = float(module.get_global_grad_norm())
+        return grad_norm, math.isfinite(loss) and math.isfinite(grad_norm)
+
+    def adapter_state(self, model) -> dict[str, torch.Tensor]:
+        return _whole_trainable(model) if self.sharded else super().adapter_state(model)
+
+    def load_adapter_state(self, model, state: dict[str, torch.Tensor]) -> None:
+        _load_weights(dict(model.named_parameters()), state)
+
+    def optimizer_state(self, module, optimizer) -> dict:
+        return _optimizer_state(module)
+
+    def load_optimizer_state(self, module, optimizer, saved: dict) -> None:
+        _load_optimizer_state(module, saved)
 
 
-def partitioned(params) -> bool:
-    """Whether these are ZeRO-3's parameters (each process holds a slice of each)."""
-    return any(hasattr(p, "ds_id") for p in params)
-
-
-def managed(params) -> bool:
-    """Whether these parameters are under ZeRO, which keeps a split fp32 copy of them that AdamW updates."""
-    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params)
-
-
-def whole_trainable(model) -> dict[str, torch.Tensor]:
+def _whole_trainable(model) -> dict[str, torch.Tensor]:
     """The trainable weights, whole, on every process (all processes call it: each gives its slices)."""
     import deepspeed
 
@@ -78,7 +132,7 @@ def _adamw(engine) -> torch.optim.AdamW:
     return engine.optimizer.optimizer  # the ZeRO optimizer steps loratune's AdamW on its flat slices
 
 
-def optimizer_state(engine) -> dict:
+def _optimizer_state(engine) -> dict:
     """AdamW's state, whole tensors per parameter name, as torch.distributed.checkpoint's full state dict."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -94,7 +148,7 @@ def optimizer_state(engine) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def load_weights(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+def _load_weights(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
     """Set trained weights (whole, by name) in the model and in ZeRO's fp32 copy that AdamW updates."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
@@ -110,7 +164,7 @@ def load_weights(params: dict[str, torch.nn.Parameter], weights: dict[str, torch
             safe_set_full_fp32_param(p, value)
 
 
-def load_optimizer_state(engine, saved: dict) -> None:
+def _load_optimizer_state(engine, saved: dict) -> None:
     """Restore AdamW's state from a whole state dict (any engine's, any number of processes)."""
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 

@@ -1,4 +1,4 @@
-"""Which processes train, and how: one process, or several started by a launcher (`--num-processes`, torchrun,
+"""Which processes train, and which engine: one process, or several started by a launcher (`--num-processes`, torchrun,
 `accelerate launch`, MPI, Slurm), data-parallel (DDP), with the weights sharded (FSDP2), or DeepSpeed's ZeRO-2
 (optimizer state and gradients split) or ZeRO-3 (the weights too).
 
@@ -10,13 +10,16 @@ launch that does not add up stops before any weight is loaded. The engine comes 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import UserError
+from ...core.errors import UserError
+from .base import Engine
+from .ddp import DDP
+from .fsdp import FSDP2
+from .zero import ZeRO
 
 # (processes, this process's rank) as launchers set them: torchrun and accelerate launch, MPI, then Slurm's srun.
 LAUNCHER_VARIABLES = (
@@ -50,45 +53,9 @@ def launched() -> Launch:
     return Launch(1, 0, "")
 
 
-@dataclass(frozen=True)
-class Engine:
-    """How the processes train together, named at the start of training."""
-
-    kind: str  # single process, DDP, FSDP2, ZeRO-2, ZeRO-3
-    processes: int
-    nodes: int
-    backend: str | None
-    device: torch.device
-    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward pass
-
-    @property
-    def sharded(self) -> bool:
-        """The weights are split over the processes: every forward pass gathers them, so all processes run the same
-        passes (validation) or none does (generation)."""
-        return self.kind in ("FSDP2", "ZeRO-3")
-
-    @property
-    def deepspeed(self) -> bool:
-        """DeepSpeed's engine runs the passes and the update (training.zero)."""
-        return self.kind.startswith("ZeRO")
-
-    @property
-    def load_device(self) -> torch.device:
-        """Where the base is loaded: sharding moves each process's part to its device, so a sharded base is read
-        into host memory first rather than whole onto one GPU."""
-        return torch.device("cpu") if self.sharded else self.device
-
-    def describe(self) -> str:
-        if self.kind == "single process":
-            return f"engine: single process, device {self.device}"
-        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
-        where = f"{processes} on {self.nodes} node{'s' if self.nodes > 1 else ''}"
-        return f"engine: {self.kind}, {where}, backend {self.backend}, device {self.device.type}"
-
-
 def start(device: torch.device, mixed_precision: str):
-    """The accelerator of this process (the process group joined) and the engine; refuses a launch whose processes
-    did not all join, and an engine that cannot run here."""
+    """This process's engine, its accelerator's process group joined; refuses a launch whose processes did not all
+    join, and an engine that cannot run here."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -107,7 +74,7 @@ def start(device: torch.device, mixed_precision: str):
         # (training.zero), so a ZeRO-3 model loads as any other.
         unset_hf_deepspeed_config()
     check_launch(accelerator.num_processes, accelerator.distributed_type)
-    return accelerator, engine_of(accelerator, sharding, reshard)
+    return engine_of(accelerator, sharding, reshard)
 
 
 def check_launch(joined: int, distributed_type) -> None:
@@ -146,14 +113,18 @@ def engine_of(accelerator, kind: str | None, reshard: bool) -> Engine:
             )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     initialized = torch.distributed.is_initialized()  # by DeepSpeed, whose backend accelerate does not record
-    return Engine(
-        kind,
+    shape = (
         accelerator.num_processes,
         max(1, accelerator.num_processes // max(1, local)),
         torch.distributed.get_backend() if initialized else accelerator.state.backend,
-        accelerator.device,
-        reshard,
     )
+    if kind == "single process":
+        return Engine(accelerator)
+    if kind == "DDP":
+        return DDP(accelerator, *shape)
+    if kind == "FSDP2":
+        return FSDP2(accelerator, *shape, reshard)
+    return ZeRO(accelerator, *shape, stage=int(kind[-1]))
 
 
 def _requested_sharding() -> tuple[str | None, bool]:
@@ -220,60 +191,3 @@ def _requested_zero() -> str:
             "instead (loratune accumulates the passes of each step itself)"
         )
     return f"ZeRO-{stage}"
-
-
-def shard(module: torch.nn.Module, engine: Engine) -> None:
-    """FSDP2 (torch's fully_shard): each decoder layer its own unit, the rest (embeddings, final norm, output
-    layer) the root's. Frozen weights, adapter weights, their gradients and so the optimizer state are all split
-    over the processes; a layer's weights are gathered only while it runs."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(engine.device.type, (engine.processes,))
-    decoder = module.model.get_base_model().get_decoder()
-    for layer in getattr(decoder, "layers", []):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=engine.reshard_after_forward)
-    fully_shard(module, mesh=mesh, reshard_after_forward=engine.reshard_after_forward)
-
-
-def held_here(model: torch.nn.Module, engine: Engine) -> str:
-    """What this process holds of the sharded weights: its shards, not the whole."""
-
-    def count(params) -> tuple[int, int]:
-        params = list(params)
-        local = sum(_held(p) for p in params)
-        return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)
-
-    trainable = count(p for p in model.parameters() if p.requires_grad)  # FSDP2's shards or ZeRO-3's slices
-    every = count(model.parameters())
-    return (
-        f"{engine.kind}: this process holds {trainable[0]:,} of the {trainable[1]:,} trainable parameters (and their "
-        f"gradients and AdamW state), {every[0]:,} of all {every[1]:,}"
-    )
-
-
-def _held(p) -> int:
-    if hasattr(p, "ds_tensor"):  # ZeRO-3's slice, the last one padded
-        return min(p.ds_tensor.numel(), max(0, p.ds_numel - p.ds_tensor.numel() * torch.distributed.get_rank()))
-    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-
-
-@contextlib.contextmanager
-def no_sync(accelerator, engine: Engine, module: torch.nn.Module):
-    """Accumulate this pass's gradients; they are reduced with the step's last pass. DeepSpeed's ZeRO reduces
-    every pass's gradients to the processes that hold their slices: such a pass only does not end the step."""
-    if engine.deepspeed:
-        module.set_gradient_accumulation_boundary(False)
-        try:
-            yield
-        finally:
-            module.set_gradient_accumulation_boundary(True)
-    elif engine.sharded:
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        with accelerator.no_sync(module):
-            yield
