@@ -15,6 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages", "sharegpt", "text")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
+# Each objective's own settings: one set for another objective is refused (it would silently do nothing).
+OBJECTIVE_SETTINGS = {
+    "beta": ("dpo", "kto"),
+    "dpo_loss": ("dpo",),
+    "orpo_lambda": ("orpo",),
+    "simpo_beta": ("simpo",),
+    "simpo_gamma": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
 
 
 class TrainConfig(BaseModel):
@@ -109,6 +120,32 @@ class TrainConfig(BaseModel):
         description="Layers that get LoRA adapters: all-linear (every linear layer of the blocks) or names, "
         "e.g. q_proj,v_proj.",
     )
+
+    # --- Objective ---------------------------------------------------------------------------------
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        "sft",
+        description="What the run trains for: sft (answers' cross-entropy), dpo (pairs against the base as "
+        "reference; dpo_loss sigmoid or ipo), orpo and simpo (pairs, no reference), kto (answers labelled "
+        "desirable or not). Preference data: prompt/chosen/rejected rows, or prompt/completion/label for kto.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo and kto: how far the adapter may move from the reference (the base without it); lower "
+        "= further.",
+    )
+    dpo_loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="dpo: the loss of the pair's log-ratio margin, sigmoid (DPO) or ipo (squared, IPO)."
+    )
+    orpo_lambda: float = Field(
+        0.1, ge=0, description="orpo: weight of the odds-ratio term beside the chosen answer's cross-entropy."
+    )
+    simpo_beta: float = Field(
+        2.0, gt=0, description="simpo: scale of the margin of mean log-probabilities (its own scale, not beta's)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the margin the chosen answer must win by.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of desirable answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of undesirable answers.")
 
     # --- Optimizer and schedule ----------------------------------------------------------------------
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
@@ -209,6 +246,29 @@ class TrainConfig(BaseModel):
             parse_bytes(v)
         return v
 
+    @field_validator("objective")
+    @classmethod
+    def _sft_data_settings(cls, v, info):
+        # Preference rows are read by their own columns and always keep answers whole (prompts cut from the left)
+        if v != "sft":
+            default = lambda k: cls.model_fields[k].get_default(call_default_factory=True)  # noqa: E731
+            changed = [k for k in SFT_ONLY if k in info.data and info.data[k] != default(k)]
+            if changed:
+                k = changed[0]
+                raise ValueError(
+                    f"{k}={info.data[k]} is for sft only: preference rows have fixed columns (prompt, chosen, "
+                    f"rejected; completion, label for kto) and keep answers whole; leave {k} at its default"
+                )
+        return v
+
+    @field_validator(*OBJECTIVE_SETTINGS)
+    @classmethod
+    def _for_this_objective(cls, v, info):
+        objective, used_by = info.data.get("objective"), OBJECTIVE_SETTINGS[info.field_name]
+        if objective is not None and objective not in used_by and v != cls.model_fields[info.field_name].default:
+            raise ValueError(f"is for objective {' or '.join(used_by)}, and this run's objective is {objective}")
+        return v
+
     @field_validator("columns")
     @classmethod
     def _check_roles(cls, v):
@@ -217,6 +277,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown role {unknown[0]!r}; roles are {', '.join(COLUMN_ROLES)}")
         return v
 
+
+# Data settings that shape SFT examples only.
+SFT_ONLY = ("data_format", "columns", "truncation", "train_on_inputs")
 
 # The roles a data column can play; `columns` maps these to the user's names.
 COLUMN_ROLES = ("input", "output", "instruction", "prompt", "completion", "messages", "conversations", "text", "system")

@@ -41,6 +41,12 @@ PRESETS: dict[str, Preset] = {
         "where the balanced adapter underfits (validation loss still falling at the end).",
         values={"lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-4},
     ),
+    "preference": Preset(
+        description="DPO on preference pairs (prompt, chosen, rejected): a learning rate ten times below SFT's, as "
+        "LoRA DPO commonly uses (2e-5; the Guide's range is for SFT, so the range warning shows), and 3 epochs, as "
+        "preference losses overfit pairs fast. Use it on top of a model that already answers in the right form.",
+        values={"objective": "dpo", "learning_rate": 2e-5, "epochs": 3, "warmup_ratio": 0.1},
+    ),
     "quickstart": Preset(
         description="The built-in demo: SmolLM2-135M-Instruct learns to turn order messages into JSON records, "
         "on the CPU in minutes. `loratune train` with no arguments runs it.",
