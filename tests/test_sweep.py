@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -139,23 +140,34 @@ def test_an_unreachable_storage_gives_one_line_and_writes_nothing(here):
     assert not (here / "runs").exists()
 
 
-def test_killed_mid_trial_then_continued_with_name_counts_every_trial_once(here):
-    folder = here / "runs" / "sweep-run"
-    worker = subprocess.Popen([*SWEEP, "run.yaml", "--trials", "2"], stdout=subprocess.DEVNULL)
+def _stop_when_training(argv: list[str], trial: Path, sig: int) -> tuple[int, str]:
+    """Run a sweep, send it `sig` once `trial` trains; its exit code and error output."""
+    worker = subprocess.Popen([*SWEEP, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: _training(folder / "trial-000"), "the first trial's first step", [worker])
+        _wait_for(lambda: _training(trial), f"{trial.name}'s first step", [worker])
+        worker.send_signal(sig)
+        return worker.wait(timeout=WAIT), worker.stderr.read()
     finally:
         worker.kill()
-        worker.wait()
-    # the trial's training process does not go on alone: the kernel stops it (SIGTERM: a checkpoint, then exit)
-    _wait_for(lambda: "stopped: SIGTERM" in (folder / "logs" / "trial-000.log").read_text(), "the orphan's stop", [])
+
+
+def test_stopped_or_killed_mid_trial_then_continued_with_name_counts_every_trial_once(here):
+    folder = here / "runs" / "sweep-run"
+    # Ctrl-C: the trial checkpoints and counts as failed; the sweep says how to go on
+    code, error = _stop_when_training(["run.yaml", "--trials", "1"], folder / "trial-000", signal.SIGINT)
+    assert code == 130 and error.startswith("stopped: sweep run: ") and len(error.strip().splitlines()) == 1
+    assert "stopped: SIGINT: checkpoint saved" in (folder / "logs" / "trial-000.log").read_text()
+    # a kill leaves its trial RUNNING; the trial's training process does not go on alone: the kernel stops it
+    # (SIGTERM: a checkpoint, then exit)
+    _stop_when_training(["--name", "run"], folder / "trial-001", signal.SIGKILL)
+    _wait_for(lambda: "stopped: SIGTERM" in (folder / "logs" / "trial-001.log").read_text(), "the orphan's stop", [])
+    assert _study("run").trials[1].state == TrialState.RUNNING
 
     done = _sweep("--name", "run")
     assert done.returncode == 0, done.stderr
-    assert "trial-000: left running by a worker that was stopped or killed: marked failed" in done.stdout
+    assert "trial-001: left running by a worker that was stopped or killed: marked failed" in done.stdout
     states = [t.state for t in _study("run").trials]
-    assert states[0] == TrialState.FAIL and states[1:] == [s for s in states[1:] if s in FINISHED]
-    assert len(states) == 3
+    assert states[:2] == [TrialState.FAIL] * 2 and states[2] in FINISHED and len(states) == 3
 
 
 def _pg_bin() -> Path:
