@@ -29,10 +29,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..core.errors import UserError
+from .batching import Batch, collate_packed, collate_padded
 from .encode import IGNORE, Encoder
 from .formats import Example, RowError, require_answers, to_example
 from .load import BadRows, open_source
-from .prepare import Fit
+from .prepare import DataReport, Fit, Prepared, read_examples, split_validation
 
 SHAPES = {"kto": ("prompt", "completion", "label"), "pairs": ("chosen", "rejected")}
 
@@ -208,3 +209,85 @@ def _split(encoder: Encoder, example: Example) -> tuple[list[int], list[int]]:
     if not prompt:
         raise RowError("the prompt is empty: the answer's first token would follow nothing")
     return prompt, answer
+
+
+# --- Pairs as training examples ------------------------------------------------------------------------------
+
+# What a run of each objective reads, and what its examples are called in the data report.
+OBJECTIVE_SHAPE = {"kto": "kto"}
+UNITS = {"pairs": "pairs", "kto": "rows"}
+
+
+class PairSet:
+    """Preference items as a run's examples (`StepPlan` sees one per pair, or per KTO row): `lengths` are the
+    tokens of all of an item's sequences, which go into the same pass, and `target_counts` their answer tokens.
+    A KTO row's second sequence is its mismatched pair (`kl_pairs` over the set), for the KL estimate."""
+
+    def __init__(self, items: list, max_length: int):
+        self.items, self.max_length = items, max_length
+        self.kl = kl_pairs(items, max_length) if items and isinstance(items[0], LabeledAnswer) else None
+        self.seqs = [self._sequences(i) for i in range(len(items))]
+        self.lengths = np.array([sum(len(ids) for ids, _ in s) for s in self.seqs], dtype=np.int64)
+        self.target_counts = np.array(
+            [sum(int((y[1:] != IGNORE).sum()) for _, y in s) for s in self.seqs], dtype=np.int64
+        )
+
+    def _sequences(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        item = self.items[i]
+        return item.sequences() if self.kl is None else [item.sequence(), self.kl[i].sequence()]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def origins(self) -> list[str]:
+        return [item.origin for item in self.items]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """KTO: whether each row's answer is desirable."""
+        return np.array([item.label for item in self.items], dtype=bool)
+
+    def select(self, indices) -> PairSet:
+        """A subset; KTO's mismatched pairs are drawn again within it (a split's rows never see the other's)."""
+        return PairSet([self.items[i] for i in indices], self.max_length)
+
+    def collate(self, examples, packing: bool, pad_id: int, filler: bool) -> Batch:
+        """The pass of these items: every item's first sequence, then every item's second (chosen then rejected;
+        KTO: the rows then their mismatched pairs), as packed rows (a filler segment up to a shape bucket with
+        `filler`) or padded rows."""
+        seqs = [self.seqs[i][k] for k in (0, 1) for i in examples]
+        ids, labels = [x for x, _ in seqs], [y for _, y in seqs]
+        if packing:
+            return collate_packed(ids, labels, pad_id if filler else None)
+        return collate_padded(ids, labels, pad_id)
+
+
+def prepare_preferences(cfg, encoder: Encoder) -> Prepared:
+    """`data.prepare` for a preference objective: the train and validation sets as `PairSet`s, with the report."""
+    shape = OBJECTIVE_SHAPE.get(cfg.objective, "pairs")
+    report = DataReport(max_length=cfg.max_length, truncation="truncate_prompt_left", unit=UNITS[shape])
+    train, report.train_fit = _read(cfg.train_data, "train", cfg, encoder, shape, report)
+    if cfg.val_data:
+        val, report.val_fit = _read(cfg.val_data, "validation", cfg, encoder, shape, report)
+    else:
+        train, val = split_validation(train, cfg.val_ratio, cfg.seed)
+    report.data_format = shape
+    report.train_examples, report.val_examples = len(train), len(val)
+    test = read_examples(cfg.test_data, "test", cfg) if cfg.test_data else []
+    return Prepared(train, val, test, report)
+
+
+def _read(spec, split: str, cfg, encoder: Encoder, shape: str, report: DataReport) -> tuple[PairSet, Fit]:
+    if not spec:
+        raise UserError("train_data is not set: give a preference data file (--train-data FILE)")
+    found = read_preferences(spec, encoder, cfg.max_length, cfg.skip_bad_rows, split)
+    if found.shape != shape:
+        raise UserError(
+            f"{spec}: rows of shape {found.shape} ({', '.join(SHAPES[found.shape])}), but objective {cfg.objective} "
+            f"trains on {shape} rows ({', '.join(SHAPES[shape])})"
+        )
+    report.rows += found.rows
+    report.bad_rows += found.bad_rows
+    report.first_bad = report.first_bad or found.first_bad
+    return PairSet(found.items, cfg.max_length), found.fit

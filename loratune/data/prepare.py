@@ -99,6 +99,7 @@ class DataReport:
     split_extra_tokens: int = 0
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    unit: str = "examples"  # what a run's examples are: pairs (DPO, ORPO, SimPO), rows (KTO)
 
     @property
     def truncated(self) -> int:
@@ -118,7 +119,7 @@ class DataReport:
     def lines(self) -> list[tuple[bool, str]]:
         """(is_warning, message) for the console at the start of training."""
         cache = "; tokens from cache" if self.from_cache else ""
-        counts = f"{self.train_examples} training, {self.val_examples} validation examples"
+        counts = f"{self.train_examples} training, {self.val_examples} validation {self.unit}"
         out = [(False, f"data: {self.rows} rows ({self.data_format}): {counts}{cache}")]
         out += [line for line in self._fit_lines() if line[1]]
         if self.duplicates_train:
@@ -138,11 +139,11 @@ class DataReport:
         no_val = val.dropped_too_long + val.dropped_no_target and not self.val_examples
         return [
             (True, self.bad_rows and f"{self.bad_rows} malformed rows skipped; first: {self.first_bad}"),
-            (False, self.truncated and f"{self.truncated} examples longer than max_length={n} were truncated "
+            (False, self.truncated and f"{self.truncated} {self.unit} longer than max_length={n} were truncated "
                 f"({self.truncation}){hint}"),
             (False, (train.windows + val.windows) and f"long texts were split into {train.windows + val.windows} "
                 f"extra windows of max_length={n}"),
-            (True, self.dropped_too_long and f"{self.dropped_too_long} examples longer than max_length={n} were "
+            (True, self.dropped_too_long and f"{self.dropped_too_long} {self.unit} longer than max_length={n} were "
                 f"dropped (truncation={self.truncation}; first: {train.first_too_long or val.first_too_long}){hint}"),
             (True, self.dropped_no_target and f"{self.dropped_no_target} examples had no answer token left after "
                 f"truncation={self.truncation} at max_length={n} and were dropped (first: "
@@ -432,6 +433,10 @@ def load_sets(cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[T
 
 
 def prepare(cfg: TrainConfig, encoder: Encoder) -> Prepared:
+    if cfg.objective != "sft":
+        from .pairs import prepare_preferences  # pairs builds on this module (Fit, the split), so it comes later
+
+        return prepare_preferences(cfg, encoder)
     report = DataReport(max_length=cfg.max_length, truncation=cfg.truncation)
     train_full, val_full = load_sets(cfg, encoder, report)
     text = report.data_format == "text"
