@@ -15,19 +15,26 @@ from .generate import generate_texts
 
 
 @torch.no_grad()
-def dataset_loss(
+def dataset_sums(
     objective, module, data: TokenizedSet, plan: StepPlan, pad_id: int, device, rank: int = 0
-) -> tuple[float, int]:
-    """The objective's summed loss and unit count (target tokens for SFT) over this process's share of `data`, in
-    `plan`'s passes."""
+) -> tuple[float, int, Counter]:
+    """The objective's summed loss, unit count (target tokens for SFT) and metric sums over this process's share of
+    `data`, in `plan`'s passes."""
     was_training = module.training
     module.eval()
-    total, count = 0.0, 0
+    total, count, metrics = 0.0, 0, Counter({name: 0.0 for name in objective.metrics})
     for examples in plan.eval_passes(rank):
-        total += float(objective.forward(module, objective.batch(plan, data, examples, pad_id).to(device)).loss)
+        out = objective.forward(module, objective.batch(plan, data, examples, pad_id).to(device))
+        total += float(out.loss)
+        metrics.update(out.metrics)
         count += objective.count(plan, examples)
     module.train(was_training)
-    return total, count
+    return total, count, metrics
+
+
+def dataset_loss(objective, module, data, plan: StepPlan, pad_id: int, device, rank: int = 0) -> tuple[float, int]:
+    """`dataset_sums`' loss and unit count."""
+    return dataset_sums(objective, module, data, plan, pad_id, device, rank)[:2]
 
 
 def perplexity(loss: float) -> float:

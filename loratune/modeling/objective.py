@@ -9,12 +9,26 @@ every objective's update is the same for any split of a step. SFT is the first o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..data.batching import Batch
 from .loss import CausalLMLoss
+from .preference import (
+    PairLogprobs,
+    PreferenceForward,
+    PreferenceLoss,
+    SequenceLogprobs,
+    dpo_loss,
+    ipo_loss,
+    kl_estimate,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 
 class LossSum(NamedTuple):
@@ -27,6 +41,7 @@ class LossSum(NamedTuple):
 class Objective:
     name: str
     unit: str  # what a step's loss is the mean over
+    metrics: tuple[str, ...] = ()  # the names of `forward`'s metric sums
 
     def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
         """The module a pass runs through: what the engine wraps, shards and back-propagates through."""
@@ -59,6 +74,116 @@ class SFT(Objective):
         return int(plan.targets[np.asarray(examples, dtype=np.int64)].sum())
 
 
+# --- Preference objectives: a pass's pairs (chosen and rejected of a pair in the same pass), the loss a mean over
+# pairs. Their losses and rewards are `preference`'s, checked against TRL's trainers in tests/test_preference.py.
+
+PAIR_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp")
+
+
+class Pairs(Objective):
+    """A loss of each pair's chosen and rejected answers' log-probabilities; the data is a `data.pairs.PairSet`."""
+
+    unit, metrics = "pairs", PAIR_METRICS
+    reference = True  # whether the loss compares with the model without its adapter
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
+        return PreferenceForward(peft_model, self.reference)
+
+    def batch(self, plan, data, examples, pad_id: int) -> Batch:
+        return data.collate(examples, plan.packing, pad_id, filler=plan.buckets)
+
+    def count(self, plan, examples) -> int:
+        return len(examples)
+
+    def forward(self, module: torch.nn.Module, batch) -> LossSum:
+        sums, counts, reference = module(batch)
+        policy = PairLogprobs.from_sequences(SequenceLogprobs(sums, counts))
+        ref = None if reference is None else PairLogprobs.from_sequences(SequenceLogprobs(reference, counts))
+        out = self.loss(policy, ref)
+        values = (out.accuracies, out.chosen_rewards, out.rejected_rewards, out.margins, policy.chosen, policy.rejected)
+        return LossSum(out.losses.sum(), {name: float(v.detach().sum()) for name, v in zip(PAIR_METRICS, values)})
+
+    def loss(self, policy: PairLogprobs, reference: PairLogprobs | None) -> PreferenceLoss:
+        raise NotImplementedError
+
+
+class DPO(Pairs):
+    name = "dpo"
+
+    def loss(self, policy: PairLogprobs, reference: PairLogprobs | None) -> PreferenceLoss:
+        return (ipo_loss if self.cfg.dpo_loss == "ipo" else dpo_loss)(policy, reference, self.cfg.beta)
+
+
+class ORPO(Pairs):
+    name, reference = "orpo", False
+
+    def loss(self, policy: PairLogprobs, reference: PairLogprobs | None) -> PreferenceLoss:
+        # the chosen answer's mean NLL: SFT's loss on the answer tokens, per pair
+        return orpo_loss(policy, -policy.means()[0], self.cfg.orpo_lambda)
+
+
+class SimPO(Pairs):
+    name, reference = "simpo", False
+
+    def loss(self, policy: PairLogprobs, reference: PairLogprobs | None) -> PreferenceLoss:
+        return simpo_loss(policy, self.cfg.simpo_beta, self.cfg.simpo_gamma)
+
+
+@dataclass
+class LabeledBatch:
+    """KTO's pass: its rows then their mismatched pairs (`data.pairs.PairSet`), and whether each row is desirable."""
+
+    sequences: Batch
+    labels: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.sequences.input_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.sequences.n_tokens
+
+    @property
+    def n_targets(self) -> int:
+        return self.sequences.n_targets
+
+    def to(self, device) -> LabeledBatch:
+        return LabeledBatch(self.sequences.to(device), self.labels.to(device))
+
+
+class KTO(Pairs):
+    """Answers labelled desirable or not; the KL reference point is the pass's mean over its rows' mismatched pairs
+    (TRL's is its micro-batch's, averaged over processes): unlike the pairs' losses, it depends on the split of a step
+    into passes. Metrics: the KL estimate, and the reward signed by the label (positive when the adapter moves
+    desirable answers up and undesirable ones down)."""
+
+    name, unit, metrics = "kto", "rows", ("kl", "signed_reward", "logp")
+
+    def batch(self, plan, data, examples, pad_id: int) -> LabeledBatch:
+        labels = torch.from_numpy(data.labels[np.asarray(examples, dtype=np.int64)])
+        return LabeledBatch(super().batch(plan, data, examples, pad_id), labels)
+
+    def forward(self, module: torch.nn.Module, batch: LabeledBatch) -> LossSum:
+        sums, _, reference = module(batch.sequences)
+        (policy, policy_kl), (ref, ref_kl) = sums.chunk(2), reference.chunk(2)
+        cfg = self.cfg
+        out = kto_loss(
+            policy, ref, batch.labels, kl_estimate(policy_kl, ref_kl), cfg.beta, cfg.desirable_weight,
+            cfg.undesirable_weight,
+        )  # fmt: skip
+        signed = torch.where(out.labels, out.rewards, -out.rewards)
+        rows = len(batch.labels)
+        metrics = {"kl": float(out.kl) * rows, "signed_reward": float(signed.sum()), "logp": float(policy.sum())}
+        return LossSum(out.losses.sum(), metrics)
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
+
+
 def objective_for(cfg) -> Objective:
-    """The objective a run trains for: SFT until the config names others."""
-    return SFT()
+    """The objective a run trains for (the config's `objective`)."""
+    return SFT() if cfg.objective == "sft" else OBJECTIVES[cfg.objective](cfg)

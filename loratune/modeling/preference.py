@@ -18,8 +18,8 @@ mean is the batch loss, and the rewards TRL reports. Where definitions differ:
   no reference, beta * the policy's mean log-probabilities.
 - ORPO's NLL term is an input: TRL's ORPOTrainer takes it over the prompt's tokens as well as the answer's
   (every non-padding token), and averages it over all of a batch's chosen tokens rather than per pair; per pair
-  (or with chosen sequences of equal length) the two agree. SFT in loratune learns the answers only: pass the answers' mean
-  NLL for that.
+  (or with chosen sequences of equal length) the two agree. SFT in loratune learns the answers only: the ORPO
+  objective passes the chosen answer's mean NLL.
 - KTO's KL reference point is the batch's mean of policy - reference log-probabilities of mismatched pairs (each
   prompt with another row's answer, see `data.pairs.kl_pairs`), detached and floored at 0. TRL averages it over
   processes before the floor: `kl_estimate` gives the local mean to all-reduce, `kto_loss` floors it.
@@ -241,3 +241,25 @@ def kto_loss(
     desirable = desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
     undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
     return KTOLoss(torch.where(labels, desirable, undesirable), beta * ratio.detach(), labels, kl)
+
+
+# --- The module a preference pass runs through ------------------------------------------------------------------
+
+
+class PreferenceForward(torch.nn.Module):
+    """One pass of preference sequences -> each sequence's summed log-probability under the adapter, its target
+    count, and, where the loss has a reference, its log-probability under the same model with the adapter switched
+    off (no second copy of the base, no gradient). Distributed wrappers wrap this module, as `CausalLMLoss`."""
+
+    def __init__(self, peft_model, reference: bool):
+        super().__init__()
+        self.model = peft_model
+        self.reference = reference
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        policy = sequence_logprobs(self.model, batch)
+        if not self.reference:
+            return policy.sums, policy.counts, None
+        with torch.no_grad(), self.model.disable_adapter():
+            reference = sequence_logprobs(self.model, batch).sums
+        return policy.sums, policy.counts, reference
