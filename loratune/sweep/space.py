@@ -181,10 +181,14 @@ def _checked(field: str, label: str, value, base: TrainConfig, where: str):
     """The value as TrainConfig reads it, or one line saying it is outside what the field allows."""
     try:
         cfg = TrainConfig.model_validate({**base.model_dump(), field: value})
-    except ValidationError:
-        raise UserError(
-            f"{where}: {field} {label} {value!r} is outside what {field} allows ({allowed(field)})"
-        ) from None
+    except ValidationError as e:
+        err, given = e.errors()[0], f"{where}: {field} {label} {value!r}"
+        other = str(err["loc"][0]) if err["loc"] else ""
+        if other and other != field:  # a rule between settings, e.g. an objective's own settings
+            raise UserError(f"{given} does not go with the config's {other}: {err['msg']}") from None
+        if err["type"] == "value_error":  # TrainConfig's own validators say precisely what is wrong
+            raise UserError(f"{given}: {err['ctx']['error']}") from None
+        raise UserError(f"{given} is outside what {field} allows ({allowed(field)})") from None
     return getattr(cfg, field)
 
 
