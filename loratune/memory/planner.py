@@ -220,13 +220,12 @@ def _processes_text(mm: MemoryModel, plan: StepPlan) -> str:
     return f", one of {plan.processes} data-parallel processes" if plan.processes > 1 else ""
 
 
-def require_fit(memory: MemoryPlan) -> None:
-    """The check before training: stop with the fixes, rather than start a run that would run out of memory."""
-    if not memory.fits:
-        raise UserError(
-            f"this run needs about {size_text(memory.total)} at its peak, more than {memory.budget_source} "
-            f"(`loratune plan` itemises it). To make it fit, change one of: " + "; ".join(memory.fixes)
-        )
+def refusal(memory: MemoryPlan) -> str:
+    """Why training stops before it starts when not even batch_size 1 fits, with the fixes."""
+    return (
+        f"this run needs about {size_text(memory.total)} at its peak, more than {memory.budget_source} "
+        f"(`loratune plan` itemises it). To make it fit, change one of: " + "; ".join(memory.fixes)
+    )
 
 
 # --- Making it fit ---------------------------------------------------------------------------------------------

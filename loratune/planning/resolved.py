@@ -23,7 +23,7 @@ from ..core.config import TrainConfig
 from ..core.files import atomic_write
 from ..data.plan import StepPlan, max_length_plan, plan_for, wants_shape_buckets
 from ..memory.arithmetic import MemoryModel
-from ..memory.planner import Budget, choose_batch_size, estimate, largest_fitting, require_fit, size_text
+from ..memory.planner import Budget, choose_batch_size, estimate, largest_fitting, refusal, size_text
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,9 @@ def resolve(
     processes: int = 1,
 ) -> tuple[ResolvedRun, list[tuple[bool, str]]]:
     """The run `cfg` makes on this device and engine over these tokenized sets (`train`, `val`: objects with
-    `lengths` and `target_counts`; without `train`, examples of max_length). Returns it with the notes to show
-    (is_warning, line); refuses (UserError) when not even batch_size 1 fits."""
+    `lengths` and `target_counts`; without `train`, examples of max_length). Returns it with the notes to show,
+    (level, line) with level info, warning or refusal: training stops at a refusal (not even batch_size 1 fits),
+    a plan shows it. `batch_size: auto` with nothing that fits raises the UserError itself."""
     packing = cfg.packing and mm.shape.packs
     buckets = packing and wants_shape_buckets(device, mm.dtype)
     if train is None:
@@ -134,12 +135,12 @@ def _micro_batch(cfg: TrainConfig, mm: MemoryModel, budget: Budget, plan: StepPl
     """`batch_size: auto`'s choice, or the config's with a warning when only a smaller one fits."""
     if cfg.batch_size == "auto":
         choice = choose_batch_size(mm, plan, budget, cfg, from_data)
-        return plan.with_micro_batch(choice.batch_size), "batch_size auto", [(False, choice.reason)]
+        return plan.with_micro_batch(choice.batch_size), "batch_size auto", [("info", choice.reason)]
     memory = estimate(cfg, mm, plan, budget, from_data=from_data)
     if memory.fits:
         return plan, "config", []
     if largest_fitting(mm, plan, budget)[0] is None:
-        require_fit(memory)
+        return plan, "config", [("refusal", refusal(memory))]
     then = (
         "training will make the micro-batch smaller when memory runs out, keeping the effective batch. To avoid the "
         "retries"
@@ -151,4 +152,4 @@ def _micro_batch(cfg: TrainConfig, mm: MemoryModel, budget: Budget, plan: StepPl
         f"batch_size {plan.micro_batch} needs about {size_text(memory.total)} at its largest pass, more than "
         f"{budget.source}: {then}, change one of: " + "; ".join(memory.fixes)
     )
-    return plan, "config", [(True, warning)]
+    return plan, "config", [("warning", warning)]

@@ -87,8 +87,10 @@ def _resolve(cfg: TrainConfig, memory: RunMemory, engine, data, checkpoint, save
         engine=engine.kind,
         processes=engine.processes,
     )
-    for is_warning, line in notes:
-        (console.warn if is_warning else console.info)(line)
+    for level, line in notes:
+        if level == "refusal":
+            raise UserError(line)
+        (console.warn if level == "warning" else console.info)(line)
     if saved and saved.examples_per_step != resolved.examples_per_step:
         raise UserError(
             f"cannot resume: the checkpoint took {saved.examples_per_step} examples per optimizer step, this launch "
