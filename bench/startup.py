@@ -12,8 +12,8 @@ moment its first line appears. Medians are printed; the file cache is warmed by 
 
 Two commands that load no model are timed the same way, whole processes: `loratune --help` and `loratune config
 show --preset quickstart`. Every time is printed beside the floor, measured in the same run: a bare Python that
-imports torch, transformers, peft and accelerate, what any training process pays before loratune does anything
-(transformers and peft load most of their modules on first use, so a run's real import cost is higher). A run's
+imports torch, transformers, peft and accelerate (and exits as loratune does), what any training process pays
+before loratune does anything (a run imports more: transformers loads a model's own modules on first use). A run's
 first step beyond the floor is what loratune adds before training (its data, model and adapters); the commands
 without a model import none of those libraries and should stay far below the floor.
 """
@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 N_EXAMPLES = 128
-FLOOR = "import torch, transformers, peft, accelerate"
+# gc.freeze() as `loratune` does before it exits (cli.run): without it, the interpreter's last collection over torch's
+# objects adds about a second to the floor that no loratune process pays.
+FLOOR = "import gc, torch, transformers, peft, accelerate; gc.freeze()"
 COMMANDS = {
     "--help": ["--help"],
     "config show": ["config", "show", "--preset", "quickstart"],
