@@ -163,10 +163,10 @@ def _base_config(settings) -> TrainConfig:
     """The config every trial starts from, read again from its file: refused when the file says something else
     now (the trials would not be comparable)."""
     from ..core.sources import resolve
+    from ..sweep.study import config_changes
 
     cfg = resolve(settings.config_file).config
-    now = _config_dict(cfg)
-    changed = [f"{k}: {settings.config.get(k)!r} -> {now.get(k)!r}" for k in now if now[k] != settings.config.get(k)]
+    changed = config_changes(settings.config, _config_dict(cfg))
     if changed:
         raise UserError(
             f"config file {settings.config_file} changed since the sweep started ({'; '.join(changed)[:300]}): "
@@ -229,12 +229,11 @@ def _finish(study, folder: Path, name: str) -> None:
         if line:
             print(line)
     plot = results.plot(trials, folder, name)
+    if plot:
+        print(f"wrote {plot}")
     best_file = results.write_best(study, folder, name)
     if best_file:
-        print(
-            f"wrote {best_file} (`loratune train {best_file}` trains the best trial again)"
-            + (f" and {plot}" if plot else "")
-        )
+        print(f"wrote {best_file}: `loratune train {best_file}` trains the best trial again")
 
 
 # --- The cost, from loratune's planner -------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def results_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    done = [t for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    done = study.get_trials(states=(TrialState.COMPLETE,))
     return min(done, key=lambda t: t.value) if done else None
 
 

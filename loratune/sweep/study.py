@@ -45,12 +45,12 @@ class Settings:
 
     def changes(self, other: Settings) -> list[str]:
         """What differs in config and space (the trial count and pruner may change on continuing)."""
-        out = [
-            f"{k}: {self.config.get(k)!r} -> {other.config.get(k)!r}"
-            for k in self.config
-            if self.config.get(k) != other.config.get(k)
-        ]
-        return out + (["the space"] if self.space != other.space else [])
+        return config_changes(self.config, other.config) + (["the space"] if self.space != other.space else [])
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The settings of `old` that `new` gives otherwise (a setting added to loratune since has its default)."""
+    return [f"{k}: {v!r} -> {new.get(k)!r}" for k, v in old.items() if new.get(k) != v]
 
 
 def storage_url(folder: Path, storage: str | None) -> str:

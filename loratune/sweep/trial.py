@@ -158,8 +158,15 @@ def trained_steps(folder: Path) -> int:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
     except OSError:
         return 0
-    steps = [json.loads(line)["step"] for line in lines if '"event": "train"' in line]
-    return steps[-1] if steps else 0
+    steps = [0]
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a last line cut short by a kill
+            continue
+        if record.get("event") == "train":
+            steps.append(record["step"])
+    return steps[-1]
 
 
 def full_steps(folder: Path) -> int | None:
