@@ -176,9 +176,8 @@ class KTO(Pairs):
             cfg.undesirable_weight,
         )  # fmt: skip
         signed = torch.where(out.labels, out.rewards, -out.rewards)
-        rows = len(batch.labels)
-        metrics = {"kl": float(out.kl) * rows, "signed_reward": float(signed.sum()), "logp": float(policy.sum())}
-        return LossSum(out.losses.sum(), metrics)
+        sums = {"kl": out.kl * len(batch.labels), "signed_reward": signed.sum(), "logp": policy.detach().sum()}
+        return LossSum(out.losses.sum(), {name: float(v) for name, v in sums.items()})
 
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}

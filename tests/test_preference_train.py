@@ -1,0 +1,218 @@
+"""Preference objectives on the training loop: a DPO run end to end, the same update for any split of a step into
+passes, kill-and-resume, bad rows and settings refused in one line; ORPO, SimPO and KTO train too."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from loratune import TrainConfig
+from loratune.cli import main
+from loratune.core.errors import UserError
+from loratune.core.presets import guide_warnings
+from loratune.core.sources import resolve
+from loratune.training.loop import train
+
+WORDS = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversation pairs whose prompts and answers differ several-fold in length."""
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{i}: {say(rng.choice([3, 8, 20]))}"}],
+            "chosen": [{"role": "assistant", "content": say(rng.choice([2, 6, 15]))}],
+            "rejected": [{"role": "assistant", "content": say(rng.choice([2, 6, 15])) + " no"}],
+        }
+        for i in range(n)
+    ]
+
+
+def kto_rows(n: int) -> list[dict]:
+    return [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in pair_rows(n // 2)
+        for side in ("chosen", "rejected")
+    ]
+
+
+def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    settings = dict(
+        model=model,
+        objective="dpo",
+        train_data=write_jsonl(data / "train.jsonl", rows or pair_rows(24)),
+        val_data=write_jsonl(data / "val.jsonl", pair_rows(3, seed=1)),
+        output_dir=str(tmp_path / name),
+        epochs=1,
+        precision="fp32",
+        device="cpu",
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        max_length=256,
+    )
+    return settings | overrides
+
+
+def _metrics(run, event="train"):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def _same_adapter(a, b, tol=1e-5):
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
+
+
+def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    flags = _settings(tiny_model, tmp_path, "run", batch_size=4, gradient_accumulation_steps=2, epochs=2)
+    assert main(["train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]) == 0
+    out = capsys.readouterr().out
+    assert "data: 27 rows (pairs): 24 training, 3 validation pairs" in out
+    run = tmp_path / "run"
+    steps, evals = _metrics(run), _metrics(run, "eval")
+    assert len(steps) == 6 and len(evals) == 2
+    # The adapter starts at zero: the policy is its reference, every pair's loss is log 2 and its rewards 0.
+    assert math.isclose(steps[0]["loss"], math.log(2), rel_tol=1e-6)
+    assert steps[0]["chosen_reward"] == steps[0]["rejected_reward"] == 0
+    assert steps[-1]["reward_margin"] != 0 and 0 <= steps[-1]["reward_accuracy"] <= 1
+    assert {"val_reward_accuracy", "val_reward_margin", "val_chosen_logp"} <= evals[-1].keys()
+    assert evals[-1]["val_loss"] < math.log(2)  # 12 examples x 2 epochs at 1e-3 separate the validation pairs too
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter")
+    trained = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert trained and any(p.abs().sum() > 0 for p in trained)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_dpo_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, packing):
+    """8 x 1 and 2 x 4 on the same pairs of very different lengths: the same losses, gradients and adapter."""
+    one = train(TrainConfig(**_settings(tiny_model, tmp_path, "one", batch_size=8, gradient_accumulation_steps=1,
+                                        packing=packing)))  # fmt: skip
+    four = train(TrainConfig(**_settings(tiny_model, tmp_path, "four", batch_size=2, gradient_accumulation_steps=4,
+                                         packing=packing)))  # fmt: skip
+    assert one["steps"] == four["steps"] == 3
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "four")):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+        assert math.isclose(a["reward_margin"], b["reward_margin"], rel_tol=1e-4, abs_tol=1e-7)
+    _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
+
+
+# `loratune train` in a child process that kills itself before its N-th training pass (as tests/fault_driver.py
+# does for SFT's module).
+KILLER = """
+import os, signal, sys
+from loratune.cli import main
+from loratune.modeling.preference import PreferenceForward
+at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], PreferenceForward.forward
+def faulty(self, batch):
+    if self.training:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, batch)
+PreferenceForward.forward = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(flags: dict, kill_at: int = 0, resume: bool = False):
+    given = {k: v for k, v in flags.items() if v is not None}
+    args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
+    env = {**os.environ, "KILL_AT_PASS": str(kill_at)}
+    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
+
+
+def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(tiny_model, tmp_path):
+    """Unpacked, 2 x 3: every step takes 3 passes; killed in the middle of step 2, with LoRA dropout (its random
+    state is restored with the checkpoint)."""
+    common = dict(rows=pair_rows(12), batch_size=2, gradient_accumulation_steps=3, save_every_steps=1,
+                  lora_dropout=0.1, packing=False, val_data=None, val_ratio=0)  # fmt: skip
+    train(TrainConfig(**_settings(tiny_model, tmp_path, "reference", **common)))
+    flags = _settings(tiny_model, tmp_path, "run", **common)
+    result = _run(flags, kill_at=5)  # the 2nd pass of step 2
+    assert result.returncode == -signal.SIGKILL, result.stderr[-1500:]
+    result = _run(flags, resume=True)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "resuming from" in result.stdout
+    _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"prompt": "hi", "chosen": "yes", "rejected": "yes"}, "chosen and rejected are the same answer"),
+        ({"prompt": "hi", "chosen": 3, "rejected": "no"}, "chosen"),
+    ],
+)
+def test_a_bad_pair_row_is_one_line_with_file_and_line(tiny_model, tmp_path, capsys, row, problem):
+    rows = [{"prompt": "hi", "chosen": "yes", "rejected": "no"}] * 2 + [row]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code = main(["train", f"--model={tiny_model}", "--objective=dpo", f"--train-data={path}", "--device=cpu",
+                 f"--output-dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path} line 3: ") and problem in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        ({"beta": "0.2"}, "beta = '0.2' (from --beta): is for objective dpo or kto, and this run's objective is sft"),
+        ({"objective": "orpo", "simpo_gamma": "1"}, "simpo_gamma = '1' (from --simpo-gamma): is for objective simpo"),
+        (
+            {"objective": "dpo", "truncation": "drop"},
+            "objective = 'dpo' (from --objective): truncation=drop is for sft",
+        ),
+        (
+            {"objective": "dpo", "dpo_loss": "hinge"},
+            "dpo_loss = 'hinge' (from --dpo-loss): must be one of: sigmoid, ipo",
+        ),
+    ],
+)
+def test_settings_of_another_objective_are_refused_in_one_line(flags, said):
+    with pytest.raises(UserError) as e:
+        resolve(flags=flags)
+    assert str(e.value).startswith(said) and "\n" not in str(e.value)
+
+
+def test_the_preference_preset_is_dpo_and_still_warned_outside_the_guide_ranges():
+    cfg = resolve(preset="preference").config
+    assert (cfg.objective, cfg.beta, cfg.dpo_loss) == ("dpo", 0.1, "sigmoid")
+    assert any(w.startswith("learning_rate=2e-05 is outside the Training Guide's") for w in guide_warnings(cfg))
+    for name in ("batch_size", "gradient_accumulation_steps", "max_length", "learning_rate", "epochs"):
+        assert name in TrainConfig.model_fields  # the Guide's names stay
+    assert TrainConfig().objective == "sft"
+
+
+@pytest.mark.parametrize(
+    "objective, metric",
+    [("orpo", "reward_margin"), ("simpo", "reward_accuracy"), ("kto", "kl"), ("dpo", "chosen_logp")],
+)
+def test_each_objective_trains_a_step_and_logs_its_metrics(tiny_model, tmp_path, objective, metric):
+    extra = {"dpo_loss": "ipo"} if objective == "dpo" else {}
+    rows = kto_rows(16) if objective == "kto" else pair_rows(8)
+    settings = _settings(tiny_model, tmp_path, objective, rows=rows, val_data=None, val_ratio=0, batch_size=4,
+                         gradient_accumulation_steps=2, objective=objective, **extra)  # fmt: skip
+    assert train(TrainConfig(**settings))["steps"] == (2 if objective == "kto" else 1)
+    step = _metrics(tmp_path / objective)[0]
+    assert math.isfinite(step["loss"]) and math.isfinite(step[metric]) and step["grad_norm"] > 0
