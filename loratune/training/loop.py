@@ -15,7 +15,7 @@ from ..core.config import TrainConfig
 from ..core.console import Console
 from ..core.errors import UserError
 from .checkpoint import prune_checkpoints, save_checkpoint
-from .outputs import finish, test_scores
+from .outputs import base_test_scores, finish, phase
 from .report import preload_plotting
 from .session import Session
 from .setup import setup
@@ -31,18 +31,18 @@ def train(
     s = setup(config, resume=resume, overwrite=overwrite, console=console)
     if s.main:
         preload_plotting()
-    if s.scores_test:
-        with s.model.disable_adapter():
-            s.training.test_before = test_scores(s, "base model")
     s.training.progress = s.console.progress(s.resolved.total_steps, s.state.step)
-    s.training.segment_start = time.perf_counter()  # training time: from here, without the base model's test above
-    s.module.train()
     try:
+        if s.scores_test:
+            s.training.test_before = base_test_scores(s)
+        s.training.segment_start = time.perf_counter()  # training time: from here, without the base model's test
+        s.module.train()
+        phase(s, "train", "training")
         with s.stop:
             fit(s)
+        return finish(s)
     finally:
         s.progress.close()
-    return finish(s)
 
 
 def fit(s: Session) -> None:
@@ -79,15 +79,21 @@ def after_step(s: Session, end_of_epoch: bool) -> None:
     state, cfg = s.state, s.cfg
     evaluate = due(s, end_of_epoch)
     if evaluate and len(s.data.val):
+        phase(s, "validate", f"validating at step {state.step}")
         validate(s, epoch=state.epoch + state.step_in_epoch / s.resolved.steps_per_epoch)
-    if evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
+    saves = evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0)
+    if saves:
+        phase(s, "save", f"saving a checkpoint at step {state.step}")
         checkpoint(s)
         if s.main:
             prune_checkpoints(s.run, cfg.keep_checkpoints, state.best_step)
         s.engine.accelerator.wait_for_everyone()
     if s.any_process(s.stop.requested):
+        phase(s, "save", f"saving a checkpoint at step {state.step}, then stopping")
         checkpoint(s)
         raise Interrupted(s.run, s.stop.signal_name)
+    if saves and state.step < s.resolved.total_steps and state.stop_reason is None:
+        phase(s, "train", "training")
 
 
 def checkpoint(s: Session) -> None:

@@ -10,8 +10,11 @@ import torch
 from ..core.errors import UserError
 from ..core.files import atomic_dir, atomic_write
 from ..data.formats import prompt_text
-from ..modeling.evaluate import answer, score
+from ..modeling.evaluate import score
+from ..modeling.generate import generate_texts
 from .session import Session
+
+GENERATION_BATCH = 16  # generate_texts' default batch: the answers are those of one call
 
 
 def save_adapter(path: Path, engine, model, tokenizer, template: str) -> None:
@@ -29,17 +32,53 @@ def save_adapter(path: Path, engine, model, tokenizer, template: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def phase(s: Session, key: str, text: str, **count) -> None:
+    """What the run does now, on the progress line and in metrics.jsonl for the UI (main process)."""
+    s.metrics.phase(key, text, **count)
+    s.progress.phase(key, text, **count)
+
+
+def base_test_scores(s: Session) -> dict:
+    """The base model's held-out scores: answered once, before the first step; a resumed run reads them back from
+    its first segment's metrics."""
+    earlier = s.metrics.earlier("test")
+    if earlier is not None:
+        return {k: v for k, v in earlier.items() if k not in ("event", "step", "model", "time")}
+    with s.model.disable_adapter():
+        scores = test_scores(s, "base model")
+    s.metrics.write(event="test", step=s.state.step, model="base model", **scores)
+    return scores
+
+
 def test_scores(s: Session, label: str, before: dict | None = None) -> dict:
     """Greedy answers to the held-out test prompts, scored against their references."""
     examples = s.data.test
     with torch.compiler.set_stance("force_eager"):  # decoding one token at a time would recompile compiled layers
-        predictions, references = answer(s.model, s.tokenizer, s.encoder, examples)
+        predictions, references = answers(s, examples, f"answering the held-out test, {label}")
     scores = score(predictions, references)
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in scores.items())
-    s.console.info(f"held-out test ({len(examples)} examples), {label}: {shown}")
+    s.progress.note(f"held-out test ({len(examples)} examples), {label}: {shown}")
     if before is not None:
         _show_samples(s, before["samples"], predictions)
     return {**scores, "samples": predictions[:2]}
+
+
+def answers(s: Session, examples, text: str) -> tuple[list[str], list[str]]:
+    """`modeling.evaluate.answer`'s greedy answers and references, a generation batch at a time so that the run
+    says how many are done: the same batches (shortest prompts first) and one length budget, so the same answers."""
+    prompts = [s.encoder.prompt_ids(ex) for ex in examples]
+    references = [s.encoder.reference(ex) for ex in examples]
+    budget = max(len(s.tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    predictions = [""] * len(prompts)
+    for start in range(0, len(order), GENERATION_BATCH):
+        phase(s, "test", text, done=start, total=len(order))
+        batch = order[start : start + GENERATION_BATCH]
+        texts = generate_texts(s.model, s.tokenizer, [prompts[i] for i in batch], s.encoder.end_ids, budget)
+        for i, answer in zip(batch, texts):
+            predictions[i] = answer
+    phase(s, "test", text, done=len(order), total=len(order))
+    return predictions, references
 
 
 def _show_samples(s: Session, before: list[str], after: list[str]) -> None:
@@ -61,6 +100,7 @@ def finish(s: Session) -> dict:
     limited = s.cfg.max_steps and state.step >= s.cfg.max_steps
     state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
     state.elapsed = s.elapsed()
+    phase(s, "save", "saving the adapter")
     save_adapter(s.run / "last", s.engine, s.model, s.tokenizer, s.encoder.template)
     if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
         save_adapter(s.run / "adapter", s.engine, s.model, s.tokenizer, s.encoder.template)
