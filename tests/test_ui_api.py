@@ -570,3 +570,46 @@ def test_an_emptied_field_clears_what_the_preset_set(tmp_path):
     argv, sources = form.train_argv({"test_data": ""}, "quickstart", tmp_path / "run")
     assert "--test-data=" in argv and sources["test_data"] == "--test-data"
     assert form.resolve_form({"test_data": ""}, "quickstart").config.test_data == ""  # training reads it as none
+
+
+def test_a_running_runs_row_says_what_it_does_now_with_the_time_left(tiny_run, tmp_path, server_for):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "live")  # 6 steps; training now: no summary yet, its metrics fresh
+    (runs / "live" / "summary.json").unlink()
+    metrics, now = runs / "live" / "metrics.jsonl", time.time()
+    test = {"event": "phase", "phase": "test", "text": "answering the held-out test, base model", "step": 0}
+    write_jsonl(metrics, [test | {"done": 16, "total": 50, "time": now - 140}])
+    ui = server_for(runs)
+    row = ui.get("/api/runs/live")[1]["row"]
+    assert row["phase"] == {"phase": "test", "text": "answering the held-out test, base model", "done": 16, "total": 50}
+    details = ui.get("/api/runs/live")[1]
+    assert details["test_data"] and details["samples"] == []  # the page says the answers come at the end
+
+    training = {"event": "phase", "phase": "train", "text": "training", "step": 0, "time": now - 139}
+    steps = [{"event": "train", "step": step, "loss": 1.0, "time": now - t} for step, t in ((1, 130), (2, 128))]
+    steps += [{"event": "train", "step": step, "loss": 1.0, "time": now - t} for step, t in ((3, 20), (4, 18))]
+    with open(metrics, "a") as f:  # 2 s a step, and a stop of 100 s before step 3 (then a resume)
+        f.write("".join(json.dumps(r) + "\n" for r in [training, *steps]))
+    row = ui.get("/api/runs/live")[1]["row"]
+    assert row["phase"] == {"phase": "train", "text": "training step", "done": 4, "total": 6, "eta_seconds": 4.0}
+    assert ui.get("/api/runs")[1]["runs"][0]["phase"]["done"] == 4  # the runs list says it too
+
+    # A run this UI (re)started shows "loading" until it writes its first phase line; the old ones do not count.
+    proc = subprocess.Popen([sys.executable, "-m", "loratune", "ui", "--runs", str(tmp_path / "other"), "--port", "0"])
+    try:
+        jobs = runs / ".loratune-ui" / "jobs"
+        jobs.mkdir(parents=True)
+        argv = ["ui", "--runs", str(tmp_path / "other"), "--port", "0"]  # a live `python -m loratune` process
+        record = {"name": "live", "kind": "train", "pid": proc.pid, "argv": argv, "started": time.time()}
+        (jobs / "live.train.json").write_text(json.dumps(record))
+        row = ui.wait_row("live", lambda r: r["state"] == "running", timeout=30)
+        assert row["phase"] == {"phase": "load", "text": "loading the model and data"}
+        validating = {"event": "phase", "phase": "validate", "text": "validating at step 4", "step": 4}
+        with open(metrics, "a") as f:
+            f.write(json.dumps(validating | {"time": time.time() + 1}) + "\n")
+        row = ui.wait_row("live", lambda r: r["phase"]["phase"] != "load", timeout=30)
+        assert row["phase"] == {"phase": "validate", "text": "validating at step 4", "done": None, "total": None}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ui.get("/api/runs/live")[1]["row"]["phase"] is None  # it ended: no phase

@@ -243,6 +243,12 @@ def test_pages_keep_working_with_non_finite_metrics_bad_addresses_and_forms(tiny
                 f.write(json.dumps(record) + "\n")
         assert wait_points(page, before + 1, timeout=10) == before + 2
         assert "after step 6" in page.locator("ul.checkpoints").inner_text()
+        # What it does now shows as it changes; its held-out answers are said to come when training ends.
+        validating = {"event": "phase", "phase": "validate", "text": "validating at step 8", "step": 8}
+        with open(runs / "live" / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(validating | {"time": time.time()}) + "\n")
+        page.locator(".toolbar #phase", has_text="validating at step 8").wait_for(timeout=10_000)
+        assert "show here when training ends" in page.locator("section.card", has_text="Held-out").inner_text()
 
         page.goto(url + "#/runs")
         best = page.locator("tr[data-run=live] td.num").nth(1)

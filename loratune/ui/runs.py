@@ -226,6 +226,7 @@ class Runs:
             "peak_memory": peak,
             "peak_memory_of": peak_of,
             "started": _started(run, job, train),
+            "phase": _phase(log.records, job, state, resolved.get("total_steps")),
             "checkpoints": len(self.checkpoints(name)),
             "bad_metrics_lines": log.bad_lines,
         }
@@ -245,6 +246,7 @@ class Runs:
             "data": _data_lines(self.read_json(run / "data.json")),
             "summary": summary,
             "samples": _samples(raw, summary),
+            "test_data": bool(raw.get("test_data")),  # set: its answers come when training ends
             "checkpoints": [
                 {"name": p.name, "step": step, "passes": passes, "time": _mtime(p)}
                 for p in self.checkpoints(name)
@@ -282,6 +284,29 @@ def _started(run: Path, job, train: list[dict]) -> float | None:
     if train and isinstance(train[0].get("time"), (int, float)):
         return train[0]["time"] - float(train[0].get("seconds") or 0)
     return _mtime(run / "config.yaml")
+
+
+def _phase(records: list[dict], job, state: State, total_steps) -> dict | None:
+    """What a running run does now: its latest phase line; while training, its latest step and the time left at the
+    pace of its latest steps. A run this UI started that has written no phase line since it started is loading."""
+    if state.state != "running":
+        return None
+    since = job.started if job is not None else 0.0  # a resumed run's folder still holds its earlier phase lines
+    records = [r for r in records if isinstance(r.get("time"), (int, float)) and r["time"] >= since]
+    phases = [r for r in records if r["event"] == "phase"]
+    if not phases:
+        return {"phase": "load", "text": "loading the model and data"} if job is not None else None
+    last = phases[-1]
+    if last.get("phase") != "train":
+        return {k: last.get(k) for k in ("phase", "text", "done", "total")}
+    steps = [r for r in records if r["event"] == "train" and isinstance(r.get("step"), int)][-20:]
+    out = {"phase": "train", "text": "training step", "done": steps[-1]["step"] if steps else last.get("step"),
+           "total": total_steps}  # fmt: skip
+    # the median: a validation, a checkpoint or a stop and resume between two steps is no part of the pace
+    gaps = [b["time"] - a["time"] for a, b in zip(steps, steps[1:]) if b["step"] == a["step"] + 1]
+    if gaps and isinstance(total_steps, int):
+        out["eta_seconds"] = round(statistics.median(gaps) * (total_steps - out["done"]), 1)
+    return out
 
 
 def _config_rows(raw: dict, sources: dict[str, str]) -> list[dict]:

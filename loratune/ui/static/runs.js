@@ -5,12 +5,21 @@ function stepsText(row) {
   return row.total_steps ? `${row.step} / ${row.total_steps}` : row.step ? String(row.step) : "—";
 }
 
+// What a running run does now, in words: "training step 5 / 12, about 1m20s left", "validating at step 4".
+function phaseText(p) {
+  if (!p) return "";
+  const count = p.total ? ` ${p.done ?? 0} / ${p.total}` : "";
+  const eta = typeof p.eta_seconds === "number" ? `, about ${fmt.seconds(p.eta_seconds)} left` : "";
+  return `${p.text}${count}${eta}`;
+}
+
 function runRow(row, selected) {
   return el("tr", { "data-run": row.name },
     el("td", el("input", { type: "checkbox", "aria-label": `select ${row.name}`, checked: selected.has(row.name),
       onchange: (e) => (e.target.checked ? selected.add(row.name) : selected.delete(row.name)) })),
     el("td", el("a", { href: `#/run/${encodeURIComponent(row.name)}` }, row.name)),
-    el("td.state", badge(row.state), row.why ? el("div.why", row.why) : null),
+    el("td.state", badge(row.state), row.why ? el("div.why", row.why) : null,
+      row.phase ? el("div.phase", phaseText(row.phase)) : null),
     el("td", { title: row.model || "" }, fmt.short(row.model)),
     el("td", { title: row.data || "" }, fmt.short(row.data)),
     el("td.num", stepsText(row)),
@@ -110,8 +119,15 @@ function summarySection(d) {
   ]);
 }
 
-function samplesSection(d) {
-  if (!d.samples.length) return el("p.muted", "No held-out answers: set test_data to see the answers before and after.");
+function samplesSection(d, row) {
+  if (!d.samples.length && !d.test_data) {
+    return el("p.muted", "No held-out answers: set test_data to see the answers before and after.");
+  }
+  if (!d.samples.length) {
+    return el("p.muted", row.state === "running"
+      ? "The answers before and after training show here when training ends."
+      : "No held-out answers: the run ended before it answered its held-out test after training.");
+  }
   return el("table.samples",
     el("thead", el("tr", ["Prompt", "Reference", "Before (base model)", "After (fine-tuned)"].map((h) => el("th", h)))),
     el("tbody", d.samples.map((s) => el("tr", [s.prompt, s.reference, s.before, s.after].map((t) =>
@@ -199,6 +215,7 @@ UI.pages.run = async (main, name) => {
     working = [d.merge, d.export].some((job) => job && job.state === "running");
     row = row || d.row;
     clear(head, el("h1", name), badge(row.state), el("span.why", row.why || ""),
+      el("span.phase#phase", phaseText(row.phase)),
       el("span.spacer"),
       el("button#stop", { disabled: row.state !== "running" || row.outside, onclick: () => act(name, "stop"),
         title: row.outside ? "started in a terminal: Ctrl-C there" : "save a checkpoint, then exit (as Ctrl-C)" },
@@ -211,7 +228,7 @@ UI.pages.run = async (main, name) => {
       row.exists || row.state === "failed" ? null : el("div.notice.warning", "The run folder is gone (deleted?)."));
     clear(sections,
       el("section.card", el("h2", "Summary"), summarySection(d)),
-      el("section.card", el("h2", "Held-out answers, before and after"), samplesSection(d)),
+      el("section.card", el("h2", "Held-out answers, before and after"), samplesSection(d, row)),
       el("section.card.half", el("h2", "Checkpoints"), checkpointsSection(name, d, row)),
       el("section.card.half", el("h2", "Export"), exportSection(name, d)),
       el("section.card.half", el("h2", "Data"), d.data.length
@@ -231,6 +248,8 @@ UI.pages.run = async (main, name) => {
       records = e.reset ? e.records : records.concat(e.records);
       charts.update(records);
     } else if (e.type === "row") {
+      const phase = document.getElementById("phase");
+      if (phase) phase.textContent = phaseText(e.row.phase);
       const key = `${e.row.state}|${e.row.why}|${e.row.checkpoints}|${e.row.exists}|${e.row.bad_metrics_lines}`;
       if (key !== lastKey) { lastKey = key; refresh(e.row).catch((err) => notice("error", err.message)); }
     }
