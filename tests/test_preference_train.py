@@ -87,6 +87,7 @@ def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_p
     assert main(["train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]) == 0
     out = capsys.readouterr().out
     assert "data: 27 rows (pairs): 24 training, 3 validation pairs" in out
+    assert "step 6: validation loss " in out and "; reward accuracy " in out
     run = tmp_path / "run"
     steps, evals = _metrics(run), _metrics(run, "eval")
     assert len(steps) == 6 and len(evals) == 2
@@ -123,12 +124,12 @@ import os, signal, sys
 from loratune.cli import main
 from loratune.modeling.preference import PreferenceForward
 at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], PreferenceForward.forward
-def faulty(self, batch):
+def faulty(self, *args):
     if self.training:
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
-    return forward(self, batch)
+    return forward(self, *args)
 PreferenceForward.forward = faulty
 sys.exit(main(sys.argv[1:]))
 """
@@ -216,3 +217,32 @@ def test_each_objective_trains_a_step_and_logs_its_metrics(tiny_model, tmp_path,
     assert train(TrainConfig(**settings))["steps"] == (2 if objective == "kto" else 1)
     step = _metrics(tmp_path / objective)[0]
     assert math.isfinite(step["loss"]) and math.isfinite(step[metric]) and step["grad_norm"] > 0
+
+
+def test_reference_logprobs_are_computed_once_and_give_the_same_run(tiny_model, tmp_path, monkeypatch):
+    """Two epochs: the reference runs in the first epoch's passes and the first validation only; a run that
+    computes it in every pass trains the same adapter."""
+    from loratune.modeling import objective
+    from loratune.modeling.preference import PreferenceForward
+
+    computed, forward, batch = [0], PreferenceForward.forward, objective.Pairs.batch
+
+    def counting(self, sequences, reference=None):
+        computed[0] += reference is None
+        return forward(self, sequences, reference)
+
+    def uncached(self, *args):
+        out = batch(self, *args)
+        out.reference = None
+        return out
+
+    monkeypatch.setattr(PreferenceForward, "forward", counting)
+    settings = dict(batch_size=4, gradient_accumulation_steps=2, epochs=2)
+    train(TrainConfig(**_settings(tiny_model, tmp_path, "cached", **settings)))
+    cached, computed[0] = computed[0], 0
+    monkeypatch.setattr(objective.Pairs, "batch", uncached)
+    train(TrainConfig(**_settings(tiny_model, tmp_path, "every", **settings)))
+    assert computed[0] == 2 * cached
+    _same_adapter(tmp_path / "cached" / "last", tmp_path / "every" / "last")
+    for a, b in zip(_metrics(tmp_path / "cached", "eval"), _metrics(tmp_path / "every", "eval")):
+        assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-6)

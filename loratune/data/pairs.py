@@ -221,7 +221,10 @@ UNITS = {"pairs": "pairs", "kto": "rows"}
 class PairSet:
     """Preference items as a run's examples (`StepPlan` sees one per pair, or per KTO row): `lengths` are the
     tokens of all of an item's sequences, which go into the same pass, and `target_counts` their answer tokens.
-    A KTO row's second sequence is its mismatched pair (`kl_pairs` over the set), for the KL estimate."""
+    A KTO row's second sequence is its mismatched pair (`kl_pairs` over the set), for the KL estimate.
+
+    `reference` holds each sequence's log-probability under the reference model once a pass has computed it (NaN
+    before): the frozen base and the tokens do not change during a run, so later epochs reuse it."""
 
     def __init__(self, items: list, max_length: int):
         self.items, self.max_length = items, max_length
@@ -231,6 +234,7 @@ class PairSet:
         self.target_counts = np.array(
             [sum(int((y[1:] != IGNORE).sum()) for _, y in s) for s in self.seqs], dtype=np.int64
         )
+        self.reference = np.full((len(items), 2), np.nan, dtype=np.float32)
 
     def _sequences(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
         item = self.items[i]

@@ -80,6 +80,42 @@ class SFT(Objective):
 PAIR_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp")
 
 
+@dataclass
+class PairBatch:
+    """A preference pass: its sequences (every item's first, then every item's second: chosen then rejected, or
+    KTO's rows then their mismatched pairs), the items, the reference's log-probabilities of the sequences when
+    the set has them all, and KTO's labels (desirable or not)."""
+
+    sequences: Batch
+    examples: np.ndarray
+    cache: np.ndarray  # the set's reference log-probabilities [items, 2], NaN where not computed yet
+    reference: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.sequences.input_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.sequences.n_tokens
+
+    @property
+    def n_targets(self) -> int:
+        return self.sequences.n_targets
+
+    def to(self, device) -> PairBatch:
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return PairBatch(self.sequences.to(device), self.examples, self.cache, move(self.reference), move(self.labels))
+
+    def sequence_reference(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The module's log-probability sums and counts, and the reference's, which are kept for later epochs."""
+        sums, counts, reference = module(self.sequences, self.reference)
+        if self.reference is None and reference is not None:
+            self.cache[self.examples] = reference.detach().float().cpu().view(2, -1).T.numpy()
+        return sums, counts, reference
+
+
 class Pairs(Objective):
     """A loss of each pair's chosen and rejected answers' log-probabilities; the data is a `data.pairs.PairSet`."""
 
@@ -92,14 +128,18 @@ class Pairs(Objective):
     def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
         return PreferenceForward(peft_model, self.reference)
 
-    def batch(self, plan, data, examples, pad_id: int) -> Batch:
-        return data.collate(examples, plan.packing, pad_id, filler=plan.buckets)
+    def batch(self, plan, data, examples, pad_id: int) -> PairBatch:
+        examples = np.asarray(examples, dtype=np.int64)
+        known = data.reference[examples].T.reshape(-1)  # laid out as the sequences are
+        reference = torch.from_numpy(known) if self.reference and not np.isnan(known).any() else None
+        sequences = data.collate(examples, plan.packing, pad_id, filler=plan.buckets)
+        return PairBatch(sequences, examples, data.reference, reference)
 
     def count(self, plan, examples) -> int:
         return len(examples)
 
-    def forward(self, module: torch.nn.Module, batch) -> LossSum:
-        sums, counts, reference = module(batch)
+    def forward(self, module: torch.nn.Module, batch: PairBatch) -> LossSum:
+        sums, counts, reference = batch.sequence_reference(module)
         policy = PairLogprobs.from_sequences(SequenceLogprobs(sums, counts))
         ref = None if reference is None else PairLogprobs.from_sequences(SequenceLogprobs(reference, counts))
         out = self.loss(policy, ref)
@@ -132,29 +172,6 @@ class SimPO(Pairs):
         return simpo_loss(policy, self.cfg.simpo_beta, self.cfg.simpo_gamma)
 
 
-@dataclass
-class LabeledBatch:
-    """KTO's pass: its rows then their mismatched pairs (`data.pairs.PairSet`), and whether each row is desirable."""
-
-    sequences: Batch
-    labels: torch.Tensor
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.sequences.input_ids
-
-    @property
-    def n_tokens(self) -> int:
-        return self.sequences.n_tokens
-
-    @property
-    def n_targets(self) -> int:
-        return self.sequences.n_targets
-
-    def to(self, device) -> LabeledBatch:
-        return LabeledBatch(self.sequences.to(device), self.labels.to(device))
-
-
 class KTO(Pairs):
     """Answers labelled desirable or not; the KL reference point is the pass's mean over its rows' mismatched pairs
     (TRL's is its micro-batch's, averaged over processes): unlike the pairs' losses, it depends on the split of a step
@@ -163,12 +180,13 @@ class KTO(Pairs):
 
     name, unit, metrics = "kto", "rows", ("kl", "signed_reward", "logp")
 
-    def batch(self, plan, data, examples, pad_id: int) -> LabeledBatch:
-        labels = torch.from_numpy(data.labels[np.asarray(examples, dtype=np.int64)])
-        return LabeledBatch(super().batch(plan, data, examples, pad_id), labels)
+    def batch(self, plan, data, examples, pad_id: int) -> PairBatch:
+        batch = super().batch(plan, data, examples, pad_id)
+        batch.labels = torch.from_numpy(data.labels[batch.examples])
+        return batch
 
-    def forward(self, module: torch.nn.Module, batch: LabeledBatch) -> LossSum:
-        sums, _, reference = module(batch.sequences)
+    def forward(self, module: torch.nn.Module, batch: PairBatch) -> LossSum:
+        sums, _, reference = batch.sequence_reference(module)
         (policy, policy_kl), (ref, ref_kl) = sums.chunk(2), reference.chunk(2)
         cfg = self.cfg
         out = kto_loss(

@@ -249,17 +249,20 @@ def kto_loss(
 class PreferenceForward(torch.nn.Module):
     """One pass of preference sequences -> each sequence's summed log-probability under the adapter, its target
     count, and, where the loss has a reference, its log-probability under the same model with the adapter switched
-    off (no second copy of the base, no gradient). Distributed wrappers wrap this module, as `CausalLMLoss`."""
+    off (no second copy of the base, no gradient), unless given (computed in an earlier epoch). Distributed wrappers
+    wrap this module, as `CausalLMLoss`."""
 
     def __init__(self, peft_model, reference: bool):
         super().__init__()
         self.model = peft_model
         self.reference = reference
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, batch: Batch, reference: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         policy = sequence_logprobs(self.model, batch)
-        if not self.reference:
-            return policy.sums, policy.counts, None
+        if not self.reference or reference is not None:
+            return policy.sums, policy.counts, reference
         with torch.no_grad(), self.model.disable_adapter():
             reference = sequence_logprobs(self.model, batch).sums
         return policy.sums, policy.counts, reference

@@ -47,7 +47,12 @@ def validate(s: Session, epoch: float) -> None:
         **{f"val_{name}": value for name, value in val_metrics.items()},
     )  # fmt: skip
     best = " (best so far)" if improved else f" (best {state.best_val_loss:.4f} at step {state.best_step})"
-    s.progress.note(f"step {state.step}: validation loss {val_loss:.4f}{best}")
+    pairs = (
+        f"; reward accuracy {val_metrics['reward_accuracy']:.0%}, margin {val_metrics['reward_margin']:.4f}"
+        if "reward_accuracy" in val_metrics
+        else ""
+    )
+    s.progress.note(f"step {state.step}: validation loss {val_loss:.4f}{best}{pairs}")
     if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
         state.stop_reason = (
             f"early stopping: validation loss did not improve by {cfg.early_stopping_min_delta} "
