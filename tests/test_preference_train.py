@@ -246,3 +246,25 @@ def test_reference_logprobs_are_computed_once_and_give_the_same_run(tiny_model, 
     _same_adapter(tmp_path / "cached" / "last", tmp_path / "every" / "last")
     for a, b in zip(_metrics(tmp_path / "cached", "eval"), _metrics(tmp_path / "every", "eval")):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-6)
+
+
+def test_prepare_counts_pairs_truncated_and_dropped_and_refuses_the_wrong_shape(tiny_model, tmp_path):
+    from loratune.data.encode import encoder_for
+    from loratune.data.prepare import prepare
+    from loratune.modeling.model import load_tokenizer
+
+    long = {"prompt": "order " * 60, "chosen": "mugs", "rejected": "lamps"}  # the prompt is cut from the left
+    too_long = {"prompt": "hi", "chosen": "order " * 80, "rejected": "no"}  # the answer alone is over max_length
+    rows = [*pair_rows(6), long, too_long]
+    cfg = TrainConfig(**_settings(tiny_model, tmp_path, "unused", rows=rows, max_length=64, val_data=None))
+    data = prepare(cfg, encoder_for(load_tokenizer(tiny_model), cfg))
+    assert (len(data.train), len(data.val)) == (6, 1)  # val_ratio holds out one pair
+    assert data.train.lengths.max() <= 2 * 64 and (data.train.target_counts > 0).all()
+    lines = [line for _, line in data.report.lines()]
+    assert lines[0] == "data: 8 rows (pairs): 6 training, 1 validation pairs"
+    truncated = data.report.truncated  # the long prompt's pair and those of the longest generated prompts
+    assert f"{truncated} pairs longer than max_length=64 were truncated (truncate_prompt_left)" in lines
+    assert any(line.startswith("1 pairs longer than max_length=64 were dropped") for line in lines)
+    assert "train.jsonl line 8" in lines[-1]
+    with pytest.raises(UserError, match=r"rows of shape pairs .* but objective kto trains on kto rows"):
+        prepare(cfg.model_copy(update={"objective": "kto"}), encoder_for(load_tokenizer(tiny_model), cfg))
