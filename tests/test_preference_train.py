@@ -102,13 +102,14 @@ def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_p
     assert trained and any(p.abs().sum() > 0 for p in trained)
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_dpo_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, packing):
+@pytest.mark.parametrize("objective, packing", [("dpo", True), ("dpo", False), ("orpo", True), ("simpo", False)])
+def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, objective, packing):
     """8 x 1 and 2 x 4 on the same pairs of very different lengths: the same losses, gradients and adapter."""
+    common = dict(objective=objective, packing=packing)
     one = train(TrainConfig(**_settings(tiny_model, tmp_path, "one", batch_size=8, gradient_accumulation_steps=1,
-                                        packing=packing)))  # fmt: skip
+                                        **common)))  # fmt: skip
     four = train(TrainConfig(**_settings(tiny_model, tmp_path, "four", batch_size=2, gradient_accumulation_steps=4,
-                                         packing=packing)))  # fmt: skip
+                                         **common)))  # fmt: skip
     assert one["steps"] == four["steps"] == 3
     for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "four")):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
