@@ -243,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _export, _data, _ui):
+    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _export, _data, _sweep, _ui):
         add(commands)
     return parser
 
@@ -436,6 +436,12 @@ def _data(commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the inspection as JSON")
     p.set_defaults(func=cmd_data_inspect)
+
+
+def _sweep(commands) -> None:
+    from .commands.sweep import add_parser
+
+    add_parser(commands)
 
 
 def _ui(commands) -> None:

@@ -25,7 +25,7 @@ from loratune.sweep.study import open_storage
 from loratune.sweep.trial import run_trial
 
 # Until cli.py wires `loratune sweep` (then: [sys.executable, "-m", "loratune", "sweep"]).
-SWEEP = [sys.executable, "-m", "loratune.commands.sweep"]
+SWEEP = [sys.executable, "-m", "loratune", "sweep"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT = 400  # seconds a sweep may take on a busy 2-core machine
 

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -276,14 +275,3 @@ def _measured_run(folder: Path, base: TrainConfig) -> str:
     """A trial folder with measured throughput for the plan (the latest), else the config's own output_dir."""
     trials = sorted(folder.glob("trial-*/metrics.jsonl"))
     return str(trials[-1].parent) if trials else base.output_dir
-
-
-if __name__ == "__main__":  # `python -m loratune.commands.sweep ...` until cli.py wires `loratune sweep`
-    parser = argparse.ArgumentParser(prog="loratune")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    arguments = parser.parse_args(["sweep", *sys.argv[1:]])
-    try:
-        sys.exit(arguments.func(arguments))
-    except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)

@@ -18,9 +18,10 @@ from ...modeling.model import load_tokenizer, resolve_model
 from ..merge import merged_model
 from ..run import PLAIN_FORMATS, locate_run, trained_format
 from .arch import Shape, TensorNames, extra_tensors, model_shape, write_hyperparameters
+from .formats import check_type
 from .modelfile import RAW_GO, go_template, modelfile
 from .vocab import end_tokens, source_gguf, write_chat, write_tokenizer
-from .writer import ADAPTER_TYPES, K_QUANTS, TYPES, Planned, file_type, plan_tensor, write_gguf
+from .writer import Planned, file_type, plan_tensor, write_gguf
 
 # Adapter settings a GGUF LoRA adapter (one alpha, rank from the tensors, plain A and B matrices) cannot express.
 UNSUPPORTED_ADAPTER = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save")
@@ -45,11 +46,7 @@ def export_gguf(
     """Write the run's merged model (or with `adapter_only`, its LoRA adapter) as GGUF weights of `kind`."""
     from transformers import AutoConfig
 
-    allowed = ADAPTER_TYPES if adapter_only else TYPES
-    if kind not in allowed:
-        what = "an adapter" if adapter_only else "a model"
-        hint = f". {K_QUANTS}" if "_k" in kind.lower() else ""
-        raise UserError(f"--type {kind}: {what} is exported as one of {', '.join(allowed)}{hint}")
+    check_type(kind, adapter_only)
     run_dir, folder = locate_run(run_dir, adapter)
     cfg = read_run_config(run_dir)
     model_path = resolve_model(cfg.model)

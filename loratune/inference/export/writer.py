@@ -17,9 +17,6 @@ from ...core.errors import UserError
 from ...core.files import io_message
 
 # Re-exported (`as`): build.py imports the formats from here.
-from .formats import ADAPTER_TYPES as ADAPTER_TYPES
-from .formats import K_QUANTS as K_QUANTS
-from .formats import TYPES as TYPES
 
 
 def qtype(name: str):
