@@ -112,7 +112,9 @@ def _update(s: Session, units: int, tokens: int, positions: int, metrics: Counte
     """Clip, skip a non-finite update, step the optimizer and the schedule, and move the state one step on."""
     state = s.state
     loss = s.all_sum(state.step_loss_sum) / units
-    means = {name: s.all_sum(total) / units for name, total in sorted(metrics.items())}
+    # every process reduces every metric the objective names, in one order, though a short step may leave a
+    # process without a pass
+    means = {name: s.all_sum(metrics[name]) / units for name in s.objective.metrics}
     grad_norm, finite = s.engine.update(s.module, s.optimizer, s.trainable, s.cfg, loss)
     if finite:
         state.nonfinite_streak = 0
