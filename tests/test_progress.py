@@ -149,3 +149,46 @@ def test_the_terminal_bar_shows_the_phase_and_the_held_out_count():
         assert [t.description for t in progress.bar.tasks if t.visible] == ["train"]
     finally:
         progress.close()
+
+
+# --- The plan's peak is the process's: its runtime and the held-out answers ---------------------------------------
+
+
+def test_the_runtime_is_measured_once_per_machine_then_read_back(monkeypatch):
+    from loratune.core import device
+
+    device.cpu_runtime_bytes.cache_clear()
+    measured = device.cpu_runtime_bytes()
+    assert measured > 100 * 2**20  # at least PyTorch's own libraries
+    device.cpu_runtime_bytes.cache_clear()
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(device.subprocess, "run", no_probe)
+    assert device.cpu_runtime_bytes() == measured
+
+
+def test_the_plan_counts_the_process_and_the_widest_held_out_batch(tiny_model, tmp_path):
+    from loratune.commands.plan import plan_run
+    from loratune.core.device import KEPT_FREE_BYTES, cpu_runtime_bytes
+    from loratune.data.encode import encoder_for
+    from loratune.data.prepare import read_examples
+    from loratune.memory.arithmetic import MemoryModel
+    from loratune.memory.planner import held_out_batch
+    from loratune.memory.shape import read_shape
+    from loratune.modeling.model import load_tokenizer
+
+    cfg = _config(tiny_model, tmp_path, test_data=write_jsonl(tmp_path / "many.jsonl", varied_rows(20, seed=3)))
+    encoder = encoder_for(load_tokenizer(tiny_model), cfg)
+    prompts = sorted(len(encoder.prompt_ids(ex)) for ex in read_examples(cfg.test_data, "test", cfg))
+    rows, prompt, new = held_out_batch(cfg)
+    assert (rows, prompt) == (16, prompts[-1]) and new > 16  # the widest of the batches `answers` makes
+
+    plan = plan_run(cfg)
+    without = plan_run(cfg.model_copy(update={"test_data": None}))
+    mm = MemoryModel.for_run(cfg, read_shape(tiny_model, cfg), "cpu", torch.float32)
+    assert plan.total == sum(plan.items.values())
+    assert plan.total - without.total == mm.generation_bytes(rows, prompt, new)
+    runtime = {k: v for k, v in without.items.items() if "Python" in k or "allocator" in k}
+    assert sorted(runtime.values()) == sorted([cpu_runtime_bytes(), KEPT_FREE_BYTES])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from .cache import cache_dir
 from .errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KEPT_FREE_BYTES = 256 * 2**20  # freed memory glibc keeps at the heap's top in CPU training (keep_freed_cpu_memory)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -74,6 +76,39 @@ def cpu_bf16_speedup() -> float:
     return known[key]
 
 
+# What a training process holds before its first tensor: the interpreter, PyTorch, transformers, PEFT and accelerate
+# with their kernels and thread pools started (one small LoRA-shaped forward and backward pass).
+RUNTIME_PROBE = """
+import resource, torch
+import loratune.training.loop
+x = torch.randn(64, 256, requires_grad=True)
+(x @ torch.randn(256, 256) @ torch.randn(256, 8) @ torch.randn(8, 256)).sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@functools.cache
+def cpu_runtime_bytes() -> int:
+    """A CPU training process's own peak resident memory beyond its tensors (Python, PyTorch and the libraries),
+    measured once in a fresh process and remembered per CPU, Python and torch version, like `cpu_bf16_speedup`."""
+    key = f"{cpu_name()}|{sys.version.split()[0]}|{torch.__version__}|{torch.get_num_threads()}"
+    record = cache_dir() / "cpu-runtime.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        probe = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, check=True)
+        kib = int(probe.stdout.split()[-1])  # ru_maxrss: KiB on Linux, bytes on macOS
+        known[key] = kib if sys.platform == "darwin" else kib * 1024
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(known, indent=1))
+        except OSError:  # an unwritable cache only costs the next plan this measurement
+            pass
+    return known[key]
+
+
 def _matmul_seconds(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
@@ -114,7 +149,7 @@ def keep_freed_cpu_memory() -> None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers
     libc.mallopt(m_mmap_threshold, 32 * 2**20)  # the largest glibc accepts on 64-bit
-    libc.mallopt(m_trim_threshold, 256 * 2**20)
+    libc.mallopt(m_trim_threshold, KEPT_FREE_BYTES)
 
 
 def peak_memory(device) -> dict:

@@ -7,7 +7,8 @@ The estimate models what this trainer keeps alive at its peak:
 - one forward pass: the tensors autograd saves for the backward pass, counted op by op for a Llama block as
   loratune runs it (fused fp32 LoRA layers, per-example attention), plus the larger of two working sets:
   the loss's chunks of fp32 logits (modeling.loss) or the backward pass's gradients;
-- framework overhead on CUDA: the context and the caching allocator's spare blocks.
+- framework overhead on CUDA: the context and the caching allocator's spare blocks;
+- answering the held-out test (`generation_bytes`), when its peak is above training's.
 Under FSDP2 over N processes (`shards`), a device holds 1/N of the frozen weights, the LoRA weights and AdamW's
 state, plus the whole weights of the units that run: the root's (embeddings, final norm, output layer) for the
 whole pass and two decoder layers (the one running and the next, gathered ahead). LoRA's gradients are counted
@@ -35,6 +36,7 @@ ADAPTER = 4  # bytes per LoRA value: weights, gradients and optimizer state are 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT = 512 * 2**20  # CUDA runtime and kernels, outside PyTorch's allocator
 CUDA_ALLOCATOR_SPARE = 0.10  # blocks the caching allocator holds beyond what tensors use
+GENERATION_LOGIT_BYTES = 12  # fp32 copies of each prompt logit while generation starts (fitted, not itemised)
 # Layers that read the same tensor: without dropout their adapters keep that one tensor for the backward pass.
 SIBLINGS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -198,11 +200,19 @@ class MemoryModel:
         """Peak bytes of one forward + backward pass of a `data.batching.Batch` (activations + working memory)."""
         return self.pass_bytes(batch.input_ids.numel(), batch.n_targets, batch.input_ids.shape[0]).total
 
+    def generation_bytes(self, rows: int, prompt: int, new: int) -> int:
+        """Peak bytes of answering `rows` held-out prompts of up to `prompt` tokens with up to `new` tokens each,
+        beyond the weights and the adapter's state: the prompts' logits at every position (the adapter-wrapped model
+        computes them all in the first forward pass; the bytes per value, GENERATION_LOGIT_BYTES beyond the base
+        dtype's, are fitted to measurement: docs/memory-accuracy.md) and the key/value cache."""
+        s, e = self.shape, self.base_bytes
+        logits = rows * prompt * s.vocab * (e + GENERATION_LOGIT_BYTES)
+        cache = 2 * s.layers * rows * (prompt + new) * s.kv_heads * s.head_dim * e
+        return int(logits + cache)
+
     def overhead(self, tensors: int, detected: bool) -> int:
-        """Memory beyond tensors. CUDA: the context (unless measured free memory already excludes it) and the
-        caching allocator's spare blocks. CPU: none counted; the process's own runtime is not in the RAM we read."""
-        if self.device != "cuda":
-            return 0
+        """Memory beyond tensors on CUDA: the context (unless measured free memory already excludes it) and the
+        caching allocator's spare blocks. (A CPU process's own memory: planner.process_items.)"""
         return int(CUDA_ALLOCATOR_SPARE * tensors) + (0 if detected else CUDA_CONTEXT)
 
     def _block_bytes(self, padded: bool) -> tuple[float, float, float]:

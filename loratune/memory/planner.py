@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 
 from ..core.config import TrainConfig, parse_bytes
-from ..core.device import dtype_name
+from ..core.device import KEPT_FREE_BYTES, cpu_runtime_bytes, dtype_name
 from ..core.errors import UserError
 from ..data.plan import PassShape, StepPlan
 from .arithmetic import MEASURED_TYPES, GiB, MemoryModel
+
+GENERATION_BATCH = 16  # held-out prompts answered together (generate_texts' default batch, training.outputs')
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,8 @@ def peak_items(mm: MemoryModel, size: PassShape, budget: Budget) -> tuple[dict[s
     items[f"activations, largest pass ({size.tokens:,} tokens{checkpointed})"] = b.activations
     working = "logits chunks and loss buffers" if b.loss_is_peak else "backward-pass gradients"
     items[f"working memory at the peak ({working})"] = b.working
-    tensors = sum(items.values())
-    overhead = "framework overhead (CUDA context, allocator cache)" if mm.device == "cuda" else "framework overhead"
-    items[overhead] = mm.overhead(tensors, budget.detected)
+    if mm.device == "cuda":  # a CPU process's own memory is in `process_items`
+        items["framework overhead (CUDA context, allocator cache)"] = mm.overhead(sum(items.values()), budget.detected)
     return items, sum(items.values())
 
 
@@ -161,6 +163,59 @@ def largest_pass(mm: MemoryModel, plan: StepPlan) -> PassShape:
 def peak(mm: MemoryModel, plan: StepPlan, budget: Budget) -> int:
     """Estimated peak bytes of a run with this plan: at its largest pass."""
     return peak_items(mm, largest_pass(mm, plan), budget)[1]
+
+
+def process_items(mm: MemoryModel, training_peak: int, held_out: tuple[int, int, int] | None) -> dict[str, int]:
+    """What the process holds beyond training's tensors at its peak. On a CPU: Python, PyTorch and the libraries
+    (measured once per machine), the freed memory glibc keeps for reuse (core.device.keep_freed_cpu_memory), and
+    with test data (`held_out_batch`) the answers after training on top of it all: the freed activations stay in
+    the heap while the prompts' logits, each above glibc's mmap threshold, take fresh pages. On a GPU the caching
+    allocator reuses training's blocks: only what answering needs beyond training's peak."""
+    items = {}
+    if mm.device == "cpu":
+        items["Python, PyTorch and libraries (measured once on this machine)"] = cpu_runtime_bytes()
+        if sys.platform.startswith("linux"):
+            items["freed memory the C allocator keeps for reuse"] = KEPT_FREE_BYTES
+    if held_out is not None:
+        rows, prompt, new = held_out
+        answering = mm.generation_bytes(rows, prompt, new)
+        if mm.device != "cpu":
+            answering = max(0, sum(mm.static_bytes().values()) + answering - training_peak)
+        items[f"answering the held-out test ({rows} prompts of up to {prompt} tokens)"] = answering
+    return items
+
+
+def held_out_batch(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    """(prompts, longest prompt, answer budget in tokens) of the held-out test's widest generation batch, as
+    training.outputs.answers makes them (shortest prompts first, in batches of 16); None without test data."""
+    if not cfg.test_data:
+        return None
+    try:
+        key = (cfg.model_dump_json(), os.stat(cfg.test_data).st_mtime)
+    except OSError:  # not a file (a hub data set): read it each time
+        return _held_out_batch(cfg)
+    if key not in _HELD_OUT:
+        _HELD_OUT[key] = _held_out_batch(cfg)
+    return _HELD_OUT[key]
+
+
+_HELD_OUT: dict = {}  # estimate and fixes ask for the same config's; so do a UI's plans
+
+
+def _held_out_batch(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    from ..data.encode import encoder_for
+    from ..data.prepare import read_examples
+    from ..modeling.model import load_tokenizer, resolve_model
+
+    try:
+        tokenizer = load_tokenizer(resolve_model(cfg.model))
+        encoder = encoder_for(tokenizer, cfg)
+        examples = read_examples(cfg.test_data, "test", cfg)
+    except (UserError, OSError):  # the plan of training alone; training itself stops on it
+        return None
+    prompts = sorted(len(encoder.prompt_ids(ex)) for ex in examples)
+    new = max(len(tokenizer(encoder.reference(ex), add_special_tokens=False).input_ids) for ex in examples) + 16
+    return min(len(prompts), GENERATION_BATCH), prompts[-1], new
 
 
 def estimate(
@@ -177,9 +232,12 @@ def estimate(
     max_length) at the plan's micro-batch (`batch_size: auto` resolved already: planning.resolved)."""
     size = largest_pass(mm, plan)
     items, total = peak_items(mm, size, budget)
-    by_checkpointing = {
-        on: peak_items(replace(mm, checkpointing=flag), size, budget)[1] for on, flag in (("on", True), ("off", False))
-    }
+    held_out, by_checkpointing = held_out_batch(cfg), {}
+    for on, flag in (("on", True), ("off", False)):
+        tensors = peak_items(replace(mm, checkpointing=flag), size, budget)[1]
+        by_checkpointing[on] = tensors + sum(process_items(mm, tensors, held_out).values())
+    items |= process_items(mm, total, held_out)
+    total = sum(items.values())
     source = (
         "largest pass of the data's first epoch" if from_data else f"{plan.micro_batch} x max_length {cfg.max_length}"
     )
@@ -278,7 +336,9 @@ def largest_fitting(mm: MemoryModel, plan: StepPlan, budget: Budget):
 
 def fixes(mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, from_data: bool) -> list[str]:
     """Changes that would make a run fit, each with the peak it would have; the first ones change the result least."""
-    options: list[tuple[str, int, str]] = []  # (change, its peak, remark)
+    extra = sum(process_items(mm, peak(mm, plan, budget), held_out_batch(cfg)).values())
+    budget = replace(budget, bytes=budget.bytes - extra)  # what the passes may use beside the process's own memory
+    options: list[tuple[str, int, str]] = []  # (change, its peak without the process's own memory, remark)
     if not mm.checkpointing:
         options.append(
             ("gradient_checkpointing: true", peak(replace(mm, checkpointing=True), plan, budget), "about 30% slower")
@@ -310,7 +370,7 @@ def fixes(mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, fro
         change = "all of gradient checkpointing, batch_size 1" + (", 4-bit base" if least.load_in_4bit else "")
         options.append((change, n, remark))
     return [
-        f"{change}: about {size_text(n)}, {'fits' if n <= budget.bytes else 'not enough alone'}"
+        f"{change}: about {size_text(n + extra)}, {'fits' if n <= budget.bytes else 'not enough alone'}"
         + (f" ({remark})" if remark else "")
         for change, n, remark in options
     ]

@@ -10,11 +10,10 @@ import torch
 from ..core.errors import UserError
 from ..core.files import atomic_dir, atomic_write
 from ..data.formats import prompt_text
+from ..memory.planner import GENERATION_BATCH
 from ..modeling.evaluate import score
 from ..modeling.generate import generate_texts
 from .session import Session
-
-GENERATION_BATCH = 16  # generate_texts' default batch: the answers are those of one call
 
 
 def save_adapter(path: Path, engine, model, tokenizer, template: str) -> None:
