@@ -23,6 +23,7 @@ from ..data.plan import PassShape, StepPlan
 from .arithmetic import MEASURED_TYPES, GiB, MemoryModel
 
 GENERATION_BATCH = 16  # held-out prompts answered together (generate_texts' default batch, training.outputs')
+HEAP_FRAGMENTATION = 0.35  # share of a CPU pass's bytes left resident in the heap (fitted: docs/memory-accuracy.md)
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,12 @@ def peak(mm: MemoryModel, plan: StepPlan, budget: Budget) -> int:
     return peak_items(mm, largest_pass(mm, plan), budget)[1]
 
 
-def process_items(mm: MemoryModel, training_peak: int, held_out: tuple[int, int, int] | None) -> dict[str, int]:
+def process_items(
+    mm: MemoryModel, size: PassShape, training_peak: int, held_out: tuple[int, int, int] | None
+) -> dict[str, int]:
     """What the process holds beyond training's tensors at its peak. On a CPU: Python, PyTorch and the libraries
-    (measured once per machine), the freed memory glibc keeps for reuse (core.device.keep_freed_cpu_memory), and
+    (measured once per machine); the freed memory glibc keeps for reuse (core.device.keep_freed_cpu_memory), plus
+    the heap that the largest pass's tensors leave fragmented (a share of them, HEAP_FRAGMENTATION); and
     with test data (`held_out_batch`) the answers after training on top of it all: the freed activations stay in
     the heap while the prompts' logits, each above glibc's mmap threshold, take fresh pages. On a GPU the caching
     allocator reuses training's blocks: only what answering needs beyond training's peak."""
@@ -175,7 +179,8 @@ def process_items(mm: MemoryModel, training_peak: int, held_out: tuple[int, int,
     if mm.device == "cpu":
         items["Python, PyTorch and libraries (measured once on this machine)"] = cpu_runtime_bytes()
         if sys.platform.startswith("linux"):
-            items["freed memory the C allocator keeps for reuse"] = KEPT_FREE_BYTES
+            fragmented = HEAP_FRAGMENTATION * mm.pass_bytes(size.tokens, size.targets, size.rows).total
+            items["freed memory the C allocator keeps for reuse"] = KEPT_FREE_BYTES + int(fragmented)
     if held_out is not None:
         rows, prompt, new = held_out
         answering = mm.generation_bytes(rows, prompt, new)
@@ -234,9 +239,10 @@ def estimate(
     items, total = peak_items(mm, size, budget)
     held_out, by_checkpointing = held_out_batch(cfg), {}
     for on, flag in (("on", True), ("off", False)):
-        tensors = peak_items(replace(mm, checkpointing=flag), size, budget)[1]
-        by_checkpointing[on] = tensors + sum(process_items(mm, tensors, held_out).values())
-    items |= process_items(mm, total, held_out)
+        variant = replace(mm, checkpointing=flag)
+        tensors = peak_items(variant, size, budget)[1]
+        by_checkpointing[on] = tensors + sum(process_items(variant, size, tensors, held_out).values())
+    items |= process_items(mm, size, total, held_out)
     total = sum(items.values())
     source = (
         "largest pass of the data's first epoch" if from_data else f"{plan.micro_batch} x max_length {cfg.max_length}"
@@ -336,7 +342,8 @@ def largest_fitting(mm: MemoryModel, plan: StepPlan, budget: Budget):
 
 def fixes(mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, from_data: bool) -> list[str]:
     """Changes that would make a run fit, each with the peak it would have; the first ones change the result least."""
-    extra = sum(process_items(mm, peak(mm, plan, budget), held_out_batch(cfg)).values())
+    size = largest_pass(mm, plan)
+    extra = sum(process_items(mm, size, peak_items(mm, size, budget)[1], held_out_batch(cfg)).values())
     budget = replace(budget, bytes=budget.bytes - extra)  # what the passes may use beside the process's own memory
     options: list[tuple[str, int, str]] = []  # (change, its peak without the process's own memory, remark)
     if not mm.checkpointing:
