@@ -25,14 +25,12 @@ quickstart: setup
 llama-cpp: setup
 	PYTHON=$(BIN)/python .ci/llama_cpp.sh
 
-# Lint, format and the layer contract first: they take seconds and fail fast. The tests run in two workers, a test
-# file each at a time (its module fixtures' runs trained once): much of the suite waits on child processes
-# starting up (imports are single-threaded), so the second core is otherwise idle.
+# Lint, format and the layer contract first: they take seconds and fail fast.
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # The speed benchmark (bench/README.md): three trainers, two models, 3 repetitions; tens of minutes on 2 cores.
 bench: setup
