@@ -116,7 +116,15 @@ def test_plan_of_the_default_model_is_itemised_and_within_25_percent_of_a_measur
 
     assert main(["plan", "--preset", "quickstart", "--precision", "fp32", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for item in ("frozen weights", "LoRA weights", "LoRA gradients", "AdamW state", "activations", "overhead", "total"):
+    for item in (
+        "frozen weights",
+        "LoRA weights",
+        "LoRA gradients",
+        "AdamW state",
+        "activations",
+        "Python, PyTorch",
+        "total",
+    ):
         assert item in out, item
     cfg = TrainConfig(**{**PRESETS["quickstart"].values, "precision": "fp32"})
     base = load_model(smollm2, torch.float32, torch.device("cpu"))
