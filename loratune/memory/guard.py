@@ -45,5 +45,5 @@ class RunMemory:
 
     def out_of_memory(self, plan: StepPlan) -> str:
         """The error for an out-of-memory error that halving cannot fix."""
-        found = fixes(self.mm, plan, self.budget, self.cfg, from_data=True)
+        found = fixes(self.mm, plan, self.budget, self.cfg, from_data=True, process=False)
         return f"out of memory at batch_size {plan.micro_batch}. Change one of: " + "; ".join(found)

@@ -340,10 +340,15 @@ def largest_fitting(mm: MemoryModel, plan: StepPlan, budget: Budget):
     return None, too_big
 
 
-def fixes(mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, from_data: bool) -> list[str]:
-    """Changes that would make a run fit, each with the peak it would have; the first ones change the result least."""
+def fixes(
+    mm: MemoryModel, plan: StepPlan, budget: Budget, cfg: TrainConfig, from_data: bool, process: bool = True
+) -> list[str]:
+    """Changes that would make a run fit, each with the peak it would have; the first ones change the result least.
+    `process`: the budget holds the process's own memory too (the plan); the run-time guard compares the passes'
+    tensors alone with its budget, so its fixes must too."""
     size = largest_pass(mm, plan)
-    extra = sum(process_items(mm, size, peak_items(mm, size, budget)[1], held_out_batch(cfg)).values())
+    items = process_items(mm, size, peak_items(mm, size, budget)[1], held_out_batch(cfg)) if process else {}
+    extra = sum(items.values())
     budget = replace(budget, bytes=budget.bytes - extra)  # what the passes may use beside the process's own memory
     options: list[tuple[str, int, str]] = []  # (change, its peak without the process's own memory, remark)
     if not mm.checkpointing:
