@@ -37,16 +37,18 @@ def accelerate_launch(config: Path, script=("-m", "loratune")) -> list[str]:
 
 class Job:
     """Runs of one training job's settings (32 examples, 4 steps of 8 examples, a checkpoint after each step)
-    under a launcher, each in its folder under `folder`. A "{port}" argument becomes a free port."""
+    under a launcher, each in its folder under `folder`. A "{port}" argument becomes a free port. The examples are
+    SFT rows unless `rows(n, seed)` makes others (with the `flags` their objective needs)."""
 
-    def __init__(self, model: str, folder: Path):
+    def __init__(self, model: str, folder: Path, rows=varied_rows, flags=()):
         self.folder = folder
         self.flags = [
             "--model", model, "--epochs", "1", "--precision", "fp32", "--lora-dropout", "0",
             "--learning-rate", "1e-3", "--batch-size", "2", "--save-every-steps", "1", "--max-length", "256",
-            "--train-data", write_jsonl(folder / "train.jsonl", varied_rows(32)),
+            "--train-data", write_jsonl(folder / "train.jsonl", rows(32)),
             # 2 + 1 examples: the processes' shares of the validation set differ
-            "--val-data", write_jsonl(folder / "val.jsonl", varied_rows(3, seed=1)),
+            "--val-data", write_jsonl(folder / "val.jsonl", rows(3, seed=1)),
+            *flags,
         ]  # fmt: skip
 
     def args(self, name: str, launcher: list[str], *extra: str) -> list[str]:

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import write_jsonl
+from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
@@ -141,6 +142,24 @@ def _run(flags: dict, kill_at: int = 0, resume: bool = False):
     args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
     env = {**os.environ, "KILL_AT_PASS": str(kill_at)}
     return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
+
+
+def test_dpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
+    """`--num-processes 2` on the default device (as users launch it) with accumulation 2 against one process with
+    accumulation 4: the same steps and metrics, validation (whose 3 pairs the processes share 2 + 1) and adapter."""
+    job = Job(tiny_model, tmp_path, rows=pair_rows, flags=("--objective", "dpo"))
+    _, one = job.run("one", ONE, "--gradient-accumulation-steps", "4")
+    result, two = job.run("two", ["-m", "loratune", "train", "--num-processes", "2"], "--gradient-accumulation-steps",
+                          "2")  # fmt: skip
+    assert "engine: DDP, 2 processes on 1 node" in result.stdout
+    assert_same_steps(one, two)
+    for a, b in zip(_metrics(one) + _metrics(one, "eval"), _metrics(two) + _metrics(two, "eval")):
+        for name in ("loss", "reward_margin", "chosen_logp", "val_loss", "val_reward_margin", "val_reward_accuracy"):
+            if name in a:
+                assert math.isclose(a[name], b[name], rel_tol=1e-5, abs_tol=1e-7), (name, a, b)
+    assert _metrics(one)[-1]["reward_margin"] != 0  # the steps moved the adapter off its reference
+    for adapter in ("last", "adapter"):
+        assert relative_difference(one / adapter, two / adapter) <= 1e-4
 
 
 def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(tiny_model, tmp_path):
