@@ -92,6 +92,12 @@ def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_p
     run = tmp_path / "run"
     steps, evals = _metrics(run), _metrics(run, "eval")
     assert len(steps) == 6 and len(evals) == 2
+    # counted in pairs, the unit the loss is a mean over, under that name in the step lines, summary and report
+    assert steps[0]["pairs"] == 8 and "pairs_per_s" in steps[0] and "target_tokens" not in steps[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["unit"], summary["pairs"]) == ("pairs", 48) and "target_tokens" not in summary
+    report = (run / "report.md").read_text()
+    assert f"- {summary['tokens']:,} tokens processed in 48 pairs" in report and " pairs) |" in report
     # The adapter starts at zero: the policy is its reference, every pair's loss is log 2 and its rewards 0.
     assert math.isclose(steps[0]["loss"], math.log(2), rel_tol=1e-6)
     assert steps[0]["chosen_reward"] == steps[0]["rejected_reward"] == 0

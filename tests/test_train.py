@@ -183,6 +183,10 @@ def test_cli_end_to_end_adapter_reloads_in_peft(tiny_model, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["stop_reason"] == "all epochs done"
     assert {"step", "epoch", "loss", "lr", "tokens_per_s", "target_tokens_per_s"} <= set(_metrics(run)[0])
+    assert summary["unit"] == "target tokens" and summary["target_tokens"] == sum(
+        r["target_tokens"] for r in _metrics(run)
+    )
+    assert "of them answer tokens (the ones with loss)" in (run / "report.md").read_text()
     assert [r["step"] for r in _metrics(run, "eval")] == [4, 8]
     assert (run / "config.yaml").is_file() and (run / "adapter" / "adapter_config.json").is_file()
 

@@ -43,6 +43,11 @@ class Objective:
     unit: str  # what a step's loss is the mean over
     metrics: tuple[str, ...] = ()  # the names of `forward`'s metric sums
 
+    @property
+    def unit_key(self) -> str:
+        """The unit as a field name: what counts them in the step lines and summary.json (`target_tokens` for SFT)."""
+        return self.unit.replace(" ", "_")
+
     def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
         """The module a pass runs through: what the engine wraps, shards and back-propagates through."""
         raise NotImplementedError

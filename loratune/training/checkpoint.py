@@ -41,7 +41,7 @@ class TrainState:
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
     tokens: int = 0  # real (non-padding) tokens processed
-    target_tokens: int = 0
+    target_tokens: int = 0  # the objective's units (pairs for DPO): the name is kept for earlier checkpoints
     elapsed: float = 0.0  # training seconds, summed over resumed segments
     metrics_lines: int = 0  # lines of metrics.jsonl that belong to the run so far
     step_loss_sum: float = 0.0  # partial sums of an interrupted step

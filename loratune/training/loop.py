@@ -65,10 +65,11 @@ def fit(s: Session) -> None:
 
 def log_step(s: Session, r: StepResult, epoch: float) -> None:
     padding_share = 1 - r.tokens / max(1, r.positions)
+    units = {s.objective.unit_key: r.units, f"{s.objective.unit_key}_per_s": r.units / r.seconds}
     s.metrics.write(
         event="train", step=s.state.step, epoch=round(epoch, 4), loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
-        tokens=r.tokens, target_tokens=r.units, tokens_per_s=r.tokens / r.seconds,
-        target_tokens_per_s=r.units / r.seconds, padding_share=padding_share, seconds=r.seconds, **r.metrics,
+        tokens=r.tokens, tokens_per_s=r.tokens / r.seconds, **units, padding_share=padding_share, seconds=r.seconds,
+        **r.metrics,
     )  # fmt: skip
     s.progress.update(s.state.step, epoch, r.loss, r.lr, r.tokens / r.seconds, padding_share)
 

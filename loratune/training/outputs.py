@@ -140,7 +140,8 @@ def _summary(s: Session, test_after: dict | None) -> dict:
         "last_val_loss": state.history[-1]["val_loss"] if state.history else None,
         "train_seconds": round(state.elapsed, 2),
         "tokens": state.tokens,
-        "target_tokens": state.target_tokens,
+        "unit": s.objective.unit,  # what the loss is a mean over, counted under its key (`target_tokens` for SFT)
+        s.objective.unit_key: state.target_tokens,
         "tokens_per_s": round(state.tokens / max(state.elapsed, 1e-9), 1),
         "nonfinite_steps": state.nonfinite_total,
         "trainable_parameters": sum(p.numel() for p in s.trainable),

@@ -311,20 +311,31 @@ def _data_section(run: Path, summary) -> list[str]:
     except (TypeError, KeyError):  # no data.json, or one written by another version of loratune
         pass
     if summary:
-        lines.append(
-            f"- {summary['tokens']:,} tokens processed, {summary['target_tokens']:,} of them answer tokens "
-            "(the ones with loss)"
+        count, unit = _units(summary)
+        what = (
+            f", {count:,} of them answer tokens (the ones with loss)" if unit == SFT_UNIT else f" in {count:,} {unit}"
         )
+        lines.append(f"- {summary['tokens']:,} tokens processed{what}")
     return ["## Data", "", *lines, ""] if lines else []
+
+
+SFT_UNIT = "target tokens"
+
+
+def _units(summary: dict) -> tuple[int, str]:
+    """The count of the units the loss is a mean over, and their name (summaries before `unit`: SFT's)."""
+    unit = summary.get("unit", SFT_UNIT)
+    return summary[unit.replace(" ", "_")], unit
 
 
 def _speed_section(train: list[dict], summary) -> list[str]:
     lines = ["## Throughput and memory", "", "| | |", "|---|---|"]
     if summary:
         seconds = max(summary["train_seconds"], 1e-9)
-        answers_per_s = summary["target_tokens"] / seconds
+        count, unit = _units(summary)
+        rate = f"{count / seconds:,.0f} answer tokens" if unit == SFT_UNIT else f"{count / seconds:,.2f} {unit}"
         lines += [
-            f"| tokens per second | {summary['tokens_per_s']:,.0f} ({answers_per_s:,.0f} answer tokens) |",
+            f"| tokens per second | {summary['tokens_per_s']:,.0f} ({rate}) |",
             f"| base precision | {summary['precision']} (LoRA weights fp32) |",
             f"| batches | {'packed rows' if summary['packing'] else 'padded'}, "
             f"{summary['processes']} process{'es' if summary['processes'] > 1 else ''} |",

@@ -99,6 +99,13 @@ function keyValues(pairs) {
     el("tr", el("th", k), el("td", v)))));
 }
 
+// The units the loss is a mean over (summaries before `unit` are SFT's): answer tokens, pairs, rows.
+function unitsText(s) {
+  const unit = s.unit || "target tokens";
+  const count = fmt.int(s[unit.replace(/ /g, "_")]);
+  return unit === "target tokens" ? `${fmt.int(s.tokens)} (${count} answer tokens)` : `${fmt.int(s.tokens)} in ${count} ${unit}`;
+}
+
 function summarySection(d) {
   const s = d.summary;
   if (!s) return el("p.muted", "No summary yet: it is written when training ends.");
@@ -107,7 +114,7 @@ function summarySection(d) {
     ["steps", `${s.steps} (${s.epochs} epochs)`],
     ["best validation loss", s.best_val_loss === null ? "—" : `${fmt.loss(s.best_val_loss)} at step ${s.best_step}`],
     ["training time", fmt.seconds(s.train_seconds)],
-    ["tokens", `${fmt.int(s.tokens)} (${fmt.int(s.target_tokens)} answer tokens)`],
+    ["tokens", unitsText(s)],
     ["tokens per second", fmt.rate(s.tokens_per_s)],
     ["peak memory", s.peak_memory_bytes ? `${fmt.bytes(s.peak_memory_bytes)} (${s.peak_memory_of})` : "—"],
     ["precision / batches", `${s.precision}, ${s.packing ? "packed rows" : "padded"}, batch_size ${s.batch_size} x ${
