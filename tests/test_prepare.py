@@ -1,6 +1,9 @@
 """From a config to tokenized sets: the tokenization cache, the validation split, max_length policies, and the
 refusal to train on examples with nothing to learn."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import varied_rows, write_jsonl
@@ -8,7 +11,7 @@ from conftest import varied_rows, write_jsonl
 from loratune import TrainConfig
 from loratune.core.errors import UserError
 from loratune.data.encode import IGNORE, Encoder, encoder_for
-from loratune.data.prepare import fit, prepare, recommend_max_length, windows
+from loratune.data.prepare import _load, fit, prepare, recommend_max_length, windows
 from loratune.modeling.model import load_tokenizer
 
 
@@ -53,6 +56,18 @@ def test_second_run_reads_the_cache_and_does_not_tokenize(tiny_model, tmp_path, 
     third = _prepare(cfg.model_copy(update={"max_length": 32, "val_ratio": 0.2, "seed": 1}))
     assert third.report.from_cache and third.report.truncated > 0
     assert len(third.val) + third.report.val_fit.dropped_too_long == 4
+
+
+def test_reading_the_cache_leaves_pandas_unimported(tiny_model, tmp_path, cache):
+    """pandas costs every run's start; pyarrow's `to_numpy` would import it."""
+    _prepare(_cfg(tiny_model, train_data=write_jsonl(tmp_path / "train.jsonl", varied_rows(6))))
+    (entry,) = (cache / "data").iterdir()
+    show = "print([len(a) for a in data.input_ids], [int(s) for s in data.answer_starts], 'pandas' in sys.modules)"
+    load = f"from loratune.data.prepare import _load; data, _ = _load(__import__('pathlib').Path({str(entry)!r}))"
+    read = f"import sys; {load}; {show}"
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True).stdout
+    data, _ = _load(entry)
+    assert out.split() == f"{[len(a) for a in data.input_ids]} {[int(s) for s in data.answer_starts]} False".split()
 
 
 def test_cache_key_follows_content_and_settings(tiny_model, tmp_path, cache):

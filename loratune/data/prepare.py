@@ -309,14 +309,25 @@ def _load(folder) -> tuple[TokenizedSet, dict] | None:
     def lists(name: str) -> list[np.ndarray]:
         out = []
         for chunk in table.column(name).chunks:
-            values, offsets = chunk.values.to_numpy(zero_copy_only=True), chunk.offsets.to_numpy()
+            values, offsets = _int64s(chunk.values), _int64s(chunk.offsets)
             out += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         return out
 
-    data = TokenizedSet(
-        lists("input_ids"), lists("labels"), table.column("origin").to_pylist(), table.column("answer_start").to_numpy()
-    )
+    starts = [_int64s(chunk) for chunk in table.column("answer_start").chunks]
+    starts = np.concatenate(starts) if starts else _NO_INTS
+    data = TokenizedSet(lists("input_ids"), lists("labels"), table.column("origin").to_pylist(), starts)
     return data, meta
+
+
+def _int64s(array) -> np.ndarray:
+    """An Arrow int64 array (no nulls) as a view of its buffer: pyarrow's `to_numpy` imports pandas, which would
+    add to every run's start."""
+    if len(array) == 0:  # an empty array may have no buffer
+        return _NO_INTS
+    return np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array), offset=array.offset * 8)
+
+
+_NO_INTS = np.zeros(0, dtype=np.int64)
 
 
 # --- Validation split and duplicates --------------------------------------------------------------------------
