@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 
 import torch
 
 from ..data.plan import StepPlan
 from ..data.prepare import TokenizedSet
+from ..data.scores import exact_match, field_accuracy, overlap_f1
 from .generate import generate_texts
 
 
@@ -44,42 +43,11 @@ def perplexity(loss: float) -> float:
 # --- Scores of generations -------------------------------------------------------------------------------
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def overlap_f1(prediction: str, reference: str) -> float:
-    """Word-overlap F1 (as in SQuAD): partial credit for partly right answers."""
-    pred, ref = Counter(_words(prediction)), Counter(_words(reference))
-    common = sum((pred & ref).values())
-    if common == 0:
-        return float(not pred and not ref)
-    precision, recall = common / sum(pred.values()), common / sum(ref.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-def field_accuracy(prediction: str, reference: str) -> float | None:
-    """Share of a JSON reference's fields the prediction got exactly right; None when the reference is not JSON."""
-    try:
-        ref = json.loads(reference)
-    except ValueError:
-        return None
-    if not isinstance(ref, dict) or not ref:
-        return None
-    try:
-        pred = json.loads(prediction)
-    except ValueError:
-        return 0.0
-    if not isinstance(pred, dict):
-        return 0.0
-    return sum(pred.get(k) == v for k, v in ref.items()) / len(ref)
-
-
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Exact match, word-overlap F1 and, for JSON answers, field accuracy; each a mean over examples."""
     n = len(references)
     result = {
-        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
+        "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
         "overlap_f1": sum(overlap_f1(p, r) for p, r in zip(predictions, references)) / n,
     }
     fields = [field_accuracy(p, r) for p, r in zip(predictions, references)]
