@@ -40,9 +40,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group = parser.add_argument_group(FIELD_GROUPS[name])
         flag = "--" + name.replace("_", "-")
         default = field.default_factory() if field.default_factory else field.default
-        help_text = f"{field.description} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        help_text = f"{field.description} (default: {shown})".replace("%", "%%")  # argparse formats help with %
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, tuple):  # a list setting given by repeating its flag
+            group.add_argument(flag, dest=name, metavar="VALUE", action="append", default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, metavar="VALUE", default=None, help=help_text)
         if name == "train_data":

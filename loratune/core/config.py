@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .reward_spec import parse_reward
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages", "sharegpt", "text")
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
@@ -147,6 +149,19 @@ class TrainConfig(BaseModel):
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of desirable answers.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of undesirable answers.")
 
+    # --- GRPO rewards ------------------------------------------------------------------------------
+    reward: Annotated[tuple[str, ...], Field(min_length=1)] = Field(
+        ("exact",),
+        description="grpo: what a completion scores, the weighted sum of these rewards, each NAME[=WEIGHT] (weight "
+        "1 unless given; 0 logs a reward without training on it). Built in: exact (1 if the completion equals the "
+        "row's reference, surrounding whitespace aside, else 0), regex:PATTERN (1 if the pattern is found in it, "
+        "else 0), json (0 unless it is valid JSON; then the share of a JSON reference's fields it got right, or 1 "
+        "where the reference is not a JSON object), length:N (-(tokens beyond N)/N, down to -1), or "
+        "path/to/file.py:function, called as function(prompts=, completions=, **columns) with each extra column of "
+        "the rows (reference included) and returning one number per completion. Repeat the flag for several "
+        "(--reward json --reward length:200=0.5); in YAML, a list.",
+    )
+
     # --- Optimizer and schedule ----------------------------------------------------------------------
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after the linear warmup."
@@ -237,6 +252,19 @@ class TrainConfig(BaseModel):
             if any(len(p) != 2 for p in pairs):
                 raise ValueError("expected ours=yours pairs separated by commas")
             return {k.strip(): val.strip() for k, val in pairs}
+        return v
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_reward(cls, v):
+        return (v,) if isinstance(v, str) else v  # YAML's `reward: json`
+
+    @field_validator("reward")
+    @classmethod
+    def _check_rewards(cls, v):
+        labels = [parse_reward(text).label for text in v]
+        if twice := next((label for label in labels if labels.count(label) > 1), None):
+            raise ValueError(f"{twice} is given twice; give it once, with a weight if it should count more")
         return v
 
     @field_validator("max_memory")
@@ -342,6 +370,8 @@ def _describe(annotation, metadata=()) -> str:
         item = f" of {_describe(args[0])}" if get_origin(args[0]) is Literal else ""
         at_least = any(getattr(m, "min_length", 0) for m in metadata)
         return f"a{' non-empty' if at_least else ''} list{item} (YAML list or comma-separated names)"
+    if origin is tuple:
+        return "a non-empty list of text (YAML list, or the flag repeated)"
     if origin is dict:
         return "a mapping (YAML mapping or key=value pairs separated by commas)"
     return str(annotation)

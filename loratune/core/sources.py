@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from .config import TrainConfig, allowed
 from .errors import UserError
 from .presets import DEFAULT_PRESET, PRESETS
+from .reward_spec import check_function_file, parse_reward
 
 # --- Resolving sources into one config --------------------------------------------------------------
 
@@ -91,6 +92,8 @@ def resolve(
             v = file_values.get(key)
             if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
                 file_values[key] = str(base / v)
+        if "reward" in file_values:
+            file_values["reward"] = _rewards_beside(file_values["reward"], base)
 
     preset_name = preset or file_values.pop("preset", None) or DEFAULT_PRESET
     file_values.pop("preset", None)
@@ -119,6 +122,7 @@ def resolve(
         cfg = cfg.model_copy(update={"output_dir": str(Path("runs") / name)})
         sources["output_dir"] = "derived from the config name"
     _check_paths(cfg, sources)
+    _check_reward_files(cfg, sources)
     return Resolved(config=cfg, sources=sources, preset=preset_name, name=name)
 
 
@@ -130,6 +134,35 @@ def _check_paths(cfg: TrainConfig, sources: dict[str, str]) -> None:
         if key != "chat_template" and _looks_like_hub_id(value):
             continue  # a hub dataset, loaded when the network allows
         raise UserError(f"{key} = {value!r} (from {sources[key]}): file not found")
+
+
+def _rewards_beside(value: Any, base: Path) -> Any:
+    """A config file's reward functions, with their files found relative to it (as its data files are)."""
+    if not isinstance(value, (str, list)):
+        return value  # refused by validation, with the value as written
+    specs = [value] if isinstance(value, str) else value
+    return [_reward_beside(text, base) if isinstance(text, str) else text for text in specs]
+
+
+def _reward_beside(text: str, base: Path) -> str:
+    try:
+        path = parse_reward(text).path
+    except ValueError:
+        return text  # refused by validation, as written
+    if path is None or Path(path).is_absolute() or not (base / path).is_file():
+        return text
+    return str(base / path) + text.strip()[len(path) :]
+
+
+def _check_reward_files(cfg: TrainConfig, sources: dict[str, str]) -> None:
+    """Each reward function's file exists and defines it, before any model loads."""
+    for text in cfg.reward:
+        spec = parse_reward(text)
+        if spec.path is not None:
+            try:
+                check_function_file(spec)
+            except ValueError as e:
+                raise UserError(f"reward = {text!r} (from {sources['reward']}): {e}") from None
 
 
 def _looks_like_hub_id(value: str) -> bool:
