@@ -77,6 +77,7 @@ def test_the_flag_repeats_and_yaml_gives_a_list_or_one_name(tmp_path, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("reward "))
     assert row.split()[-1] == "--reward" and "'exact', 'length:9=-1'" in row
     assert resolve().config.reward == ("exact",)
+    assert resolve(flags={"reward": "json=2"}).config.reward == ("json=2",)  # the UI's form gives one as text
 
 
 def test_a_config_files_reward_function_is_found_beside_it(tmp_path, monkeypatch):
