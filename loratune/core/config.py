@@ -262,9 +262,10 @@ class TrainConfig(BaseModel):
     @field_validator("reward")
     @classmethod
     def _check_rewards(cls, v):
-        labels = [parse_reward(text).label for text in v]
-        if twice := next((label for label in labels if labels.count(label) > 1), None):
-            raise ValueError(f"{twice} is given twice; give it once, with a weight if it should count more")
+        specs = [parse_reward(text) for text in v]
+        keys = [(s.name, s.argument, s.path) for s in specs]
+        if twice := next((s for s, key in zip(specs, keys) if keys.count(key) > 1), None):
+            raise ValueError(f"{twice.label} is given twice; give it once, with a weight if it should count more")
         return v
 
     @field_validator("max_memory")

@@ -23,8 +23,8 @@ _USER = re.compile(r"(?P<path>.+\.py):(?P<function>[A-Za-z_]\w*)(?:=(?P<weight>.
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """One reward: a built-in `name` with its `argument` (pattern or token count), or the user's `function` in
-    `path`; `label` names it in metrics (the text without its weight, a user file without its folder)."""
+    """One reward: a built-in `name` with its `argument` (pattern or token count), or the user's function (named by
+    `argument`) in `path`."""
 
     name: str  # a built-in's name, or "function" for the user's own
     argument: str | None
@@ -32,7 +32,13 @@ class RewardSpec:
     path: str | None = None
 
     @property
+    def metric_name(self) -> str:
+        """A word, as trackers take it in a metric's name (MLflow refuses a pattern's characters)."""
+        return self.argument if self.path is not None else self.name
+
+    @property
     def label(self) -> str:
+        """How messages name it: its text without the weight (a user file without its folder)."""
         if self.path is not None:
             return f"{Path(self.path).name}:{self.argument}"
         return self.name if self.argument is None else f"{self.name}:{self.argument}"

@@ -35,7 +35,8 @@ class RewardError(UserError):
 
 @dataclass(frozen=True)
 class Reward:
-    label: str
+    name: str  # in metrics
+    label: str  # in messages
     weight: float
     score: Score
 
@@ -45,7 +46,7 @@ class Rewards:
 
     def __init__(self, rewards: list[Reward]):
         self._rewards = tuple(rewards)
-        self.names = tuple(r.label for r in rewards)
+        self.names = tuple(r.name for r in rewards)
 
     def __call__(
         self, prompts: list[str], completions: list[str], columns: dict[str, list], completion_tokens: list[int]
@@ -54,16 +55,29 @@ class Rewards:
         if len(prompts) != n or len(completion_tokens) != n or any(len(v) != n for v in columns.values()):
             raise ValueError("rewards: prompts, columns and token counts must have one entry per completion")
         batch = (prompts, completions, columns, completion_tokens)
-        scores = {r.label: _checked(r, batch) for r in self._rewards}
+        scores = {r.name: _checked(r, batch) for r in self._rewards}
         total = np.zeros(n, dtype=np.float64)
         for r in self._rewards:
-            total += r.weight * scores[r.label]
+            total += r.weight * scores[r.name]
         return total, scores
 
 
 def rewards_for(cfg) -> Rewards:
     """The rewards `cfg.reward` names, the user's functions imported (RewardError where one cannot be)."""
-    return Rewards([_reward(parse_reward(text)) for text in cfg.reward])
+    specs = [parse_reward(text) for text in cfg.reward]
+    return Rewards([_reward(spec, name) for spec, name in zip(specs, _names(specs))])
+
+
+def _names(specs: list[RewardSpec]) -> list[str]:
+    """Each reward's name in metrics: the built-in's or the function's, with _2, _3 for a second and third."""
+    names: list[str] = []
+    for spec in specs:
+        name, k = spec.metric_name, 1
+        while name in names:
+            k += 1
+            name = f"{spec.metric_name}_{k}"
+        names.append(name)
+    return names
 
 
 def check_rewards(rewards: Rewards, prompts: list[str], columns: dict[str, list]) -> dict[str, float]:
@@ -126,16 +140,16 @@ def _first_failing(reward: Reward, batch: tuple) -> int | None:
 # --- The rewards -------------------------------------------------------------------------------------------
 
 
-def _reward(spec: RewardSpec) -> Reward:
+def _reward(spec: RewardSpec, name: str) -> Reward:
     if spec.path is not None:
-        return Reward(spec.label, spec.weight, _user_score(_load(spec)))
+        return Reward(name, spec.label, spec.weight, _user_score(_load(spec)))
     each = {
         "exact": lambda argument: _exact,
         "regex": _regex,
         "json": lambda argument: _json,
         "length": lambda argument: _length(int(argument)),
     }[spec.name](spec.argument)
-    return Reward(spec.label, spec.weight, _per_example(spec.name, each))
+    return Reward(name, spec.label, spec.weight, _per_example(spec.name, each))
 
 
 def _per_example(name: str, each: Callable[[str, object, int], float]) -> Score:
