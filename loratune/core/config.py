@@ -18,6 +18,9 @@ from .reward_spec import parse_reward
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages", "sharegpt", "text")
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_fast", "olora")
+# Initialisations that move part of the base weight into the adapter: "adapter off" is no longer the base.
+BASE_CHANGING_INITS = ("pissa", "pissa_fast", "olora")
 # Each objective's own settings: one set for another objective is refused (it would silently do nothing).
 OBJECTIVE_SETTINGS = {
     "beta": ("dpo", "kto"),
@@ -121,6 +124,36 @@ class TrainConfig(BaseModel):
         "all-linear",
         description="Layers that get LoRA adapters: all-linear (every linear layer of the blocks) or names, "
         "e.g. q_proj,v_proj.",
+    )
+
+    # --- LoRA variants (PEFT's) -----------------------------------------------------------------------
+    use_rslora: bool = Field(
+        False,
+        description="rsLoRA: scale the update by lora_alpha/sqrt(lora_r) instead of lora_alpha/lora_r, so higher "
+        "ranks are not damped; the Guide's 2x-4x lora_r advice then reads alpha = 2x-4x sqrt(lora_r).",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: train each adapted weight's magnitude (one number per output) apart from its direction; "
+        "runs PEFT's LoRA layer (slower), and exports to GGUF or vLLM only as the merged model.",
+    )
+    lora_init: Literal[LORA_INITS] = Field(  # type: ignore[valid-type]
+        "kaiming",
+        description="Initial adapter: kaiming (PEFT's default: A random, B zero), gaussian (A normal), pissa (A, B "
+        "from the weight's top singular vectors, the base keeps the rest), pissa_fast (the same by a fast "
+        "randomised SVD, for large models), olora (from a QR decomposition). pissa and olora change the base: "
+        "the saved adapter is converted to plain LoRA of rank 2 x lora_r against the original base.",
+    )
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        ge=1,
+        description="LoRA+: lora_B learns at this many times learning_rate (lora_A at learning_rate); 1 is plain "
+        "LoRA, the LoRA+ paper suggests 16.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Layers trained whole beside the adapters and saved with them, e.g. embed_tokens,lm_head "
+        "(after adding tokens); a full copy each, with its AdamW state, in the base's number format.",
     )
 
     # --- Objective ---------------------------------------------------------------------------------
@@ -239,6 +272,11 @@ class TrainConfig(BaseModel):
     def _split_modules(cls, v):
         return _split_list(v) if isinstance(v, str) and v != "all-linear" else v
 
+    @field_validator("modules_to_save", mode="before")
+    @classmethod
+    def _split_saved(cls, v):
+        return _split_list(v) if isinstance(v, str) else v
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _split_trackers(cls, v):
@@ -296,6 +334,24 @@ class TrainConfig(BaseModel):
         objective, used_by = info.data.get("objective"), OBJECTIVE_SETTINGS[info.field_name]
         if objective is not None and objective not in used_by and v != cls.model_fields[info.field_name].default:
             raise ValueError(f"is for objective {' or '.join(used_by)}, and this run's objective is {objective}")
+        return v
+
+    @field_validator("objective")
+    @classmethod
+    def _reference_is_the_base(cls, v, info):
+        # dpo and kto's reference is the model with the adapter off, which pissa/olora leave without part of the base
+        if v in ("dpo", "kto") and info.data.get("lora_init") in BASE_CHANGING_INITS:
+            raise ValueError(
+                f"{v} compares with the base model (the adapter off), and lora_init "
+                f"{info.data['lora_init']} moves part of the base into the adapter; use lora_init kaiming or gaussian"
+            )
+        return v
+
+    @field_validator("lora_init")
+    @classmethod
+    def _one_variant_of_the_weight(cls, v, info):
+        if v in BASE_CHANGING_INITS and info.data.get("use_dora"):
+            raise ValueError(f"lora_init {v} with use_dora is not supported; choose one of them")
         return v
 
     @field_validator("columns")

@@ -119,10 +119,24 @@ def guide_warnings(cfg: TrainConfig) -> list[str]:
         "8-32",
         '"Higher values = more capacity but larger adapter. Lower values = smaller adapter but limited capacity."',
     )
-    if not 2 * cfg.lora_r <= cfg.lora_alpha <= 4 * cfg.lora_r:
-        out.append(
-            f"lora_alpha={cfg.lora_alpha} is not 2x-4x lora_r={cfg.lora_r} as the Training Guide advises: "
-            '"Usually set to 2x-4x of lora_r. Higher values = stronger adaptation effect. '
-            'Lower values = more conservative changes."'
-        )
+    out += _alpha_warning(cfg)
     return out
+
+
+def _alpha_warning(cfg: TrainConfig) -> list[str]:
+    """The Guide's 2x-4x lora_r keeps the update's scale alpha/r between 2 and 4; with rsLoRA the scale is
+    alpha/sqrt(r), so the same advice reads alpha = 2x-4x sqrt(lora_r)."""
+    root = cfg.lora_r**0.5 if cfg.use_rslora else cfg.lora_r
+    if 2 * root <= cfg.lora_alpha <= 4 * root:
+        return []
+    advice = (
+        '"Usually set to 2x-4x of lora_r. Higher values = stronger adaptation effect. '
+        'Lower values = more conservative changes."'
+    )
+    if not cfg.use_rslora:
+        return [f"lora_alpha={cfg.lora_alpha} is not 2x-4x lora_r={cfg.lora_r} as the Training Guide advises: {advice}"]
+    return [
+        f"lora_alpha={cfg.lora_alpha} with use_rslora scales updates by lora_alpha/sqrt(lora_r) = "
+        f"{cfg.lora_alpha / root:.2g}, outside the 2-4 that the Training Guide's alpha advice gives (2x-4x "
+        f"sqrt(lora_r) = {2 * root:.3g}-{4 * root:.3g} here): {advice}"
+    ]

@@ -15,6 +15,7 @@ import torch
 from ..core.errors import UserError
 from .attention import NAME as PACKED_ATTENTION
 from .lora import FusedLoraLinear
+from .variants import keep_initial_adapter, lora_options
 
 
 def check_kernels(cfg, device: torch.device) -> None:
@@ -95,12 +96,14 @@ def add_lora(model, cfg):
     """Wrap the frozen base with PEFT LoRA adapters; adapter weights are fp32 whatever the base dtype."""
     from peft import LoraConfig, get_peft_model
 
+    _check_modules_to_save(model, cfg.modules_to_save)
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules,
         task_type="CAUSAL_LM",
+        **lora_options(cfg),
     )
     config._register_custom_module({torch.nn.Linear: FusedLoraLinear})  # PEFT's layer, fused training path
     torch.manual_seed(cfg.seed)  # the adapters' initial weights depend on the seed alone
@@ -115,7 +118,24 @@ def add_lora(model, cfg):
             f"lora_target_modules = {cfg.lora_target_modules}: not found in the model; its linear layers are "
             f"{', '.join(names)} (or use all-linear)"
         ) from None
+    keep_initial_adapter(peft_model, cfg)
     return peft_model
+
+
+def _check_modules_to_save(model, names: list[str]) -> None:
+    """Each name in modules_to_save must be a layer of the model (PEFT would train nothing for a misspelt one)."""
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for name in names:
+        if name.rsplit(".", 1)[-1] not in present:
+            layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _whole_layer(m)})
+            raise UserError(
+                f"modules_to_save = {name}: not a layer of the model; its layers with weights include "
+                f"{', '.join(layers)}"
+            )
+
+
+def _whole_layer(module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
 
 
 def trainable_model(base, cfg, packing: bool) -> tuple[torch.nn.Module, bool, list[str]]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
+from ..core.config import BASE_CHANGING_INITS
 from ..core.errors import UserError
 from ..core.files import atomic_dir, atomic_write
 from ..data.formats import prompt_text
 from ..memory.planner import GENERATION_BATCH
 from ..modeling.evaluate import score
 from ..modeling.generate import generate_texts
+from ..modeling.variants import as_plain_lora, write_plain_lora_config
 from .session import Session
 
 
@@ -25,8 +28,11 @@ def save_adapter(path: Path, engine, model, tokenizer, template: str) -> None:
             raise UserError(f"the adapter has non-finite weights ({name}); refusing to save it", exit_code=1)
     if not engine.accelerator.is_main_process:
         return
+    weights, converted = as_plain_lora(model, weights)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, state_dict=weights)
+        if converted:
+            write_plain_lora_config(tmp)
         tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
 
@@ -43,7 +49,9 @@ def base_test_scores(s: Session) -> dict:
     earlier = s.metrics.earlier("test")
     if earlier is not None:
         return {k: v for k, v in earlier.items() if k not in ("event", "step", "model", "time")}
-    with s.model.disable_adapter():
+    # pissa/olora: before the first step, the base as changed plus the initial adapter is the base (adapter off: not)
+    changes_base = s.cfg.lora_init in BASE_CHANGING_INITS
+    with contextlib.nullcontext() if changes_base else s.model.disable_adapter():
         scores = test_scores(s, "base model")
     s.metrics.write(event="test", step=s.state.step, model="base model", **scores)
     return scores

@@ -25,6 +25,7 @@ from ..memory.shape import read_shape
 from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from ..modeling.objective import objective_for
+from ..modeling.variants import param_groups, variant_notes
 from ..planning.resolved import ResolvedRun, resolve
 from . import checkpoint as ckpt
 from .engine import start
@@ -132,8 +133,8 @@ def _engine_setup(cfg: TrainConfig, run: Path, engine, model, module, resolved: 
             f"{cfg.test_data} --generate"
         )
     engine.shard(module)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(cfg, trainable, engine.device, resolved.total_steps, resolved.warmup_steps)
+    groups = param_groups(model, cfg)
+    optimizer, scheduler = make_optimizer(cfg, groups, engine.device, resolved.total_steps, resolved.warmup_steps)
     module, optimizer = engine.prepare(module, optimizer, resolved.batch_size, cfg)
     if held := engine.held_here(model):
         console.info(held)
@@ -201,10 +202,11 @@ def confirm_batch_size(
         console.warn(f"batch_size auto: the trial pass ran out of memory; trying batch_size {resolved.batch_size}")
 
 
-def make_optimizer(cfg: TrainConfig, trainable, device, total_steps: int, warmup_steps: int):
-    """AdamW on the adapter's weights, and the learning-rate schedule (linear warmup, then cfg's)."""
+def make_optimizer(cfg: TrainConfig, groups, device, total_steps: int, warmup_steps: int):
+    """AdamW on the adapter's weights (parameters, or groups with rates of their own), and the learning-rate
+    schedule (linear warmup, then cfg's)."""
     optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
+        groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
     )
     factor = lr_factor(cfg.lr_scheduler, warmup_steps, total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -254,6 +256,8 @@ def _describe_model(cfg: TrainConfig, model, device, dtype, console: Console) ->
         f"model {cfg.model} on {device.type} ({str(dtype).removeprefix('torch.')} base, fp32 LoRA): "
         f"{n_trainable:,} trainable of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%)"
     )
+    for note in variant_notes(cfg):
+        console.info(note)
 
 
 def _describe_steps(data: Prepared, r: ResolvedRun, console: Console) -> None:

@@ -1,0 +1,232 @@
+"""PEFT's LoRA variants (rsLoRA, DoRA, PiSSA, OLoRA, LoRA+, modules_to_save): loratune's fused layer computes what
+PEFT's layer computes, and what a run saves merges and exports to the model it trained."""
+
+import json
+
+import pytest
+import torch
+
+from loratune.core.config import BASE_CHANGING_INITS, TrainConfig
+
+# Each variant as its settings; dropout off so that two models compute the same thing.
+VARIANTS = {
+    "rslora": {"use_rslora": True, "lora_alpha": 16},
+    "dora": {"use_dora": True},
+    "pissa": {"lora_init": "pissa"},
+    "pissa_fast": {"lora_init": "pissa_fast"},
+    "olora": {"lora_init": "olora"},
+    "gaussian": {"lora_init": "gaussian"},
+    "modules_to_save": {"modules_to_save": ["embed_tokens", "lm_head"]},
+}
+
+
+def _model(path: str, cfg: TrainConfig, fused: bool):
+    """The tiny model with cfg's adapters: as training builds it (fused), or with PEFT's own layer throughout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loratune.modeling.adapter import add_lora
+    from loratune.modeling.variants import lora_options
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if fused:
+        model = add_lora(base, cfg)
+    else:
+        options = lora_options(cfg)
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", **options)
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(base, config, autocast_adapter_dtype=True)
+    torch.manual_seed(1)  # the same non-zero update in both (kaiming and gaussian start with B = 0)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data += 0.1 * torch.randn_like(p)
+    return model.train()
+
+
+def _logits_and_grads(model, ids):
+    logits = model(input_ids=ids).logits
+    logits.backward(torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)))
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_layer_computes_each_variant_as_peft_does(variant, tiny_model):
+    """Logits and every trained weight's gradient, fp32: the fused layer (PiSSA/OLoRA: on the base PEFT changed;
+    rsLoRA: at PEFT's scale) equals PEFT's own LoRA layer within 1e-5 (gradients: of their largest element)."""
+    from loratune.modeling.lora import FusedLoraLinear
+
+    cfg = TrainConfig(lora_dropout=0.0, **VARIANTS[variant])
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours, peft = _model(tiny_model, cfg, True), _model(tiny_model, cfg, False)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FusedLoraLinear) and ("default" in layer.lora_variant) == cfg.use_dora
+    got, got_grads = _logits_and_grads(ours, ids)
+    want, want_grads = _logits_and_grads(peft, ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in got_grads.items():  # within 1e-5 of the largest (summation order differs)
+        want = want_grads[name]
+        assert (grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+    if variant == "modules_to_save":
+        assert any("embed_tokens.modules_to_save" in n for n in got_grads)
+
+
+def test_the_start_says_which_layer_computes_dora_and_how_pissa_is_saved():
+    from loratune.modeling.variants import variant_notes
+
+    assert variant_notes(TrainConfig()) == []
+    (dora,) = variant_notes(TrainConfig(use_dora=True))
+    assert "PEFT's own LoRA layer computes DoRA" in dora
+    (pissa,) = variant_notes(TrainConfig(lora_init="olora", lora_r=16))
+    assert "plain LoRA of rank 32 (2 x lora_r) on the original base" in pissa
+
+
+def test_loraplus_moves_b_ratio_times_as_far_as_a(tiny_model):
+    """LoRA+: after the same first AdamW step (its size is the learning rate, whatever the gradient's), lora_B has
+    moved loraplus_lr_ratio times as far as without LoRA+, and lora_A as far."""
+    from loratune.modeling.variants import param_groups
+    from loratune.training.setup import make_optimizer
+
+    moved = {}
+    for ratio in (1.0, 16.0):
+        cfg = TrainConfig(lora_dropout=0.0, loraplus_lr_ratio=ratio, learning_rate=1e-4, warmup_ratio=0)
+        model = _model(tiny_model, cfg, True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer, _ = make_optimizer(cfg, param_groups(model, cfg), torch.device("cpu"), 10, 0)
+        _logits_and_grads(model, torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0)))
+        optimizer.step()
+        moved[ratio] = {n: (p.detach() - before[n]).abs().max() for n, p in model.named_parameters() if p.requires_grad}
+    for name, step in moved[16.0].items():
+        expected = 16 * moved[1.0][name] if ".lora_B." in name else moved[1.0][name]
+        torch.testing.assert_close(step, expected, rtol=1e-3, atol=0, msg=name)
+
+
+def test_rslora_alpha_advice_is_in_terms_of_the_effective_scale():
+    from loratune.core.presets import guide_warnings
+
+    assert guide_warnings(TrainConfig(use_rslora=True, lora_r=16, lora_alpha=12)) == []  # 12 / 4 = 3
+    (warning,) = guide_warnings(TrainConfig(use_rslora=True, lora_r=16, lora_alpha=32))  # 2x lora_r, scale 8
+    assert "lora_alpha/sqrt(lora_r) = 8" in warning and "(2x-4x sqrt(lora_r) = 8-16 here)" in warning
+    assert guide_warnings(TrainConfig(lora_r=16, lora_alpha=32)) == []
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"lora_init": "pissa", "objective": "dpo"}, "dpo compares with the base model (the adapter off)"),
+        ({"use_dora": True, "lora_init": "olora"}, "lora_init olora with use_dora is not supported"),
+        ({"loraplus_lr_ratio": "0.5"}, "loraplus_lr_ratio = '0.5' (from --loraplus-lr-ratio): must be a number >= 1"),
+        ({"lora_init": "loftq"}, "must be one of: kaiming, gaussian, pissa, pissa_fast, olora"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_in_one_line(settings, expected):
+    from loratune.core.errors import UserError
+    from loratune.core.sources import resolve
+
+    with pytest.raises(UserError) as e:
+        resolve(flags={k: str(v) for k, v in settings.items()})
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_modules_to_save_names_a_layer_of_the_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from loratune.core.errors import UserError
+    from loratune.modeling.adapter import add_lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(UserError, match="modules_to_save = lm_hed: not a layer of the model; .* lm_head"):
+        add_lora(base, TrainConfig(modules_to_save="embed_tokens,lm_hed"))
+
+
+# --- A run of each variant: what it saves merges (and exports) to the model it trained ---------------------------
+
+TRAINED = ("rslora", "dora", "pissa", "olora", "loraplus", "modules_to_save")
+STEPS = 3
+SHORT_ANSWERS = [{"input": "send 2 blue mugs to leeds", "output": "mugs"}, {"input": "city please", "output": "leeds"}]
+
+
+@pytest.fixture(scope="session", params=TRAINED)
+def variant_run(request, tiny_model, tmp_path_factory):
+    """A 3-step run of the tiny model with one variant (validated and checkpointed at its last step)."""
+    from conftest import varied_rows, write_jsonl
+
+    from loratune import train
+
+    settings = {**VARIANTS, "loraplus": {"loraplus_lr_ratio": 16.0}}[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    cfg = TrainConfig(
+        model=tiny_model,
+        train_data=write_jsonl(root / "train.jsonl", varied_rows(16)),
+        val_data=write_jsonl(root / "val.jsonl", varied_rows(2, seed=1)),
+        test_data=write_jsonl(root / "test.jsonl", SHORT_ANSWERS) if request.param in ("pissa", "olora") else None,
+        output_dir=str(root / "run"),
+        max_steps=STEPS,
+        eval_every_steps=STEPS,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        precision="fp32",
+        device="cpu",
+        learning_rate=1e-2,
+        max_length=256,
+        **settings,
+    )
+    train(cfg)
+    return cfg, root / "run"
+
+
+def trained_model(cfg: TrainConfig, run):
+    """The model as training left it: the base with cfg's adapters as initialised (PiSSA/OLoRA: the base minus
+    their initial part), then the last checkpoint's weights as trained."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loratune.modeling.adapter import add_lora
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32), cfg)
+    saved = run / "checkpoints" / f"step-{STEPS:06d}" / "adapter" / "adapter_model.safetensors"
+    result = set_peft_model_state_dict(model, load_file(saved))
+    assert not result.unexpected_keys
+    return model.eval()
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(3))
+
+
+def test_merge_gives_the_trained_model_for_each_variant(variant_run):
+    """`merge`'s model (of the run's saved adapter: PiSSA/OLoRA converted, DoRA's magnitudes, modules_to_save's
+    layers) computes the trained model's logits within 1e-4 (fp32), and the adapter changed them."""
+    from transformers import AutoModelForCausalLM
+
+    from loratune.inference.merge import merged_model
+
+    cfg, run = variant_run
+    expected = _logits(trained_model(cfg, run), IDS)
+    base = _logits(AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32), IDS)
+    assert (expected - base).abs().max() > 0.05  # training moved the model: matching it means something
+    merged = merged_model(run, "last", torch.float32).model
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert (_logits(merged, IDS) - expected).abs().max() < 1e-4
+    saved = json.loads((run / "last" / "adapter_config.json").read_text())
+    assert saved["r"] == (2 if cfg.lora_init in BASE_CHANGING_INITS else 1) * cfg.lora_r  # plain LoRA: rank doubled
+
+
+@pytest.mark.parametrize("variant_run", ["pissa", "olora"], indirect=True)
+def test_the_base_models_held_out_answers_are_the_bases(variant_run):
+    """PiSSA/OLoRA: with the adapter off, the model lacks the base's part the adapter took; the answers the run gives
+    for the base model before training are still the base's (those of `loratune eval`, whose base is the original
+    base alone)."""
+    from loratune.inference.evaluate import evaluate_run
+
+    cfg, run = variant_run
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before = next(e for e in events if e.get("event") == "test" and e.get("model") == "base model")
+    evaluate_run(run, cfg.test_data, report=run / "eval.jsonl", generate=True)
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][1:]
+    assert before["samples"] == [row["base"] for row in rows][:2]
