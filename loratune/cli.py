@@ -351,9 +351,17 @@ def _generate(commands) -> None:
 
 
 def _eval(commands) -> None:
-    p = commands.add_parser("eval", help="loss and perplexity of base and fine-tuned model on a dataset")
+    p = commands.add_parser(
+        "eval",
+        help="loss and perplexity of base and fine-tuned model on a dataset (a preference run: its objective's "
+        "loss, reward accuracy and margins on pairs)",
+    )
     _run_dir(p)
-    p.add_argument("--data", required=True, help="examples with reference answers, in any training data shape")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="examples with reference answers, in any training data shape (a preference run: pairs, or KTO rows)",
+    )
     p.add_argument(
         "--generate",
         action="store_true",
@@ -374,6 +382,7 @@ def _eval(commands) -> None:
         help="JSONL report: a summary line, then one line per example "
         "with --generate (default: RUN_DIR/eval-<data name>.jsonl)",
     )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
 

@@ -50,6 +50,31 @@ def varied_rows(n: int, seed: int = 0):
     return rows
 
 
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversation pairs whose prompts and answers differ several-fold in length."""
+    import random
+
+    rng = random.Random(seed)
+    words = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{i}: {say(rng.choice([3, 8, 20]))}"}],
+            "chosen": [{"role": "assistant", "content": say(rng.choice([2, 6, 15]))}],
+            "rejected": [{"role": "assistant", "content": say(rng.choice([2, 6, 15])) + " no"}],
+        }
+        for i in range(n)
+    ]
+
+
+def kto_rows(n: int) -> list[dict]:
+    return [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in pair_rows(n // 2)
+        for side in ("chosen", "rejected")
+    ]
+
+
 def assert_plan_is_run(cfg, run: Path, **made_smaller) -> None:
     """`loratune plan` resolves the run training wrote to resolved.json (with the micro-batch training then made
     smaller after running out of memory, when given)."""
@@ -71,6 +96,33 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
             train_data=write_jsonl(root / "train.jsonl", varied_rows(24)),
             val_data=write_jsonl(root / "val.jsonl", varied_rows(4, seed=1)),
             test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2)),
+            output_dir=str(root / "run"),
+            epochs=2,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            eval_every_steps=2,
+            early_stopping_patience=0,
+            precision="fp32",
+            device="cpu",
+            learning_rate=1e-3,
+            max_length=256,
+        )
+    )
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished 6-step DPO run of the tiny model, validated every 2 steps (read-only: copy it to change it)."""
+    from loratune import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_dpo_run")
+    train(
+        TrainConfig(
+            model=tiny_model,
+            objective="dpo",
+            train_data=write_jsonl(root / "train.jsonl", pair_rows(24)),
+            val_data=write_jsonl(root / "val.jsonl", pair_rows(4, seed=1)),
             output_dir=str(root / "run"),
             epochs=2,
             batch_size=4,

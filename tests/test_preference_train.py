@@ -4,14 +4,13 @@ passes, kill-and-resume, bad rows and settings refused in one line; ORPO, SimPO 
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import kto_rows, pair_rows, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -21,30 +20,6 @@ from loratune.core.errors import UserError
 from loratune.core.presets import guide_warnings
 from loratune.core.sources import resolve
 from loratune.training.loop import train
-
-WORDS = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
-
-
-def pair_rows(n: int, seed: int = 0) -> list[dict]:
-    """Conversation pairs whose prompts and answers differ several-fold in length."""
-    rng = random.Random(seed)
-    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"{i}: {say(rng.choice([3, 8, 20]))}"}],
-            "chosen": [{"role": "assistant", "content": say(rng.choice([2, 6, 15]))}],
-            "rejected": [{"role": "assistant", "content": say(rng.choice([2, 6, 15])) + " no"}],
-        }
-        for i in range(n)
-    ]
-
-
-def kto_rows(n: int) -> list[dict]:
-    return [
-        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-        for r in pair_rows(n // 2)
-        for side in ("chosen", "rejected")
-    ]
 
 
 def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:

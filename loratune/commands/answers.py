@@ -6,6 +6,8 @@ import json
 
 from ..core.errors import UserError
 
+SHARES = ("exact_match", "overlap_f1", "field_accuracy", "reward_accuracy")  # printed as percentages
+
 
 def generate_command(args) -> int:
     """Answers of a run to --prompt TEXT (printed) or to a JSONL file of prompts (one JSON line each)."""
@@ -51,15 +53,25 @@ def eval_command(args) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )
-    print(f"{args.data}: {summary['scored_examples']} examples, {summary['target_tokens']:,} answer tokens")
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    unit = summary.get("unit", "target tokens")
+    if unit == "target tokens":
+        print(f"{args.data}: {summary['scored_examples']} examples, {summary['target_tokens']:,} answer tokens")
+    else:  # a preference run: its objective's loss over pairs (KTO: rows), the base being its reference
+        print(f"{args.data}: {summary[unit]} {unit}, objective {summary['objective']} (base model: the reference)")
     table = Table()
     for column in ("", "base model", "fine-tuned"):
         table.add_column(column, justify="right" if column else "left")
     for metric in summary["fine_tuned"]:
-        fmt = "{:.1%}" if metric not in ("loss", "perplexity") else "{:.4f}" if metric == "loss" else "{:.2f}"
+        fmt = "{:.1%}" if metric in SHARES else "{:.2f}" if metric == "perplexity" else "{:.4f}"
         table.add_row(metric.replace("_", " "), *(fmt.format(summary[m][metric]) for m in ("base", "fine_tuned")))
     Console(highlight=False).print(table)
+    if summary.get("truncated"):
+        print(f"{summary['truncated']} {unit} had their prompt cut from the left to fit max_length")
     if summary["dropped_too_long"]:
-        print(f"{summary['dropped_too_long']} examples longer than max_length were left out of the loss")
+        print(f"{summary['dropped_too_long']} {unit.replace('target tokens', 'examples')} longer than max_length were "
+              "left out of the loss")  # fmt: skip
     print(f"report: {summary['report']}")
     return 0

@@ -21,9 +21,11 @@ def inspect(cfg: TrainConfig, percentile: float) -> tuple[Inspection, list[str]]
     # Imported after the check, which then answers without loading torch.
     from ..data.encode import encoder_for
     from ..data.inspect import inspect_data
+    from ..data.inspect_pairs import inspect_pairs
     from ..modeling.model import load_tokenizer, resolve_model
 
-    ins = inspect_data(cfg, encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg), percentile)
+    of = inspect_data if cfg.objective == "sft" else inspect_pairs
+    ins = of(cfg, encoder_for(load_tokenizer(resolve_model(cfg.model)), cfg), percentile)
     return ins, memory_lines(cfg, [e.max_length for e in (ins.current, ins.at_recommended) if e])
 
 

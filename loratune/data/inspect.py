@@ -61,6 +61,10 @@ class Inspection:
     at_recommended: Effect | None
     batch_size: int
 
+    def length_rows(self) -> list[tuple[str, Stats]]:
+        """The rows of the lengths table."""
+        return [("prompt", self.prompt), ("target (last answer)", self.target), ("total", self.total)]
+
 
 def inspect_data(cfg: TrainConfig, encoder: Encoder, percentile: float = 99.0) -> Inspection:
     if not 0 < percentile <= 100:
@@ -113,7 +117,7 @@ def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]
 def render(ins: Inspection, cfg: TrainConfig) -> str:
     r = ins.report
     lines = [
-        f"data: {r.rows:,} rows ({r.data_format}): {ins.n_train:,} training + {ins.n_val:,} validation examples"
+        f"data: {r.rows:,} rows ({r.data_format}): {ins.n_train:,} training + {ins.n_val:,} validation {r.unit}"
         + (f"; {r.bad_rows:,} malformed rows skipped (first: {r.first_bad})" if r.bad_rows else ""),
     ]
     if r.duplicates_train_val or r.duplicates_train:
@@ -124,18 +128,18 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
     if r.split_rows:
         lines.append(r.split_line())
     columns = ("min", "mean", *(f"p{p}" for p in PERCENTILES), "max")
-    head = f"{'tokens per example':<22}" + "".join(f"{h:>8}" for h in columns)
+    head = f"{'tokens per ' + r.unit.rstrip('s'):<22}" + "".join(f"{h:>8}" for h in columns)
     lines += ["", head]
-    for label, s in (("prompt", ins.prompt), ("target (last answer)", ins.target), ("total", ins.total)):
+    for label, s in ins.length_rows():
         values = [s.min, f"{s.mean:.1f}", *(s.percentiles[p] for p in PERCENTILES), s.max]
         lines.append(f"  {label:<20}" + "".join(f"{v:>8}" for v in values))
-    lines += ["", "total length (tokens)   examples"]
+    lines += ["", f"total length (tokens)   {r.unit}"]
     peak = max(c for _, _, c in ins.histogram) or 1
     for lo, hi, count in ins.histogram:
         lines.append(f"  {lo + 1:>6}-{hi:<6}  {'#' * math.ceil(40 * count / peak):<40} {count:,}")
     lines.append("")
     n = ins.n_train + ins.n_val
-    lines += _effect_lines(f"max_length={cfg.max_length} (current)", ins.current, n, cfg)
+    lines += _effect_lines(f"max_length={cfg.max_length} (current)", ins.current, n, cfg, r)
     if ins.recommended is None:
         lines.append(
             "recommended max_length: none needed; plain text is split into windows of max_length "
@@ -144,16 +148,16 @@ def render(ins: Inspection, cfg: TrainConfig) -> str:
     else:
         lines.append(
             f"recommended max_length: {ins.recommended}, the smallest multiple of {MULTIPLE} that keeps "
-            f"{ins.percentile:g}% of examples whole"
+            f"{ins.percentile:g}% of {r.unit} whole"
         )
         if ins.at_recommended:
-            lines += _effect_lines(f"max_length={ins.recommended}", ins.at_recommended, n, cfg)
+            lines += _effect_lines(f"max_length={ins.recommended}", ins.at_recommended, n, cfg, r)
     return "\n".join(lines)
 
 
-def _effect_lines(label: str, e: Effect, n: int, cfg: TrainConfig) -> list[str]:
+def _effect_lines(label: str, e: Effect, n: int, cfg: TrainConfig, r: DataReport) -> list[str]:
     f = e.fit
-    parts = [f"{e.whole:,} of {n:,} examples whole ({e.whole / n:.1%})"]
+    parts = [f"{e.whole:,} of {n:,} {r.unit} whole ({e.whole / n:.1%})"]
     if f.windows:
         parts.append(f"{f.windows:,} extra windows from long texts")
     if f.truncated:
@@ -165,7 +169,7 @@ def _effect_lines(label: str, e: Effect, n: int, cfg: TrainConfig) -> list[str]:
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else DEFAULT_BATCH_SIZE
     padded = f"padded batches of {batch} would be {e.padding_share:.0%} padding"
     return [
-        f"at {label}, truncation={cfg.truncation}:",
+        f"at {label}, truncation={r.truncation}:",
         "  " + ", ".join(parts),
         "  padding: " + (f"none (packing is on); {padded}" if cfg.packing else padded),
     ]

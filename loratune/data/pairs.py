@@ -75,6 +75,7 @@ class PreferenceSet:
     bad_rows: int = 0
     first_bad: str | None = None
     fit: Fit = field(default_factory=Fit)  # truncated, dropped_too_long, first_too_long
+    text: bool = False  # the first row's prompt is raw text (else turns rendered by the chat template)
 
 
 def _sequence(prompt: list[int], answer: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +91,7 @@ def read_preferences(
     out: PreferenceSet | None = None
     for where, row in source.rows(bad):
         if out is None:
-            out = PreferenceSet(_detect(list(row), where), [])
+            out = PreferenceSet(_detect(list(row), where), [], text=isinstance(row.get("prompt"), str))
         try:
             item = _encode_pair(row, encoder, where) if out.shape == "pairs" else _encode_labeled(row, encoder, where)
         except RowError as e:
@@ -269,29 +270,39 @@ class PairSet:
 
 def prepare_preferences(cfg, encoder: Encoder) -> Prepared:
     """`data.prepare` for a preference objective: the train and validation sets as `PairSet`s, with the report."""
-    shape = OBJECTIVE_SHAPE.get(cfg.objective, "pairs")
-    report = DataReport(max_length=cfg.max_length, truncation="truncate_prompt_left", unit=UNITS[shape])
-    train, report.train_fit = _read(cfg.train_data, "train", cfg, encoder, shape, report)
-    if cfg.val_data:
-        val, report.val_fit = _read(cfg.val_data, "validation", cfg, encoder, shape, report)
-    else:
-        train, val = split_validation(train, cfg.val_ratio, cfg.seed)
-    report.data_format = shape
+    report = DataReport(max_length=cfg.max_length, truncation="truncate_prompt_left")
+    train, val = read_sets(cfg, encoder, report, cfg.max_length)
     report.train_examples, report.val_examples = len(train), len(val)
     test = read_examples(cfg.test_data, "test", cfg) if cfg.test_data else []
     return Prepared(train, val, test, report)
 
 
-def _read(spec, split: str, cfg, encoder: Encoder, shape: str, report: DataReport) -> tuple[PairSet, Fit]:
+def read_sets(cfg, encoder: Encoder, report: DataReport, max_length: int) -> tuple[PairSet, PairSet]:
+    """The run's training and validation sets fitted to `max_length`, with what reading and fitting did in
+    `report` (its shape, unit, rows and fits)."""
+    shape = OBJECTIVE_SHAPE.get(cfg.objective, "pairs")
+    report.data_format, report.unit = shape, UNITS[shape]
+    train, report.train_fit = read_set(cfg.train_data, "train", cfg, encoder, report, max_length)
+    if cfg.val_data:
+        val, report.val_fit = read_set(cfg.val_data, "validation", cfg, encoder, report, max_length)
+    else:
+        train, val = split_validation(train, cfg.val_ratio, cfg.seed)
+    return train, val
+
+
+def read_set(spec, split: str, cfg, encoder: Encoder, report: DataReport, max_length: int) -> tuple[PairSet, Fit]:
+    """One source as the run's objective reads it (its rows counted in `report`), and what max_length did."""
     if not spec:
         raise UserError("train_data is not set: give a preference data file (--train-data FILE)")
-    found = read_preferences(spec, encoder, cfg.max_length, cfg.skip_bad_rows, split)
+    shape = OBJECTIVE_SHAPE.get(cfg.objective, "pairs")
+    found = read_preferences(spec, encoder, max_length, cfg.skip_bad_rows, split)
     if found.shape != shape:
         raise UserError(
             f"{spec}: rows of shape {found.shape} ({', '.join(SHAPES[found.shape])}), but objective {cfg.objective} "
             f"trains on {shape} rows ({', '.join(SHAPES[shape])})"
         )
+    report.prompt_format = "prompt_completion" if found.text else "messages"
     report.rows += found.rows
     report.bad_rows += found.bad_rows
     report.first_bad = report.first_bad or found.first_bad
-    return PairSet(found.items, cfg.max_length), found.fit
+    return PairSet(found.items, max_length), found.fit

@@ -100,6 +100,9 @@ class DataReport:
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
     unit: str = "examples"  # what a run's examples are: pairs (DPO, ORPO, SimPO), rows (KTO)
+    # Preference data: the SFT shape its prompts were formatted as (prompt_completion: raw text, messages: the chat
+    # template), which generation, chat and export format prompts as.
+    prompt_format: str = ""
 
     @property
     def truncated(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import UserError
@@ -11,7 +12,7 @@ from ..core.files import atomic_write
 from ..data.encode import Encoder
 from ..data.formats import prompt_text
 from ..data.plan import StepPlan
-from ..data.prepare import DataReport, TokenizedSet, encode_source, fit, read_examples
+from ..data.prepare import DataReport, encode_source, fit, read_examples
 from ..memory.arithmetic import MemoryModel
 from ..memory.planner import device_budget
 from ..memory.shape import read_shape
@@ -20,6 +21,7 @@ from ..modeling.evaluate import answer, dataset_loss, perplexity, score
 from ..modeling.model import resolve_model
 from ..modeling.objective import Objective, objective_for
 from ..planning.resolved import ResolvedRun, resolve
+from .evaluate_pairs import evaluate_pairs
 from .run import LoadedRun, load_run
 
 
@@ -33,27 +35,41 @@ def evaluate_run(
     batch_size: int | None = None,
 ) -> dict:
     """Token-weighted loss and perplexity of base and fine-tuned model on `data` (tokenized exactly as in training);
-    with `generate`, greedy answers scored against the references. Writes a JSONL report; returns its summary."""
+    with `generate`, greedy answers scored against the references. A preference run: its objective's loss and
+    metrics on pairs (`evaluate_pairs`). Writes a JSONL report; returns its summary."""
     run = load_run(run_dir, adapter)
+    if run.config.objective != "sft" and generate:
+        raise UserError(f"--generate: {data} holds preference pairs, not prompts with one reference answer to score")
+    summary = {"event": "summary", "data": str(data), "adapter": str(run.adapter)}
+    objective, module, plan_of = _loss_module(run, batch_size)
+    if run.config.objective != "sft":
+        summary |= evaluate_pairs(run, data, objective, module, plan_of)
+        rows = []
+    else:
+        rows = _sft(run, data, summary, (objective, module, plan_of), generate, max_new_tokens)
+    report = Path(report) if report else run.run_dir / f"eval-{Path(data).stem}.jsonl"
+    atomic_write(report, "".join(json.dumps(r) + "\n" for r in [summary, *rows]))
+    summary["report"] = str(report)
+    return summary
+
+
+def _sft(run: LoadedRun, data: str, summary: dict, loss, generate: bool, max_new_tokens: int | None) -> list[dict]:
+    """SFT's loss and perplexity into `summary`, and with `generate` the scored answers (returned, one per row)."""
     tokenized, fitted, n_examples, text = _tokenized(run, data)
     if generate and text:
         raise UserError(f"{data}: plain text has no prompts to answer, so --generate has nothing to score")
     models = {"base": run.model.disable_adapter, "fine_tuned": contextlib.nullcontext}
-    summary = {"event": "summary", "data": str(data), "adapter": str(run.adapter), "examples": n_examples,
-               "scored_examples": len(tokenized), "dropped_too_long": fitted.dropped_too_long}  # fmt: skip
-    objective, module, plan = _loss_module(run, tokenized, batch_size)
+    summary |= {"examples": n_examples, "scored_examples": len(tokenized), "dropped_too_long": fitted.dropped_too_long}
+    objective, module, plan_of = loss
+    plan = plan_of(tokenized)
     for name, use in models.items():
         with use():
             total, count = dataset_loss(objective, module, tokenized, plan, run.tokenizer.pad_token_id, run.device)
         summary[name] = {"loss": total / count, "perplexity": perplexity(total / count)}
     summary["target_tokens"] = count  # the same for both models
-    rows = (
-        _generations(run, read_examples(data, "test", run.config), models, summary, max_new_tokens) if generate else []
-    )
-    report = Path(report) if report else run.run_dir / f"eval-{Path(data).stem}.jsonl"
-    atomic_write(report, "".join(json.dumps(r) + "\n" for r in [summary, *rows]))
-    summary["report"] = str(report)
-    return summary
+    if not generate:
+        return []
+    return _generations(run, read_examples(data, "test", run.config), models, summary, max_new_tokens)
 
 
 def _tokenized(run: LoadedRun, data: str):
@@ -72,16 +88,20 @@ def _tokenized(run: LoadedRun, data: str):
     return tokenized, fitted, len(full), text
 
 
-def _loss_module(run: LoadedRun, data: TokenizedSet, batch_size: int | None) -> tuple[Objective, object, StepPlan]:
-    """The objective and its module as training ran them, in passes as the run's validation made them (its
-    resolved micro-batch, packing and shape buckets; `batch_size` overrides the micro-batch)."""
+def _loss_module(run: LoadedRun, batch_size: int | None) -> tuple[Objective, object, Callable[..., StepPlan]]:
+    """The objective and its module as training ran them, and the passes over a data set as the run's validation
+    made them (its resolved micro-batch, packing and shape buckets; `batch_size` overrides the micro-batch)."""
     cfg, objective = run.config, objective_for(run.config)
     resolved = ResolvedRun.read(run.run_dir) or _resolve_again(run)
     if resolved.packing:
         use_packed_attention(run.model.get_base_model())
-    plan = resolved.eval_plan(cfg, data)
     module = objective.module(run.model, shape_buckets=resolved.shape_buckets)
-    return objective, module, plan.with_micro_batch(batch_size) if batch_size else plan
+
+    def plan_of(data) -> StepPlan:
+        plan = resolved.eval_plan(cfg, data)
+        return plan.with_micro_batch(batch_size) if batch_size else plan
+
+    return objective, module, plan_of
 
 
 def _resolve_again(run: LoadedRun) -> ResolvedRun:

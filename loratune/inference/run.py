@@ -85,10 +85,12 @@ def run_end_ids(tokenizer, model) -> set[int]:
 
 
 def trained_format(run_dir, cfg: TrainConfig) -> str:
-    """The data shape the run trained on (detected at training time and recorded in data.json)."""
+    """The data shape the run trained on (detected at training time and recorded in data.json); for preference data,
+    the shape its prompts were formatted as."""
     record = Path(run_dir) / "data.json"
     if record.is_file():
-        return json.loads(record.read_text()).get("data_format") or cfg.data_format
+        found = json.loads(record.read_text())
+        return found.get("prompt_format") or found.get("data_format") or cfg.data_format
     return cfg.data_format
 
 
@@ -111,6 +113,8 @@ def prompt_examples(path: str, data_format: str, columns: dict[str, str]) -> lis
 def prompt_example(row: dict, data_format: str, columns: dict[str, str]) -> Example:
     """A row that may lack its answer, as an Example whose prompt is formatted as in training."""
     fmt = data_format if data_format != "auto" else _detect_prompt_shape(row, columns)
+    if fmt == "messages" and "messages" not in row:
+        row = _preference_prompt(row)
     prompt = columns.get(SHAPES[fmt][0], SHAPES[fmt][0])  # the column holding the prompt in every shape
     if prompt not in row:
         raise RowError(
@@ -127,6 +131,15 @@ def prompt_example(row: dict, data_format: str, columns: dict[str, str]) -> Exam
         row[prompt] = turns
     example = to_example(row, fmt, columns)
     return Example(prompt=example.completion) if fmt == "text" else example  # plain text: all of it is the prompt
+
+
+def _preference_prompt(row: dict) -> dict:
+    """A preference row of turns (a pair or a KTO row) as a `messages` row of its prompt: its `prompt` turns, or,
+    without them, the conversation a pair's chosen answer ends, up to that answer."""
+    prompt, chosen = row.get("prompt"), row.get("chosen")
+    if isinstance(prompt, list):
+        return {"messages": prompt}
+    return {"messages": chosen[:-1]} if isinstance(chosen, list) and chosen else row
 
 
 def _detect_prompt_shape(row: dict, columns: dict[str, str]) -> str:
