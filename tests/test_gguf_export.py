@@ -119,6 +119,56 @@ def test_a_template_with_no_translation_is_left_to_the_gguf():
 # --- Tiny models of each supported family: llama.cpp computes what transformers computes -----------------------
 
 
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+# Window, caps and rotary settings small enough to matter on TEXT (about 40 tokens).
+_GEMMA = {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8}
+FAMILY_CONFIGS = {  # family -> (transformers model type, settings beyond the shared tiny ones)
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # a head size other than hidden / heads
+    "llama3-rope": ("llama", {"attention_bias": True, "rope_scaling": _LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "mistral-nemo": ("mistral", {"head_dim": 32, "sliding_window": None}),  # Nemo's head size is not hidden / heads
+    "gemma2": (
+        "gemma2",
+        {**_GEMMA, "tie_word_embeddings": True, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 3.0},
+    ),
+    "gemma3": (  # six layers: five local, then a global one, whose rotary base and scaling differ
+        "gemma3_text",
+        {
+            **_GEMMA,
+            "num_hidden_layers": 6,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    "phi3-longrope": (  # Phi-3/3.5's long-context layout, used beyond its original context (16 < TEXT's length)
+        "phi3",
+        {
+            "original_max_position_embeddings": 16,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": 16,
+                "long_factor": [1.0, 3.0, 9.0, 27.0],
+                "short_factor": [1.0, 1.5, 2.0, 2.5],
+            },
+        },
+    ),
+    "phi4-mini": (  # Phi-4-mini: three quarters of each head rotated, output tied to the embedding
+        "phi3",
+        {"tie_word_embeddings": True, "rope_parameters": {"rope_theta": 250000.0, "partial_rotary_factor": 0.75}},
+    ),
+}
+
+
 def _tiny_family(root: Path, family: str) -> Path:
     """A tiny random model of `family`, trained a few steps so the adapter changes it; returns the run folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -127,40 +177,22 @@ def _tiny_family(root: Path, family: str) -> Path:
     from loratune.modeling.tiny import make_tokenizer
 
     tokenizer = make_tokenizer()
-    model_type, extra = {
-        "qwen2": ("qwen2", {}),
-        "qwen3": ("qwen3", {"head_dim": 32}),  # a head size other than hidden / heads
-        "llama3-rope": (
-            "llama",
-            {
-                "attention_bias": True,
-                "rope_scaling": {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 64,
-                },
-                "rope_theta": 500000.0,
-            },
-        ),  # fmt: skip
-    }[family]
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer) + 8,  # an embedding padded past the tokenizer, as Qwen's is
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,  # spread-out logits, so that a wrong layout shows
-        tie_word_embeddings=family == "qwen2",
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
+    model_type, extra = FAMILY_CONFIGS[family]
+    settings = {
+        "vocab_size": len(tokenizer) + 8,  # an embedding padded past the tokenizer, as Qwen's is
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "initializer_range": 0.2,  # spread-out logits, so that a wrong layout shows
+        "tie_word_embeddings": family == "qwen2",
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = AutoConfig.for_model(model_type, **{**settings, **extra})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -181,7 +213,7 @@ def _tiny_family(root: Path, family: str) -> Path:
     return root / "run"
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "llama3-rope"])
+@pytest.fixture(scope="module", params=["llama", *FAMILY_CONFIGS])
 def family_run(request, tiny_run, tmp_path_factory):
     return tiny_run if request.param == "llama" else _tiny_family(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -226,9 +258,13 @@ def test_each_family_exports_to_a_file_llama_cpp_computes_like_transformers(fami
             got = logits(llm, ids)
         finally:
             llm.close()
-        scale = np.abs(expected).max()
-        assert np.abs(got - expected).max() < 0.01 * scale, (options, np.abs(got - expected).max(), scale)
-        assert (got.argmax(-1) == expected.argmax(-1)).all()
+        tolerance = 0.01 * np.abs(expected).max()
+        assert np.abs(got - expected).max() < tolerance, (options, np.abs(got - expected).max(), tolerance)
+        # The same next token wherever transformers' best leads the runner-up by more than the tolerance (closer
+        # calls are f16's to decide: llama.cpp's weights and cache are f16, and its GELU comes from an f16 table).
+        top2 = np.sort(expected, -1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > tolerance
+        assert clear.mean() > 0.5 and (got.argmax(-1) == expected.argmax(-1))[clear].all()
 
 
 @pytest.mark.parametrize("kind,tolerance", [("bf16", 0.02), ("q8_0", 0.03), ("q4_0", 0.15), ("q4_1", 0.15)])

@@ -2,33 +2,57 @@
 
 Llama-family checkpoints store the query and key rows of each head as two halves (the rotary pairs are i and
 i + d/2); llama.cpp's `llama` architecture expects each pair side by side (2i, 2i + 1), so those rows are
-reordered. Qwen2 and Qwen3 use the halved layout in llama.cpp too and are written as they are.
+reordered. Qwen2, Qwen3, Gemma and Phi-3 use the halved layout in llama.cpp too and are written as they are.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ...core.errors import UserError
+from . import gemma, phi3
+from .rope import rope_parameters
 
-SUPPORTED = "Llama (Llama 2/3, SmolLM, SmolLM2, Mistral) and Qwen2/Qwen2.5/Qwen3"
-ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED = (
+    "Llama (Llama 2/3, SmolLM, SmolLM2, Mistral, Mistral Nemo), Qwen2/Qwen2.5/Qwen3, Gemma 2, Gemma 3 (text) and "
+    "Phi-3/Phi-3.5/Phi-4"
+)
 
 
 @dataclass(frozen=True)
 class Family:
     arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
     pairs_rotary_rows: bool  # reorder query/key rows from halves to adjacent pairs
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight it is given
+    window_caps_context: bool = False  # llama.cpp attends to the whole context: a sliding window bounds the context
+    check: Callable | None = None  # (config, shape): refuses settings llama.cpp would compute otherwise
+    keys: Callable | None = None  # (writer, config, shape): the family's own hyperparameters
+    tensors: Callable | None = None  # (config, shape) -> tensors llama.cpp needs that the checkpoint does not store
 
 
 FAMILIES = {
     "llama": Family("llama", True),
-    "mistral": Family("llama", True),
+    "mistral": Family("llama", True, window_caps_context=True),
     "qwen2": Family("qwen2", False),
     "qwen3": Family("qwen3", False),
+    "gemma2": Family("gemma2", False, ("default",), 1.0, check=gemma.check_gemma2, keys=gemma.gemma2_keys),
+    "gemma3_text": Family(
+        "gemma3", False, ("default", "linear"), 1.0, check=gemma.check_gemma3, keys=gemma.gemma3_keys
+    ),
+    "phi3": Family(
+        "phi3",
+        False,
+        ("default", "longrope"),
+        window_caps_context=True,
+        check=phi3.check,
+        keys=phi3.keys,
+        tensors=phi3.rope_factors,
+    ),
 }
 
 
@@ -42,6 +66,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied: bool  # the output layer is the embedding (no output.weight is written)
+    rotary_dims: int = 0  # the leading dimensions of each head that are rotated (Phi-3's partial rotary)
 
 
 def model_shape(config) -> Shape:
@@ -49,34 +74,41 @@ def model_shape(config) -> Shape:
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise UserError(f"model type {config.model_type!r}: GGUF export supports {SUPPORTED}")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ROPE_TYPES:
+    rope = rope_parameters(config)
+    if rope.get("rope_type", "default") not in family.rope_types:
         raise UserError(
             f"model type {config.model_type!r} with rope_type {rope['rope_type']!r}: GGUF export supports the "
-            f"rotary embeddings {', '.join(ROPE_TYPES)}"
+            f"rotary embeddings {', '.join(family.rope_types)} for it"
         )
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Shape(
+    shape = Shape(
         family,
         config.num_hidden_layers,
         heads,
         getattr(config, "num_key_value_heads", None) or heads,
         head_dim,
         bool(getattr(config, "tie_word_embeddings", False)),
+        int(head_dim * rope.get("partial_rotary_factor", 1.0)),
     )
+    if family.check is not None:
+        family.check(config, shape)
+    return shape
 
 
-def _rope(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return {**params, "rope_theta": theta}
+def context_length(config, shape: Shape) -> int:
+    """The context llama.cpp computes like transformers: all of it, or up to the sliding window where llama.cpp
+    attends to every position instead (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if shape.family.window_caps_context and window:
+        return min(config.max_position_embeddings, window)
+    return config.max_position_embeddings
 
 
 def write_hyperparameters(writer, config, shape: Shape) -> None:
     """The `<arch>.*` keys llama.cpp reads to build the model."""
-    rope = _rope(config)
-    writer.add_context_length(config.max_position_embeddings)
+    rope = rope_parameters(config)
+    writer.add_context_length(context_length(config, shape))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(shape.layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -84,7 +116,7 @@ def write_hyperparameters(writer, config, shape: Shape) -> None:
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_key_length(shape.head_dim)
     writer.add_value_length(shape.head_dim)
-    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_dimension_count(shape.rotary_dims or shape.head_dim)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
@@ -93,12 +125,16 @@ def write_hyperparameters(writer, config, shape: Shape) -> None:
 
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if shape.family.keys is not None:
+        shape.family.keys(writer, config, shape)
 
 
 def extra_tensors(config, shape: Shape) -> dict[str, torch.Tensor]:
-    """Tensors llama.cpp needs that a transformers checkpoint computes instead of storing: Llama 3.1's rotary
-    frequency factors (`rope_type: llama3`), as the divisor llama.cpp applies to each frequency."""
-    rope = _rope(config)
+    """Tensors llama.cpp needs that a transformers checkpoint computes instead of storing: the family's own, and
+    Llama 3.1's rotary frequency factors (`rope_type: llama3`), as the divisor llama.cpp applies to each frequency."""
+    if shape.family.tensors is not None:
+        return shape.family.tensors(config, shape)
+    rope = rope_parameters(config)
     if rope.get("rope_type") != "llama3":
         return {}
     dims = torch.arange(0, shape.head_dim, 2, dtype=torch.float64) / shape.head_dim
@@ -138,3 +174,10 @@ class TensorNames:
             return rows
         halves = rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
         return halves.transpose(1, 2).reshape(rows.shape)
+
+    def weight(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A model weight as llama.cpp computes with it: in its row order, and a norm's weight as the factor
+        llama.cpp multiplies by (Gemma stores it less 1)."""
+        if self.shape.family.norm_offset and gguf_name.endswith("_norm.weight"):
+            return tensor + self.shape.family.norm_offset
+        return self.rows(gguf_name, tensor)

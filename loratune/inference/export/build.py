@@ -133,7 +133,7 @@ def _model_tensors(model, config, shape: Shape, kind: str) -> list[Planned]:
         if shape.tied and hf_name == "lm_head.weight":  # llama.cpp reuses the embedding when output.weight is absent
             continue
         name = names.name(hf_name)
-        planned.append(plan_tensor(name, names.rows(name, tensor), kind))
+        planned.append(plan_tensor(name, names.weight(name, tensor), kind))
     planned += [plan_tensor(name, t, kind) for name, t in extra_tensors(config, shape).items()]
     return planned
 
