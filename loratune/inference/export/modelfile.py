@@ -13,6 +13,7 @@ import json
 from jinja2 import TemplateError
 
 from ...data.encode import BUILTIN_TEMPLATES
+from .chat_families import FAMILY_TEMPLATES
 
 # ChatML whose template adds a fixed system message when the conversation has none (SmolLM2's, Qwen2's).
 _DEFAULT_SYSTEM = (
@@ -51,6 +52,7 @@ PROBES = [
         {"role": "user", "content": "?"},
     ],
     [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": _USER}],
     [
         {"role": "system", "content": _SYSTEM},
         {"role": "user", "content": _USER},
@@ -81,6 +83,7 @@ def go_template(tokenizer, template: str) -> str | None:
         return None
     eos = tokenizer.eos_token or ""
     candidates = [(BUILTIN_TEMPLATES["plain"], _PLAIN_GO, {}), (BUILTIN_TEMPLATES["alpaca"], _ALPACA_GO, {})]
+    candidates += [(reference, go, {}) for reference, go in FAMILY_TEMPLATES]
     head = "<|im_start|>system\n"
     if first.startswith(head) and "<|im_end|>" in first:
         system = first[len(head) : first.index("<|im_end|>")]
@@ -92,17 +95,26 @@ def go_template(tokenizer, template: str) -> str | None:
         pasted = ""
     if any(mark in text for text in (eos, pasted) for mark in ("{{", "}}", '"""')):
         return None  # text pasted into the Go template must not read as template syntax or end the Modelfile string
+    own = [_render_or_none(tokenizer, template, p) for p in PROBES]
+    if any(text is None for text, p in zip(own, PROBES) if p[0]["role"] != "system"):
+        return None  # a template that refuses a plain conversation is no template Ollama could be given
     for reference, go, variables in candidates:
-        if all(_render_or_none(tokenizer, template, p) == render(tokenizer, reference, p, **variables) for p in PROBES):
+        # Only conversations the run's template renders: the others (Gemma 2's system turns) were never trained on.
+        if all(text is None or text == render(tokenizer, reference, p, **variables) for text, p in zip(own, PROBES)):
             return go.replace("@EOS@", eos)
     return None
 
 
 def _render_or_none(tokenizer, template: str, messages: list[dict]) -> str | None:
+    """The rendering without a leading BOS token where the tokenizer adds that itself (llama.cpp and Ollama do
+    then too); None where the template refuses the conversation."""
     try:
-        return render(tokenizer, template, messages)
-    except TEMPLATE_ERRORS:  # a template that refuses a probe conversation renders unlike every reference
+        text = render(tokenizer, template, messages)
+    except TEMPLATE_ERRORS:
         return None
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+    return text.removeprefix(bos) if adds_bos else text
 
 
 def modelfile(weights: str, template: str | None, stops: tuple[str, ...], adapter: str | None = None) -> str:

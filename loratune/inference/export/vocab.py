@@ -1,14 +1,17 @@
 """The run's tokenizer, chat template and end tokens as GGUF metadata.
 
 A base converted from a GGUF file (the built-in model) keeps that file's tokenizer fields, pre-tokenizer name
-included. Any other base's byte-level BPE tokenizer is written from its tokenizer.json; llama.cpp re-implements
-each pre-tokenizer by name, so the name is chosen from the pre-tokenizer settings in tokenizer.json, and a setting
-not in PRE_TOKENIZERS is refused rather than guessed.
+included. Any other base's tokenizer is written from its tokenizer.json. Byte-level BPE (Llama 3, Qwen, Phi-4):
+llama.cpp re-implements each pre-tokenizer by name, so the name is chosen from the pre-tokenizer settings in
+tokenizer.json, and a setting not in PRE_TOKENIZERS is refused rather than guessed. SentencePiece-style BPE (Gemma;
+spaces as ▁, characters outside the vocabulary as <0xXX> bytes): llama.cpp's `llama` tokenizer, with the merge
+order as scores and the space before the text where the tokenizer puts one (SENTENCEPIECE_STYLES).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,18 @@ PRE_TOKENIZERS = {
 }
 
 
+_SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+# SentencePiece-style tokenizers as tokenizer.json writes them (normalizer, pre-tokenizer), and whether llama.cpp's
+# `llama` tokenizer must put a space before the text (after each special token too, as these do). A Metaspace
+# pre-tokenizer is not among them: it puts no second ▁ before text that starts with a space, where llama.cpp does.
+SENTENCEPIECE_STYLES = [
+    (_SPACES, None, False),  # Gemma
+    # Gemma as transformers 5 writes it: the split on spaces finds none, the normalizer having replaced them.
+    (_SPACES, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}, False),
+    ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, _SPACES]}, None, True),  # Llama 2
+]
+
+
 def source_gguf(model_path: str) -> Path | None:
     """The GGUF file a base was converted from (the built-in model, or a .gguf given as `model`)."""
     record = Path(model_path) / "loratune-source.json"
@@ -50,7 +65,7 @@ def write_tokenizer(writer, tokenizer, model_path: str, vocab_size: int) -> None
     if source is not None and source.is_file():
         _copy_tokenizer(writer, source, tokenizer)
     else:
-        _bpe_tokenizer(writer, tokenizer, model_path, vocab_size)
+        _file_tokenizer(writer, tokenizer, model_path, vocab_size)
 
 
 def _copy_tokenizer(writer, source: Path, tokenizer) -> None:
@@ -73,38 +88,80 @@ def _copy_tokenizer(writer, source: Path, tokenizer) -> None:
         )
 
 
-def _bpe_tokenizer(writer, tokenizer, model_path: str, vocab_size: int) -> None:
-    from gguf import TokenType
-
+def _file_tokenizer(writer, tokenizer, model_path: str, vocab_size: int) -> None:
+    """The tokenizer from its tokenizer.json: byte-level BPE as llama.cpp's `gpt2` model with the pre-tokenizer
+    named, or SentencePiece-style BPE (bytes as <0xXX> tokens) as llama.cpp's `llama` model."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model = spec.get("model") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pieces = model.get("type") == "BPE" and model.get("byte_fallback")
+    if pieces:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_add_space_prefix(_space_prefix(spec, model_path))
     # Qwen's NFC normalizer leaves text that is already NFC (nearly all text) unchanged; llama.cpp applies none.
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") not in (None, NFC):
+    elif model.get("type") == "BPE" and spec.get("normalizer") in (None, NFC):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer"), model_path))
+        writer.add_token_merges(merges)
+    else:
         raise UserError(
-            f"tokenizer of {model_path}: GGUF export writes byte-level BPE tokenizers (Llama 3, SmolLM, Qwen); this "
-            "one is another kind (e.g. SentencePiece). Start from a GGUF of this base (model: FILE.gguf) instead"
+            f"tokenizer of {model_path}: GGUF export writes BPE tokenizers, byte-level (Llama 3, SmolLM, Qwen, Phi-4) "
+            "or SentencePiece-style (Gemma); this one is another kind. Start from a GGUF of this base "
+            "(model: FILE.gguf) instead"
         )
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer"), model_path))
-    added = tokenizer.added_tokens_decoder
-    size = max(vocab_size, len(tokenizer))
-    tokens, types = [], []
-    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        tokens.append(token)
-        kind = TokenType.NORMAL if i not in added else TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
-        types.append(kind)
-    for i in range(len(tokenizer), size):  # embedding rows no token uses (a vocabulary padded to a round size)
-        tokens.append(f"[PAD{i}]")
-        types.append(TokenType.UNUSED)
+    tokens, types = _vocabulary(tokenizer, vocab_size, pieces)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    if pieces:
+        writer.add_token_scores(_scores(tokens, merges))
     bos = tokenizer.bos_token_id
     for token, add in ((bos, writer.add_bos_token_id), (tokenizer.unk_token_id, writer.add_unk_token_id),
                        (tokenizer.pad_token_id, writer.add_pad_token_id)):  # fmt: skip
         if token is not None:
             add(token)
     writer.add_add_bos_token(bos is not None and tokenizer("a").input_ids[:1] == [bos])
+
+
+def _vocabulary(tokenizer, vocab_size: int, pieces: bool) -> tuple[list[str], list]:
+    """Every token and its llama.cpp type, with the embedding rows no token uses (a vocabulary padded to a round
+    size) as unused tokens. With SentencePiece-style pieces, <0xXX> are the bytes of characters outside it."""
+    from gguf import TokenType
+
+    added = tokenizer.added_tokens_decoder
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = []
+    for i, token in enumerate(tokens):
+        if i in added:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        elif pieces and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.UNKNOWN if i == tokenizer.unk_token_id else TokenType.NORMAL)
+    padding = range(len(tokenizer), max(vocab_size, len(tokenizer)))
+    return tokens + [f"[PAD{i}]" for i in padding], types + [TokenType.UNUSED] * len(padding)
+
+
+def _scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest, where BPE applies
+    the earliest merge: a token scores minus the rank of the merge that makes it (0 for one no merge makes)."""
+    rank = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), i)
+    return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
+
+
+def _space_prefix(spec: dict, model_path: str) -> bool:
+    """Whether the tokenizer puts a space (▁) before the text, for the SentencePiece styles llama.cpp reproduces."""
+    for normalizer, pre, prefix in SENTENCEPIECE_STYLES:
+        if spec.get("normalizer") == normalizer and spec.get("pre_tokenizer") == pre:
+            return prefix
+    raise UserError(
+        f"tokenizer of {model_path}: its SentencePiece-style normalizer and pre-tokenizer are not a pair llama.cpp "
+        "is known to reproduce (Gemma's are; a Metaspace pre-tokenizer, as transformers builds Llama 2's and Phi-3's, "
+        "is not); exporting it would tokenize text differently from training. Start from a GGUF of this base "
+        "(model: FILE.gguf) instead"
+    )
 
 
 def _pre_tokenizer_name(pre: dict | None, model_path: str) -> str:
