@@ -425,6 +425,51 @@ def test_an_unknown_pre_tokenizer_is_refused_not_guessed(tmp_path):
         _space_prefix({"normalizer": None, "pre_tokenizer": metaspace}, "m")
 
 
+_GEMMA_OK = {"head_dim": 32, "query_pre_attn_scalar": 32}
+_LOCAL_20K = {"rope_type": "default", "rope_theta": 20000.0}
+
+
+@pytest.mark.parametrize(
+    "model_type,settings,message",
+    [
+        ("gemma2", {"head_dim": 32}, "query_pre_attn_scalar 256 with 2 layers (llama.cpp scales queries by 1/sqrt(32)"),
+        ("gemma2", {**_GEMMA_OK, "tie_word_embeddings": False}, "an output layer apart from the embedding"),
+        ("gemma2", {**_GEMMA_OK, "hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+        ("gemma3_text", {**_GEMMA_OK, "final_logit_softcapping": 30.0}, "logit soft-capping"),
+        ("gemma3_text", {**_GEMMA_OK, "layer_types": ["full_attention"] * 2}, "every 6th layer global"),
+        ("gemma3_text", {**_GEMMA_OK, "rope_parameters": {"sliding_attention": _LOCAL_20K, "full_attention": {}}},
+         "local rotary settings"),
+        ("gemma3", {}, "model type 'gemma3': GGUF export supports"),  # Gemma 3's image-text models
+        ("phi3", {"head_dim": 32}, "takes the head size as hidden_size / num_attention_heads"),
+    ],
+)  # fmt: skip
+def test_what_llama_cpp_would_compute_otherwise_is_refused(model_type, settings, message):
+    from transformers import AutoConfig
+
+    from loratune.core.errors import UserError
+    from loratune.inference.export.arch import model_shape
+
+    shared = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 100}  # fmt: skip
+    config = AutoConfig.for_model(model_type, **({} if model_type == "gemma3" else shared), **settings)
+    with pytest.raises(UserError, match=re.escape(message)):
+        model_shape(config)
+
+
+def test_a_sliding_window_llama_cpp_does_not_apply_bounds_the_context():
+    from transformers import AutoConfig
+
+    from loratune.inference.export.arch import context_length, model_shape
+
+    for model_type, window, expected in (("mistral", 64, 64), ("mistral", None, 512), ("phi3", 48, 48)):
+        config = AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+                                      sliding_window=window)  # fmt: skip
+        assert context_length(config, model_shape(config)) == expected
+    gemma = AutoConfig.for_model("gemma2", hidden_size=64, num_attention_heads=4, head_dim=16,
+                                 query_pre_attn_scalar=16, max_position_embeddings=512, sliding_window=64)  # fmt: skip
+    assert context_length(gemma, model_shape(gemma)) == 512  # llama.cpp's gemma2 applies the window itself
+
+
 # --- Bad input: one line, a non-zero exit, nothing written -------------------------------------------------------
 
 
@@ -443,7 +488,7 @@ def _copy_run(run: Path, tmp_path: Path, **settings) -> Path:
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
     out = tmp_path / "out" / "m.gguf"
     gguf = ["--format", "gguf", "--out", str(out)]
@@ -457,6 +502,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512)).save_pretrained(tmp_path / "gpt2")
     _refused(capsys, [str(_copy_run(tiny_run, tmp_path / "b", model=str(tmp_path / "gpt2"))), *gguf],
              "model type 'gpt2': GGUF export supports Llama")  # fmt: skip
+    AutoConfig.for_model("gemma2", hidden_size=64, num_attention_heads=4, head_dim=32).save_pretrained(tmp_path / "g")
+    _refused(capsys, [str(_copy_run(tiny_run, tmp_path / "g2", model=str(tmp_path / "g"))), *gguf],
+             "'gemma2': query_pre_attn_scalar 256")  # fmt: skip
     if not torch.cuda.is_available():  # 4-bit weights cannot be dequantised for merging without a CUDA GPU
         _refused(capsys, [str(_copy_run(tiny_run, tmp_path / "c", load_in_4bit=True)), *gguf], "trained in 4-bit")
     assert not out.parent.exists() or not any(out.parent.iterdir())
