@@ -3,6 +3,7 @@ PEFT's layer computes, and what a run saves merges and exports to the model it t
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,3 +231,51 @@ def test_the_base_models_held_out_answers_are_the_bases(variant_run):
     evaluate_run(run, cfg.test_data, report=run / "eval.jsonl", generate=True)
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][1:]
     assert before["samples"] == [row["base"] for row in rows][:2]
+
+
+# --- GGUF: llama.cpp computes each variant's trained model ------------------------------------------------------
+
+
+def test_llama_cpp_computes_each_variant_as_trained(variant_run, tmp_path):
+    """The merged GGUF of every variant, and the adapter-only GGUF on the base's GGUF where llama.cpp can hold the
+    adapter (rsLoRA's scale folded into alpha, PiSSA/OLoRA converted), give the trained model's logits in llama.cpp
+    (f16: within 1% of their largest, the same argmax everywhere); DoRA and modules_to_save are refused in one line
+    that points to the merged export."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llama-cpp`)")
+    from test_gguf_export import _base_gguf, load, logits
+
+    from loratune.core.errors import UserError
+    from loratune.inference.export import export_gguf
+
+    cfg, run = variant_run
+    ids = IDS[0].tolist()
+    expected = _logits(trained_model(cfg, run), IDS[:1])[0].numpy()
+    files = [{"model": export_gguf(run, tmp_path / "m-f16.gguf").path}]
+    refused = "DoRA's magnitude vectors" if cfg.use_dora else "whole trained layers" if cfg.modules_to_save else None
+    if refused:
+        with pytest.raises(UserError) as e:
+            export_gguf(run, tmp_path / "a-f16.gguf", adapter_only=True)
+        assert refused in str(e.value) and "export the merged model" in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "a-f16.gguf").exists()
+    else:
+        adapter = export_gguf(run, tmp_path / "a-f16.gguf", adapter_only=True)
+        files.append({"model": _base_gguf(run, tmp_path), "lora_path": str(adapter.path)})
+    for options in files:
+        llm = load(llama_cpp, options.pop("model"), **options)
+        try:
+            got = logits(llm, ids)
+        finally:
+            llm.close()
+        assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max(), options
+        assert (got.argmax(-1) == expected.argmax(-1)).all(), options
+
+
+@pytest.mark.parametrize("variant_run", ["pissa"], indirect=True)
+def test_a_pissa_checkpoints_adapter_as_trained_is_not_exported_as_plain_lora(variant_run, tmp_path):
+    from loratune.core.errors import UserError
+    from loratune.inference.export import export_gguf
+
+    _, run = variant_run
+    checkpoint = str(run / "checkpoints" / f"step-{STEPS:06d}")
+    with pytest.raises(UserError, match="this adapter is pissa's as trained, right only on the base it changed"):
+        export_gguf(run, tmp_path / "a.gguf", adapter_only=True, adapter=checkpoint)

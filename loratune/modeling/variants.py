@@ -20,6 +20,8 @@ from ..core.config import BASE_CHANGING_INITS
 
 # lora_init -> PEFT's init_lora_weights (pissa_niter_4: PEFT's fast randomised SVD with 4 subspace iterations)
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_fast": "pissa_niter_4", "olora": "olora"}
+# PEFT's init_lora_weights of an adapter saved as trained on a changed base (a checkpoint's)
+PEFT_BASE_CHANGING = {str(PEFT_INIT[name]) for name in BASE_CHANGING_INITS}
 INITIAL = "loratune_initial_adapter"  # attribute of the PEFT model: its adapter as initialised, for the conversion
 
 

@@ -15,6 +15,7 @@ from ...core.errors import UserError
 from ...core.files import atomic_write
 from ...core.sources import read_run_config
 from ...modeling.model import load_tokenizer, resolve_model
+from ...modeling.variants import PEFT_BASE_CHANGING
 from ..merge import merged_model
 from ..run import PLAIN_FORMATS, locate_run, trained_format
 from .arch import Shape, TensorNames, extra_tensors, model_shape, write_hyperparameters
@@ -23,8 +24,13 @@ from .modelfile import RAW_GO, go_template, modelfile
 from .vocab import end_tokens, source_gguf, write_chat, write_tokenizer
 from .writer import Planned, file_type, plan_tensor, write_gguf
 
-# Adapter settings a GGUF LoRA adapter (one alpha, rank from the tensors, plain A and B matrices) cannot express.
-UNSUPPORTED_ADAPTER = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save")
+# What a GGUF LoRA adapter (plain A and B matrices, one alpha, the rank read from the tensors) cannot hold.
+UNSUPPORTED_ADAPTER = {
+    "use_dora": "DoRA's magnitude vectors (llama.cpp adds B·A only)",
+    "modules_to_save": "whole trained layers (modules_to_save)",
+    "rank_pattern": "a rank per layer (rank_pattern)",
+    "alpha_pattern": "an alpha per layer (alpha_pattern)",
+}
 
 
 @dataclass
@@ -48,6 +54,8 @@ def export_gguf(
 
     check_type(kind, adapter_only)
     run_dir, folder = locate_run(run_dir, adapter)
+    if adapter_only:
+        check_plain_lora(folder)
     cfg = read_run_config(run_dir)
     model_path = resolve_model(cfg.model)
     config = AutoConfig.from_pretrained(model_path)
@@ -144,12 +152,6 @@ def _adapter_tensors(folder: Path, shape: Shape, kind: str) -> tuple[list[Planne
     from safetensors.torch import load_file
 
     settings = json.loads((folder / "adapter_config.json").read_text())
-    unsupported = [key for key in UNSUPPORTED_ADAPTER if settings.get(key)]
-    if settings.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise UserError(
-            f"{folder}: a GGUF adapter holds plain LoRA only, and this adapter uses "
-            f"{', '.join(unsupported) or settings.get('peft_type')}; export the merged model"
-        )
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise UserError(f"{folder}: no adapter_model.safetensors (the adapter's weights) here")
@@ -162,4 +164,27 @@ def _adapter_tensors(folder: Path, shape: Shape, kind: str) -> tuple[list[Planne
         name = names.name(module + ".weight")
         matrix = names.rows(name, tensor) if part == "B.weight" else tensor  # B's rows are the layer's outputs
         planned.append(plan_tensor(f"{name}.lora_{part[0].lower()}", matrix, kind))
-    return planned, float(settings["lora_alpha"])
+    return planned, gguf_alpha(settings)
+
+
+def gguf_alpha(settings: dict) -> float:
+    """The alpha for llama.cpp, which scales B·A by alpha / rank: PEFT's scale (alpha / sqrt(rank) under rsLoRA)
+    times the rank."""
+    rank, alpha = settings["r"], float(settings["lora_alpha"])
+    return alpha * rank**0.5 if settings.get("use_rslora") else alpha
+
+
+def check_plain_lora(folder: Path) -> None:
+    """Refuse, in one line pointing to the merged export, what a GGUF adapter cannot represent."""
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    merged = "export the merged model instead (loratune export RUN --format gguf, without --adapter-only)"
+    if settings.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{folder}: a GGUF adapter holds LoRA only, this is {settings['peft_type']}; {merged}")
+    for key, what in UNSUPPORTED_ADAPTER.items():
+        if settings.get(key):
+            raise UserError(f"{folder}: a GGUF adapter cannot hold {what}; {merged}")
+    if str(settings.get("init_lora_weights")).lower() in PEFT_BASE_CHANGING:
+        raise UserError(
+            f"{folder}: this adapter is {settings['init_lora_weights']}'s as trained, right only on the base it "
+            "changed; export the run's adapter or last folder (saved converted to plain LoRA), or the merged model"
+        )
