@@ -17,7 +17,7 @@ from .reward_spec import parse_reward
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "input_output", "alpaca", "prompt_completion", "messages", "sharegpt", "text")
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
 LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_fast", "olora")
 # Initialisations that move part of the base weight into the adapter: "adapter off" is no longer the base.
 BASE_CHANGING_INITS = ("pissa", "pissa_fast", "olora")
@@ -30,6 +30,15 @@ OBJECTIVE_SETTINGS = {
     "simpo_gamma": ("simpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
+    # GRPO
+    "num_generations": ("grpo",),
+    "temperature": ("grpo",),
+    "top_p": ("grpo",),
+    "max_new_tokens": ("grpo",),
+    "grpo_beta": ("grpo",),
+    "epsilon": ("grpo",),
+    "grpo_loss": ("grpo",),
+    "updates_per_generation": ("grpo",),
 }
 
 
@@ -90,27 +99,31 @@ class TrainConfig(BaseModel):
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         8,
         description="Number of samples processed together (per forward pass; with packing, a pass holds up to this "
-        "many times the longest example's tokens). "
+        "many times the longest example's tokens; grpo: prompts per pass, each with num_generations sampled "
+        "answers). "
         "Higher = faster training, more memory. 'auto' picks the largest that fits. Guide range: 4-16.",
     )
     gradient_accumulation_steps: int = Field(
         8,
         gt=0,
         description="Number of forward passes before updating weights (with packing, at most: full passes may take "
-        "fewer). Effective batch = batch_size x this. "
+        "fewer). Effective batch = batch_size x this (grpo: prompts per optimizer step). "
         "Guide range: 4-32.",
     )
     max_length: int = Field(
         1024,
         ge=8,
         description="Maximum sequence length (tokens) of an example. Longer = more memory; use the minimum your data "
-        "needs (see `loratune data inspect`).",
+        "needs (see `loratune data inspect`). grpo: bounds prompt + max_new_tokens (prompts cut from the left).",
     )
 
     # --- Training Guide: learning --------------------------------------------------------------------
     learning_rate: float = Field(2e-4, gt=0, description="Step size for model updates. Guide range: 5e-5 to 2e-4.")
     epochs: int = Field(
-        20, gt=0, description="Complete passes through the dataset; early stopping on validation loss ends sooner."
+        20,
+        gt=0,
+        description="Complete passes through the dataset; early stopping on validation loss ends sooner (grpo: "
+        "through the prompts; validation loss is minus the mean reward of greedy answers).",
     )
     warmup_ratio: float = Field(
         0.05, ge=0, le=1, description="Portion of training spent increasing the learning rate. Guide range: 0.03-0.1."
@@ -161,7 +174,9 @@ class TrainConfig(BaseModel):
         "sft",
         description="What the run trains for: sft (answers' cross-entropy), dpo (pairs against the base as "
         "reference; dpo_loss sigmoid or ipo), orpo and simpo (pairs, no reference), kto (answers labelled "
-        "desirable or not). Preference data: prompt/chosen/rejected rows, or prompt/completion/label for kto.",
+        "desirable or not), grpo (groups of sampled answers scored by reward functions). Preference data: "
+        "prompt/chosen/rejected rows, or prompt/completion/label for kto; grpo: prompt rows, or any SFT shape whose "
+        "answer becomes the reference.",
     )
     beta: float = Field(
         0.1,
@@ -181,6 +196,39 @@ class TrainConfig(BaseModel):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the margin the chosen answer must win by.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of desirable answers.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of undesirable answers.")
+    # GRPO: each prompt's num_generations answers sampled with the current adapter, their rewards normalised within
+    # the group (modeling.grpo)
+    num_generations: int = Field(
+        8, ge=2, description="grpo: answers sampled per prompt (the group whose rewards are compared)."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="grpo: sampling temperature of the answers (their log-probabilities use it too)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling, the probability mass sampled from.")
+    max_new_tokens: int = Field(
+        256, gt=0, description="grpo: most tokens of a sampled answer (an answer ends earlier at end of turn)."
+    )
+    grpo_beta: float = Field(
+        0.04,
+        ge=0,
+        description="grpo: weight of the per-token KL penalty to the reference (the base without the adapter); "
+        "higher = closer. Its own field: dpo/kto's beta is a temperature where lower means further, and 0 here "
+        "(TRL's default) lets held-out accuracy drift.",
+    )
+    epsilon: float = Field(
+        0.2, gt=0, lt=1, description="grpo: clip range of the probability ratio to the generating policy."
+    )
+    grpo_loss: Literal["grpo", "dr_grpo", "token"] = Field(
+        "grpo",
+        description="grpo: how token losses are averaged: grpo (per answer, then over answers), dr_grpo (summed per "
+        "answer over max_new_tokens: Dr. GRPO's constant), token (over all the step's answer tokens).",
+    )
+    updates_per_generation: int = Field(
+        1,
+        ge=1,
+        description="grpo: optimizer steps on each step's sampled answers (later ones clip against the "
+        "log-probabilities at sampling time).",
+    )
 
     # --- GRPO rewards ------------------------------------------------------------------------------
     reward: Annotated[tuple[str, ...], Field(min_length=1)] = Field(
@@ -316,16 +364,21 @@ class TrainConfig(BaseModel):
     @field_validator("objective")
     @classmethod
     def _sft_data_settings(cls, v, info):
-        # Preference rows are read by their own columns and always keep answers whole (prompts cut from the left)
+        # Preference rows are read by their own columns and always keep answers whole (prompts cut from the left);
+        # grpo reads SFT shapes too (data_format, columns) but trains on no given answer and cuts prompts from the left
         if v != "sft":
             default = lambda k: cls.model_fields[k].get_default(call_default_factory=True)  # noqa: E731
-            changed = [k for k in SFT_ONLY if k in info.data and info.data[k] != default(k)]
+            fixed = GRPO_FIXED if v == "grpo" else SFT_ONLY
+            changed = [k for k in fixed if k in info.data and info.data[k] != default(k)]
             if changed:
                 k = changed[0]
-                raise ValueError(
-                    f"{k}={info.data[k]} is for sft only: preference rows have fixed columns (prompt, chosen, "
-                    f"rejected; completion, label for kto) and keep answers whole; leave {k} at its default"
+                rows = (
+                    "grpo trains on sampled answers and cuts prompts from the left"
+                    if v == "grpo"
+                    else "preference rows have fixed columns (prompt, chosen, rejected; completion, label for kto) "
+                    "and keep answers whole"
                 )
+                raise ValueError(f"{k}={info.data[k]} is for sft only: {rows}; leave {k} at its default")
         return v
 
     @field_validator(*OBJECTIVE_SETTINGS)
@@ -365,6 +418,7 @@ class TrainConfig(BaseModel):
 
 # Data settings that shape SFT examples only.
 SFT_ONLY = ("data_format", "columns", "truncation", "train_on_inputs")
+GRPO_FIXED = ("truncation", "train_on_inputs")  # grpo reads SFT shapes (data_format, columns) for their prompts
 
 # The roles a data column can play; `columns` maps these to the user's names.
 COLUMN_ROLES = ("input", "output", "instruction", "prompt", "completion", "messages", "conversations", "text", "system")

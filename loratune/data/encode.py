@@ -223,10 +223,11 @@ class Encoder:
         )
 
     def prompt_ids(self, ex: Example) -> list[int]:
-        """Token ids of the prompt for generation: everything before the last answer, formatted as in training."""
+        """Token ids of the prompt for generation: everything before the last answer (all of a conversation without
+        one), formatted as in training."""
         if ex.messages is None:
             return self._with_bos(self._ids(ex.prompt))
-        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        last = max((i for i, m in enumerate(ex.messages) if m["role"] == "assistant"), default=len(ex.messages))
         return self._with_bos(self._ids(self.render(ex.messages[:last], add_generation_prompt=True)))
 
     @staticmethod

@@ -137,8 +137,17 @@ def _msg(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _chat(turns: Any, col: str) -> list[dict[str, str]]:
-    """A list of turns, each {role, content} or ShareGPT's {from, value}, as canonical messages."""
+def prompt_messages(turns: Any, col: str) -> list[dict[str, str]]:
+    """A prompt given as turns (GRPO's `prompt`): canonical messages ending before the answer to generate."""
+    messages = _chat(turns, col, answered=False)
+    if messages[-1]["role"] == "assistant":
+        raise RowError(f"field {col!r} must end with a user or system turn: the answer is what the model writes")
+    return messages
+
+
+def _chat(turns: Any, col: str, answered: bool = True) -> list[dict[str, str]]:
+    """A list of turns, each {role, content} or ShareGPT's {from, value}, as canonical messages (with an assistant
+    turn to learn from, when `answered`)."""
     if not isinstance(turns, list) or not turns:
         raise RowError(f"field {col!r} must be a non-empty list of turns")
     messages = []
@@ -153,7 +162,9 @@ def _chat(turns: Any, col: str) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise RowError(f"{col}[{i}].{keys[1]} must be text, got {type(content).__name__}")
         messages.append(_msg(role, content) | _reasoning(turn, f"{col}[{i}]"))
-    if not any(m["role"] == "assistant" for m in messages[1:]):  # an opening assistant turn answers nothing
+    if answered and not any(
+        m["role"] == "assistant" for m in messages[1:]
+    ):  # an opening assistant turn answers nothing
         raise RowError(f"field {col!r} has no assistant turn after a user or system turn: nothing to learn from")
     return messages
 

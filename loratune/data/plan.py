@@ -61,6 +61,7 @@ class StepPlan:
     processes: int = 1
     buckets: bool = False  # fill packed rows up to `shape_bucket` sizes (CPU, 16-bit base)
     seed: int = 0
+    repeats: int = 1  # optimizer steps on each step's examples in a row (grpo's updates_per_generation)
 
     @property
     def accumulation(self) -> int:
@@ -69,7 +70,7 @@ class StepPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.lengths) / self.examples_per_step)
+        return math.ceil(len(self.lengths) / self.examples_per_step) * self.repeats
 
     @property
     def token_budget(self) -> int:
@@ -96,7 +97,8 @@ class StepPlan:
     def epoch(self, epoch: int) -> list[np.ndarray]:
         """The epoch's examples in a seeded random order, cut into optimizer steps (the last one may be smaller)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
-        return [order[i : i + self.examples_per_step] for i in range(0, len(order), self.examples_per_step)]
+        steps = [order[i : i + self.examples_per_step] for i in range(0, len(order), self.examples_per_step)]
+        return [step for step in steps for _ in range(self.repeats)]
 
     def passes(self, step: np.ndarray) -> list[list[int]]:
         """A step's examples as forward passes, as many for each process (some may be empty when the step is
@@ -204,6 +206,7 @@ def plan_for(
         processes,
         buckets,
         cfg.seed,
+        cfg.updates_per_generation,
     )
 
 

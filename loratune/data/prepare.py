@@ -447,6 +447,10 @@ def load_sets(cfg: TrainConfig, encoder: Encoder, report: DataReport) -> tuple[T
 
 
 def prepare(cfg: TrainConfig, encoder: Encoder) -> Prepared:
+    if cfg.objective == "grpo":
+        from .prompts import prepare_prompts  # as pairs, it builds on this module
+
+        return prepare_prompts(cfg, encoder)
     if cfg.objective != "sft":
         from .pairs import prepare_preferences  # pairs builds on this module (Fit, the split), so it comes later
 

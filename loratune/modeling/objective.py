@@ -1,10 +1,14 @@
 """What a run trains for: the objective turns a step's examples into passes' tensors and each pass into a sum of
 losses, and says how many units (target tokens, pairs, sampled answers) the step's loss is the mean over.
 
-The loop and the step never ask which objective runs: they call `batch`, `forward` and `count`, back-propagate
-`loss / count` of the whole step (all passes and processes), and log the mean of each metric the same way, so
-every objective's update is the same for any split of a step. SFT is the first objective; a preference loss
-(pairs of answers) or GRPO (groups of sampled answers) is another subclass here, its module beside `loss.py`.
+The loop and the step never ask which objective runs: they call `start_step` (which gives the step's count), then
+`batch` and `forward` for each pass, back-propagate `loss / count` of the whole step (all passes and processes),
+and log the mean of each metric the same way, so every objective's update is the same for any split of a step.
+SFT is the first objective; the preference losses (pairs of answers) and GRPO (groups of sampled answers) are
+other subclasses here, their modules beside `loss.py`.
+
+`start_step` exists for GRPO: before its passes a step samples its answers (with the weights the step starts from),
+and only then is its count known when the loss is a mean over answer tokens. The others' `start_step` is `count`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,20 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..core.errors import UserError
 from ..data.batching import Batch
+from .generate import generate_ids, until_end
+from .grpo import (
+    Group,
+    GroupForward,
+    answer_batch,
+    answer_of_tokens,
+    answer_sums,
+    normalised_loss,
+    sample_answers,
+    score_groups,
+    token_loss,
+)
 from .loss import CausalLMLoss
 from .preference import (
     PairLogprobs,
@@ -28,6 +45,7 @@ from .preference import (
     kto_loss,
     orpo_loss,
     simpo_loss,
+    target_logprobs,
 )
 
 
@@ -58,6 +76,12 @@ class Objective:
     def count(self, plan, examples) -> int:
         """The units of these examples of the plan's set: the step's loss is divided by the step's count."""
         raise NotImplementedError
+
+    def start_step(self, module, plan, data, examples, passes: list[list[int]], step: int, all_sum) -> int:
+        """Before a step's passes (again when the step is replayed with smaller passes): what the objective does
+        for the whole step first, given this process's `passes` of the step's `examples`, the unwrapped `module`,
+        the steps done and the engine's sum over processes; returns the step's count, all processes'."""
+        return self.count(plan, examples)
 
     def batch(self, plan, data, examples, pad_id: int):
         """The tensors of the pass of these examples, laid out as the plan says (packed or padded)."""
@@ -203,9 +227,172 @@ class KTO(Pairs):
         return LossSum(out.losses.sum(), {name: float(v) for name, v in sums.items()})
 
 
+# --- GRPO: a step's prompts, each with num_generations sampled answers scored by reward functions (`grpo`'s
+# definitions, checked against TRL's GRPOTrainer in tests/test_grpo.py).
+
+
+@dataclass
+class GroupBatch:
+    """A GRPO pass: its prompts' answers as padded sequences (a prompt's group together), each answer's advantage,
+    its tokens' log-probabilities when sampled (with `updates_per_generation` > 1), and per-answer metrics."""
+
+    sequences: Batch
+    advantages: torch.Tensor
+    old: torch.Tensor | None
+    stats: dict[str, torch.Tensor]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.sequences.input_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.sequences.n_tokens
+
+    @property
+    def n_targets(self) -> int:
+        return self.sequences.n_targets
+
+    def to(self, device) -> GroupBatch:
+        old = self.old.to(device) if self.old is not None else None
+        return GroupBatch(self.sequences.to(device), self.advantages.to(device), old, self.stats)
+
+
+@dataclass
+class PromptBatch:
+    """Validation's pass: prompts answered greedily, once each, and scored."""
+
+    data: object  # data.prompts.PromptSet
+    examples: list[int]
+
+    def to(self, device) -> PromptBatch:
+        return self
+
+
+class GRPO(Objective):
+    """Sampled answers' clipped surrogate loss with a KL penalty (modeling.grpo). A step samples its answers in
+    `start_step`, with the weights it starts from; validation is minus the mean reward of greedy answers."""
+
+    name = "grpo"
+
+    def __init__(self, cfg, encoder, rewards=None):
+        self.cfg, self.encoder = cfg, encoder
+        self.rewards = rewards if rewards is not None else _rewards_for(cfg)
+        self.unit = "answer tokens" if cfg.grpo_loss == "token" else "sampled answers"
+        names = tuple(f"reward_{n}" for n in self.rewards.names)
+        self.metrics = ("reward", "reward_std", *names, "kl", "completion_length", "clipped", "zero_std_groups")
+        self.groups: dict[int, Group] = {}  # this process's prompts of the step, by example
+        self.sampled: tuple | None = None  # (data, generation, examples) the groups hold
+        self.scale = 1.0  # the step's units per answer: metric sums are scaled so their means are per answer
+
+    def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
+        return GroupForward(peft_model, self.cfg.temperature, self.cfg.grpo_beta > 0)
+
+    def count(self, plan, examples) -> int:
+        return len(examples)  # validation: one greedy answer per prompt
+
+    def start_step(self, module, plan, data, examples, passes: list[list[int]], step: int, all_sum) -> int:
+        """Sample this process's answers (kept for `updates_per_generation` steps); the step's answers or answer
+        tokens."""
+        mine = sorted(i for p in passes for i in p)
+        key = (id(data), step // self.cfg.updates_per_generation, tuple(mine))
+        if key != self.sampled:
+            self.groups = self._sample(module, data, mine, key[1], plan.micro_batch) if mine else {}
+            self.sampled = key
+        answers = len(examples) * self.cfg.num_generations
+        units = answers
+        if self.cfg.grpo_loss == "token":
+            units = int(all_sum(float(sum(len(a) for g in self.groups.values() for a in g.answers))))
+        self.scale = units / answers
+        return units
+
+    def _sample(self, module, data, examples: list[int], generation: int, micro_batch: int) -> dict[int, Group]:
+        cfg, enc, group = self.cfg, self.encoder, self.cfg.num_generations
+        prompts = [data.items[i].ids for i in examples]
+        keys = [(cfg.seed, generation, i) for i in examples]
+        pad = enc.tok.pad_token_id
+        answers = sample_answers(module.model, prompts, keys, cfg, enc.end_ids, pad, micro_batch)
+        texts = [enc.tok.decode(until_end(a, enc.end_ids), skip_special_tokens=True).strip() for a in answers]
+        asked = [data.items[i].text for i in examples for _ in range(group)]
+        scored = score_groups(self.rewards, asked, texts, data.columns(examples, group), list(map(len, answers)), group)
+        groups = {i: Group(answers[k * group : (k + 1) * group], *scored[k]) for k, i in enumerate(examples)}
+        if cfg.updates_per_generation > 1:  # later steps clip against the policy that sampled
+            for i in examples:
+                groups[i].old = _answer_logprobs(module, [data.items[i].ids] * group, groups[i].answers, pad)
+        return groups
+
+    def batch(self, plan, data, examples, pad_id: int) -> GroupBatch | PromptBatch:
+        examples = [int(i) for i in examples]
+        if self.sampled is None or self.sampled[0] != id(data) or not all(i in self.groups for i in examples):
+            return PromptBatch(data, examples)
+        groups = [self.groups[i] for i in examples]
+        prompts = [data.items[i].ids for i in examples for _ in range(self.cfg.num_generations)]
+        answers = [a for g in groups for a in g.answers]
+        join = lambda f: torch.from_numpy(np.concatenate([f(g) for g in groups]).astype(np.float64))  # noqa: E731
+        stats = {
+            "reward": join(lambda g: g.rewards),
+            "reward_std": join(lambda g: g.std),
+            **{f"reward_{n}": join(lambda g, n=n: g.scores[n]) for n in self.rewards.names},
+            "completion_length": torch.tensor([len(a) for a in answers], dtype=torch.float64),
+            "zero_std_groups": join(lambda g: g.zero_std),
+        }
+        old = torch.cat([t for g in groups for t in g.old]) if groups[0].old is not None else None
+        return GroupBatch(answer_batch(prompts, answers, pad_id), join(lambda g: g.advantages).float(), old, stats)
+
+    def forward(self, module: torch.nn.Module, batch: GroupBatch | PromptBatch) -> LossSum:
+        if isinstance(batch, PromptBatch):
+            return self._greedy_reward(module, batch)
+        cfg, n = self.cfg, len(batch.advantages)
+        logps, reference, rows = module(batch.sequences)
+        answer = answer_of_tokens(batch.sequences, rows)
+        old = batch.old if batch.old is not None else logps.detach()
+        out = token_loss(logps, old, reference, batch.advantages[answer], cfg.grpo_beta, cfg.epsilon)
+        lengths = torch.bincount(answer, minlength=n)
+        loss = normalised_loss(out.losses, answer, lengths, cfg.grpo_loss, cfg.max_new_tokens)
+        per_answer = lambda v: answer_sums(v.float(), answer, n) / lengths.clamp(min=1)  # noqa: E731
+        stats = batch.stats | {"kl": per_answer(out.kl), "clipped": per_answer(out.clipped)}
+        return LossSum(loss, {name: float(v.double().sum()) * self.scale for name, v in stats.items()})
+
+    def _greedy_reward(self, module, batch: PromptBatch) -> LossSum:
+        """Minus the summed reward of greedy answers (the validation loss is minus their mean reward)."""
+        enc, items = self.encoder, [batch.data.items[i] for i in batch.examples]
+        answers = generate_ids(
+            module.model, [x.ids for x in items], enc.end_ids, enc.tok.pad_token_id, self.cfg.max_new_tokens, len(items)
+        )
+        texts = [enc.tok.decode(until_end(a, enc.end_ids), skip_special_tokens=True).strip() for a in answers]
+        totals, scores = self.rewards(
+            [x.text for x in items], texts, batch.data.columns(batch.examples), list(map(len, answers))
+        )
+        sums = {"reward": float(np.sum(totals))} | {f"reward_{n}": float(np.sum(s)) for n, s in scores.items()}
+        return LossSum(torch.tensor(-sums["reward"]), sums)
+
+
+def _answer_logprobs(module, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """Each answer's tokens' log-probabilities under the adapter now (no gradient, no dropout), on the CPU."""
+    batch = answer_batch(prompts, answers, pad_id).to(next(module.parameters()).device)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        logps, rows = target_logprobs(module.model, batch, module.temperature)
+    module.train(was_training)
+    return list(logps.cpu().split(torch.bincount(answer_of_tokens(batch, rows), minlength=len(answers)).tolist()))
+
+
+def _rewards_for(cfg):
+    """The run's reward functions (`reward`), from data.rewards."""
+    try:
+        from ..data.rewards import rewards_for
+    except ImportError:
+        raise UserError("objective grpo needs reward functions, and this build of loratune has none") from None
+    return rewards_for(cfg)
+
+
 OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
 
 
-def objective_for(cfg) -> Objective:
-    """The objective a run trains for (the config's `objective`)."""
+def objective_for(cfg, encoder=None) -> Objective:
+    """The objective a run trains for (the config's `objective`); GRPO samples and decodes with the `encoder`'s
+    tokenizer and end tokens."""
+    if cfg.objective == "grpo":
+        return GRPO(cfg, encoder)
     return SFT() if cfg.objective == "sft" else OBJECTIVES[cfg.objective](cfg)

@@ -90,6 +90,18 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> SequenceLogprobs:
     """Log-probabilities of a batch's targets, summed per sequence: per row of a padded batch, per example of a
     packed row (a packed row's filler segment is not a sequence). `model` is the PEFT model or a plain causal LM;
     for the reference, call it on the PEFT model inside `model.disable_adapter()` and `torch.no_grad()`."""
+    logps, rows = target_logprobs(model, batch)
+    sequence, count = _sequence_of_positions(batch)
+    seq = sequence[rows]
+    sums = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
+    return SequenceLogprobs(sums, torch.bincount(seq, minlength=count))
+
+
+def target_logprobs(
+    model: torch.nn.Module, batch: Batch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-probability of each target token of a batch under the logits divided by `temperature`, and the
+    target's position in the flattened batch, in order."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
     if batch.cu_seqlens is not None:  # example boundaries for packed attention, as CausalLMLoss gives them
@@ -98,15 +110,13 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> SequenceLogprobs:
     mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
     targets = batch.targets.flatten()
     rows = (targets != IGNORE).nonzero().squeeze(1)
-    if _plain_head(lm):
+    if _plain_head(lm):  # logits / t = (hidden / t) @ W.T
         hidden = lm.get_decoder()(**inputs, attention_mask=mask).last_hidden_state.flatten(0, 1)[rows]
-        logps = token_logprobs(hidden, lm.get_output_embeddings(), targets[rows])
-    else:  # logits transformed after the output layer (soft-capping, scaling): the model's own
-        logps = _logprobs_of_logits(lm(**inputs, attention_mask=mask).logits.flatten(0, 1)[rows], targets[rows])
-    sequence, count = _sequence_of_positions(batch)
-    seq = sequence[rows]
-    sums = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
-    return SequenceLogprobs(sums, torch.bincount(seq, minlength=count))
+        hidden = hidden / temperature if temperature != 1 else hidden
+        return token_logprobs(hidden, lm.get_output_embeddings(), targets[rows]), rows
+    # logits transformed after the output layer (soft-capping, scaling): the model's own
+    logits = lm(**inputs, attention_mask=mask).logits.flatten(0, 1)[rows]
+    return _logprobs_of_logits(logits / temperature if temperature != 1 else logits, targets[rows]), rows
 
 
 def _sequence_of_positions(batch: Batch) -> tuple[torch.Tensor, int]:

@@ -101,7 +101,8 @@ def resolve(
     `lengths` and `target_counts`; without `train`, examples of max_length). Returns it with the notes to show,
     (level, line) with level info, warning or refusal: training stops at a refusal (not even batch_size 1 fits),
     a plan shows it. `batch_size: auto` with nothing that fits raises the UserError itself."""
-    packing = cfg.packing and mm.shape.packs
+    # grpo's passes are padded rows of sampled answers: a prompt's sequences exist only once sampled
+    packing = cfg.packing and mm.shape.packs and cfg.objective != "grpo"
     buckets = packing and wants_shape_buckets(device, mm.dtype)
     if train is None:
         plan = max_length_plan(cfg, packing=packing, processes=processes, buckets=buckets)

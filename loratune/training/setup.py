@@ -57,7 +57,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     shape = read_shape(model_path, config)
     memory = RunMemory(config, shape, engine.device, dtype, engine.shards, engine.sharding)
     resolved = _resolve(config, memory, engine, data, checkpoint, saved, console)
-    objective = objective_for(config)
+    objective = objective_for(config, encoder)
     model = load_trainable_model(config, model_path, dtype, engine.load_device, resolved, encoder, console)
     module = objective.module(model, shape_buckets=resolved.shape_buckets)
     if config.batch_size == "auto" and engine.device.type == "cuda" and engine.holds_whole_model:

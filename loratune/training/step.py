@@ -36,11 +36,15 @@ class StepResult:
 
 def train_step(s: Session, examples) -> StepResult:
     """Run one optimizer step on these examples (all processes'); updates `s.state`."""
-    units = s.objective.count(s.plan, examples)
     while True:
         start = time.perf_counter()
         try:
-            tokens, positions, metrics = _passes(s, s.plan.passes(examples), units)
+            passes = s.plan.passes(examples)
+            units = s.objective.start_step(
+                s.engine.unwrap(s.module), s.plan, s.data.train, examples, passes[s.rank :: s.processes],
+                s.state.step, s.all_sum,
+            )  # fmt: skip
+            tokens, positions, metrics = _passes(s, passes, units)
             break
         except torch.OutOfMemoryError:
             pass

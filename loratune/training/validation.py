@@ -50,6 +50,8 @@ def validate(s: Session, epoch: float) -> None:
     pairs = (
         f"; reward accuracy {val_metrics['reward_accuracy']:.0%}, margin {val_metrics['reward_margin']:.4f}"
         if "reward_accuracy" in val_metrics
+        else f"; mean reward of greedy answers {val_metrics['reward']:.4f}"
+        if "reward" in val_metrics
         else ""
     )
     s.progress.note(f"step {state.step}: validation loss {val_loss:.4f}{best}{pairs}")
