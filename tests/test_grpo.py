@@ -121,10 +121,10 @@ def test_loss_and_advantages_equal_trl_grpo_trainer(
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
         reward_funcs=[fixed],
         args=GRPOConfig(
-            reward_weights=[2.0],
-            output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=len(answers),
-            num_generations=GROUP, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
-            beta=cfg.grpo_beta, epsilon=cfg.epsilon, loss_type=theirs, num_iterations=2, gradient_accumulation_steps=1,
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, reward_weights=[2.0],
+            per_device_train_batch_size=len(answers), num_generations=GROUP, gradient_accumulation_steps=1,
+            max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, beta=cfg.grpo_beta,
+            epsilon=cfg.epsilon, loss_type=theirs, num_iterations=2,
         ),
         train_dataset=Dataset.from_list([{"prompt": x.text} for x in data.items]),
         processing_class=tokenizer,
@@ -198,3 +198,77 @@ def _close(name, ours, theirs, scale=None):
     assert ours.shape == theirs.shape, f"{name}: shapes {ours.shape} and {theirs.shape}"
     base = theirs.abs() if scale is None else torch.as_tensor(scale, dtype=torch.float64)
     assert ((ours - theirs).abs() <= RTOL * base + 1e-7).all(), f"{name}: ours {ours.tolist()}, TRL's {theirs.tolist()}"
+
+
+# --- Prompt rows ------------------------------------------------------------------------------------------------
+
+
+def test_prompt_rows_and_sft_rows_become_prompts_with_their_columns(tiny_model, encoder, tokenizer, tmp_path):
+    """A text prompt is raw text, turns are rendered with the generation prompt, an SFT row's answer becomes the
+    reference; other columns are kept for the rewards, one entry per sampled answer."""
+    turns = [{"role": "user", "content": "two mugs to leeds"}]
+    rows = [
+        {"prompt": "mugs to leeds?", "answer": "2"},
+        {"prompt": turns, "answer": "3", "level": 1},
+        {"input": "two mugs to leeds", "output": '{"item": "mugs"}'},
+    ]
+    sets = []
+    for k, row in enumerate(rows):
+        cfg = _cfg(model=tiny_model, train_data=write_jsonl(tmp_path / f"{k}.jsonl", [row] * 2), val_ratio=0)
+        sets.append(prepare_prompts(cfg, encoder).train)
+    text, chat, sft = (s.items[0] for s in sets)
+    assert tokenizer.decode(text.ids) == "mugs to leeds?" and text.columns == {"answer": "2"}
+    assert chat.ids == encoder.prompt_ids(Example(messages=[*turns, {"role": "assistant", "content": "x"}]))
+    assert chat.text == "two mugs to leeds" and chat.columns == {"answer": "3", "level": 1}
+    assert sft.ids == chat.ids and sft.columns == {"reference": '{"item": "mugs"}'}
+    assert sets[1].columns([0, 1], repeat=2) == {"answer": ["3"] * 4, "level": [1] * 4}
+    assert list(sets[0].lengths) == [len(text.ids) + 8] * 2 and list(sets[0].target_counts) == [8, 8]
+
+
+def test_max_length_cuts_prompts_from_the_left_and_counts_them(tiny_model, encoder, tmp_path):
+    rows = [{"prompt": "a short one"}, {"prompt": "a much longer prompt " * 20}]
+    cfg = _cfg(model=tiny_model, train_data=write_jsonl(tmp_path / "p.jsonl", rows), val_ratio=0, max_length=48)
+    data = prepare_prompts(cfg, encoder)
+    room = 48 - cfg.max_new_tokens
+    full = encoder.prompt_ids(Example(prompt=rows[1]["prompt"]))
+    assert data.train.items[1].ids == full[-room:] and data.report.train_fit.truncated == 1
+    assert len(data.train) == 2 and max(data.train.lengths) == 48
+    with pytest.raises(UserError, match="max_length=16 leaves no room for a prompt before max_new_tokens=16"):
+        prepare_prompts(_cfg(model=tiny_model, train_data=cfg.train_data, max_length=16, max_new_tokens=16), encoder)
+
+
+# --- Sampling ---------------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_the_same_for_any_split_into_batches(tiny_model, tokenizer, encoder):
+    """Each answer draws from its own generator, seeded by (seed, step, prompt, sample): batches of 6, 2 or 1 and
+    another order sample the same tokens; another step's key samples others. Greedy decoding of the same model
+    differs (it is sampling)."""
+    model, data = _policy(tiny_model), _prompts(encoder)
+    prompts = [x.ids for x in data.items for _ in range(2)]
+    keys = [(42, 0, i // 2, i % 2) for i in range(len(prompts))]
+    end, pad = encoder.end_ids, tokenizer.pad_token_id
+
+    def sample(order, batch, keys=keys, top_p=1.0):
+        gens = [row_generator(*keys[i]) for i in order]
+        out = generate_ids(model, [prompts[i] for i in order], end, pad, 12, batch,
+                           processor_for=lambda rows: SeededSampling([gens[r] for r in rows], 0.8, top_p))  # fmt: skip
+        return [out[order.index(i)] for i in range(len(prompts))]
+
+    whole = sample(list(range(6)), 6)
+    assert sample(list(range(6)), 2) == whole == sample([5, 3, 1, 0, 2, 4], 1)
+    assert sample(list(range(6)), 6, keys=[(42, 1, *k[2:]) for k in keys]) != whole
+    assert len({tuple(a) for a in whole}) > 3  # two samples of a prompt differ
+    assert generate_ids(model, prompts, end, pad, 12, 6) != whole
+    nucleus = sample(list(range(6)), 6, top_p=1e-6)  # the most likely token alone: greedy
+    assert nucleus == generate_ids(model, prompts, end, pad, 12, 6)
+
+
+def test_advantages_are_normalised_within_each_group_and_zero_variance_groups_are_flagged():
+    rewards = torch.tensor(REWARDS, dtype=torch.float64)
+    advantages, std, zero = group_advantages(rewards, GROUP)
+    grouped = rewards.view(-1, GROUP)
+    expected = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(advantages, expected.flatten())
+    assert zero.tolist() == [False] * 4 + [True] * 4 + [False] * 4 and (advantages[4:8] == 0).all()
+    assert std[0] == pytest.approx(float(np.std(REWARDS[:4], ddof=1)))

@@ -1,0 +1,195 @@
+"""GRPO on the training loop: a run end to end with its metrics and validation by reward, the same update for any
+split of a step into passes, kill-and-resume sampling the same answers, and bad prompt files refused in one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from loratune import TrainConfig
+from loratune.cli import main
+from loratune.modeling import objective
+from loratune.training.loop import train
+
+WORDS = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
+
+
+class ShortAndA:
+    """A reward of `data.rewards.Rewards`' shape: answers near 12 characters, and each 'a' in them."""
+
+    names = ("short", "a")
+
+    def __call__(self, prompts, completions, columns, completion_tokens):
+        assert len(columns["reference"]) == len(completions)  # the rows' answers, one per sampled answer
+        short = np.array([-abs(len(c) - 12) / 12 for c in completions])
+        a = np.array([c.count("a") for c in completions], dtype=np.float64)
+        return short + 0.5 * a, {"short": short, "a": a}
+
+
+@pytest.fixture(autouse=True)
+def _local_rewards(monkeypatch):
+    monkeypatch.setattr(objective, "_rewards_for", lambda cfg: ShortAndA())
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """input/output rows (an SFT shape: the output becomes the reference) of several prompt lengths."""
+    rng = np.random.default_rng(seed)
+    say = lambda k: " ".join(rng.choice(WORDS, k))  # noqa: E731
+    return [{"input": f"{i}: {say(rng.choice([2, 6, 12]))}", "output": say(3)} for i in range(n)]
+
+
+def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    settings = dict(
+        model=model,
+        objective="grpo",
+        train_data=write_jsonl(data / "train.jsonl", rows or prompt_rows(8)),
+        val_data=write_jsonl(data / "val.jsonl", prompt_rows(2, seed=1)),
+        output_dir=str(tmp_path / name),
+        epochs=1,
+        precision="fp32",
+        device="cpu",
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_grad_norm=0.0,
+        learning_rate=1e-2,
+        max_length=128,
+        num_generations=4,
+        max_new_tokens=8,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+    )
+    return settings | overrides
+
+
+def _metrics(run, event="train"):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def _same_adapter(a, b, tol=1e-5):
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
+
+
+def test_grpo_trains_and_logs_its_metrics_and_validates_by_reward(tiny_model, tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = train(TrainConfig(**_settings(tiny_model, tmp_path, "run")))
+    out = capsys.readouterr().out
+    assert "data: 10 rows (prompts): 8 training, 2 validation prompts" in out
+    assert "step 2: validation loss " in out and "; mean reward of greedy answers " in out
+    steps, evals = _metrics(run), _metrics(run, "eval")
+    assert summary["steps"] == len(steps) == 2 and len(evals) == 1
+    names = {
+        "reward",
+        "reward_std",
+        "reward_short",
+        "reward_a",
+        "kl",
+        "completion_length",
+        "clipped",
+        "zero_std_groups",
+    }
+    assert names <= steps[0].keys()
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0  # the adapter starts at zero: the policy is its reference
+    assert 0 < steps[0]["completion_length"] <= 8 and steps[0]["reward_std"] > 0
+    assert steps[0]["reward"] == pytest.approx(steps[0]["reward_short"] + 0.5 * steps[0]["reward_a"])
+    assert evals[0]["val_loss"] == pytest.approx(-evals[0]["val_reward"])
+    trained = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("grpo_loss, updates", [("grpo", 1), ("token", 1), ("dr_grpo", 2)])
+def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, grpo_loss, updates):
+    """4 prompts x 1 pass and 1 prompt x 4 passes: the same sampled answers, rewards, losses and adapter (token: the
+    loss is a mean over the step's answer tokens, counted after sampling; with 2 updates per generation the second
+    step reuses the answers and clips against their sampling-time log-probabilities)."""
+    common = dict(grpo_loss=grpo_loss, updates_per_generation=updates, val_data=None, val_ratio=0, learning_rate=1e-3,
+                  epsilon=0.2 if updates == 1 else 0.002)  # fmt: skip
+    one = train(TrainConfig(**_settings(tiny_model, tmp_path, "one", batch_size=4, gradient_accumulation_steps=1,
+                                        **common)))  # fmt: skip
+    four = train(TrainConfig(**_settings(tiny_model, tmp_path, "four", batch_size=1, gradient_accumulation_steps=4,
+                                         **common)))  # fmt: skip
+    assert one["steps"] == four["steps"] == 2 * updates
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
+    for x, y in zip(a, b):
+        for name in ("reward", "completion_length", "target_tokens", "zero_std_groups"):
+            assert x[name] == pytest.approx(y[name], rel=1e-6), name
+        for name in ("loss", "grad_norm", "kl"):
+            assert x[name] == pytest.approx(y[name], rel=1e-4, abs=1e-7), name
+    if updates > 1:
+        assert a[0]["reward"] == a[1]["reward"] and a[1]["clipped"] > 0
+    _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
+
+
+# `loratune train` in a child process, with the local reward, that kills itself before its N-th training pass.
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, os.environ["TESTS"])
+from test_grpo_train import ShortAndA
+from loratune.cli import main
+from loratune.modeling import objective
+from loratune.modeling.grpo import GroupForward
+objective._rewards_for = lambda cfg: ShortAndA()
+at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], GroupForward.forward
+def faulty(self, *args):
+    if self.training:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args)
+GroupForward.forward = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(flags: dict, kill_at: int = 0, resume: bool = False):
+    given = {k: v for k, v in flags.items() if v is not None}
+    args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
+    env = {**os.environ, "KILL_AT_PASS": str(kill_at), "TESTS": os.path.dirname(__file__)}
+    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
+
+
+def test_killed_grpo_run_resumes_sampling_the_same_answers(tiny_model, tmp_path):
+    """2 prompts x 2 passes a step, killed in the middle of step 2: the resumed run samples step 2's answers again
+    from the weights of step 1 (and its step 3 from the same step 2 update): the same rewards and adapter."""
+    common = dict(batch_size=1, gradient_accumulation_steps=2, save_every_steps=1, val_data=None, val_ratio=0)
+    train(TrainConfig(**_settings(tiny_model, tmp_path, "reference", rows=prompt_rows(6), **common)))
+    flags = _settings(tiny_model, tmp_path, "run", rows=prompt_rows(6), **common)
+    result = _run(flags, kill_at=4)  # the 2nd pass of step 2
+    assert result.returncode == -signal.SIGKILL, result.stderr[-1500:]
+    result = _run(flags, resume=True)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "resuming from" in result.stdout
+    resumed, reference = _metrics(tmp_path / "run"), _metrics(tmp_path / "reference")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for x, y in zip(resumed, reference):
+        assert (x["reward"], x["completion_length"]) == (y["reward"], y["completion_length"])
+    _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rows, said",
+    [
+        ([{"text": "just some text"}], "no prompts: columns ['text']; grpo needs a 'prompt' column"),
+        ([{"question": "hi", "answer": "yes"}], "no prompts: columns ['answer', 'question']"),
+        ([{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}],
+         "must end with a user or system turn"),
+    ],
+)  # fmt: skip
+def test_a_file_without_prompts_is_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, rows, said):
+    flags = _settings(tiny_model, tmp_path, "run", rows=rows * 3)
+    code = main(["train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and said in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
