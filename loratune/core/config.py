@@ -202,7 +202,7 @@ class TrainConfig(BaseModel):
         8, ge=2, description="grpo: answers sampled per prompt (the group whose rewards are compared)."
     )
     temperature: float = Field(
-        1.0, gt=0, description="grpo: sampling temperature of the answers (their log-probabilities use it too)."
+        1.0, gt=0, description="grpo: sampling temperature of the answers (the loss scores their tokens at it too)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling, the probability mass sampled from.")
     max_new_tokens: int = Field(
@@ -211,7 +211,7 @@ class TrainConfig(BaseModel):
     grpo_beta: float = Field(
         0.04,
         ge=0,
-        description="grpo: weight of the per-token KL penalty to the reference (the base without the adapter); "
+        description="grpo: weight of the KL penalty per token to the reference (the base without the adapter); "
         "higher = closer. Its own field: dpo/kto's beta is a temperature where lower means further, and 0 here "
         "(TRL's default) lets held-out accuracy drift.",
     )
@@ -226,8 +226,8 @@ class TrainConfig(BaseModel):
     updates_per_generation: int = Field(
         1,
         ge=1,
-        description="grpo: optimizer steps on each step's sampled answers (later ones clip against the "
-        "log-probabilities at sampling time).",
+        description="grpo: optimizer steps on each step's sampled answers (later ones clip the probability ratio "
+        "to the weights that sampled them).",
     )
 
     # --- GRPO rewards ------------------------------------------------------------------------------
