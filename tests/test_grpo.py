@@ -53,8 +53,7 @@ def encoder(tokenizer):
 def _policy(tiny_model):
     """The tiny model with a fixed, non-zero LoRA adapter (B = 0 would make the policy its own reference)."""
     base = load_model(tiny_model, torch.float32, torch.device("cpu"))
-    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
-    return _set_adapter(add_lora(base, cfg).eval())
+    return _set_adapter(add_lora(base, TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)).eval())
 
 
 def _set_adapter(model, seed=0, scale=0.5, add=False):
@@ -84,7 +83,8 @@ def _answers(tokenizer, n):
 
 
 def _cfg(**overrides):
-    settings = dict(objective="grpo", num_generations=GROUP, temperature=0.7, max_new_tokens=8, grpo_beta=0.04)
+    settings = dict(objective="grpo", num_generations=GROUP, temperature=0.7, max_new_tokens=8, grpo_beta=0.04,
+                    reward=("regex:m",))  # fmt: skip
     return TrainConfig(**settings | overrides)
 
 

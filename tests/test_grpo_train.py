@@ -15,27 +15,27 @@ from safetensors.torch import load_file
 
 from loratune import TrainConfig
 from loratune.cli import main
-from loratune.modeling import objective
 from loratune.training.loop import train
 
 WORDS = "order send mugs city leeds friday customer quantity item lamp blue red notebook please".split()
 
 
-class ShortAndA:
-    """A reward of `data.rewards.Rewards`' shape: answers near 12 characters, and each 'a' in them."""
-
-    names = ("short", "a")
-
-    def __call__(self, prompts, completions, columns, completion_tokens):
-        assert len(columns["reference"]) == len(completions)  # the rows' answers, one per sampled answer
-        short = np.array([-abs(len(c) - 12) / 12 for c in completions])
-        a = np.array([c.count("a") for c in completions], dtype=np.float64)
-        return short + 0.5 * a, {"short": short, "a": a}
+REWARDS = """
+import math
 
 
-@pytest.fixture(autouse=True)
-def _local_rewards(monkeypatch):
-    monkeypatch.setattr(objective, "_rewards_for", lambda cfg: ShortAndA())
+def short(prompts, completions, reference, **columns):
+    assert len(reference) == len(completions)  # the rows' answers, one per sampled answer
+    return [-abs(len(c) - 12) / 12 for c in completions]
+
+
+def broken(prompts, completions, **columns):
+    return [1 / 0 if c == "" else 0.0 for c in completions]
+
+
+def nan_when_sampled(prompts, completions, reference, **columns):
+    return [1.0 if c == r else math.nan for c, r in zip(completions, reference)]
+"""
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict]:
@@ -48,9 +48,11 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
 def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
+    (data / "rewards.py").write_text(REWARDS)
     settings = dict(
         model=model,
         objective="grpo",
+        reward=(f"{data / 'rewards.py'}:short", "regex:a=0.5"),
         train_data=write_jsonl(data / "train.jsonl", rows or prompt_rows(8)),
         val_data=write_jsonl(data / "val.jsonl", prompt_rows(2, seed=1)),
         output_dir=str(tmp_path / name),
@@ -69,6 +71,10 @@ def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
         gradient_accumulation_steps=1,
     )
     return settings | overrides
+
+
+def _flags(settings: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={x}" for k, v in settings.items() for x in (v if isinstance(v, tuple) else [v])]
 
 
 def _metrics(run, event="train"):
@@ -90,20 +96,11 @@ def test_grpo_trains_and_logs_its_metrics_and_validates_by_reward(tiny_model, tm
     assert "step 2: validation loss " in out and "; mean reward of greedy answers " in out
     steps, evals = _metrics(run), _metrics(run, "eval")
     assert summary["steps"] == len(steps) == 2 and len(evals) == 1
-    names = {
-        "reward",
-        "reward_std",
-        "reward_short",
-        "reward_a",
-        "kl",
-        "completion_length",
-        "clipped",
-        "zero_std_groups",
-    }
-    assert names <= steps[0].keys()
+    names = {"reward", "reward_std", "reward_short", "reward_regex", "kl", "completion_length", "clipped"}
+    assert names | {"zero_std_groups"} <= steps[0].keys()
     assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0  # the adapter starts at zero: the policy is its reference
     assert 0 < steps[0]["completion_length"] <= 8 and steps[0]["reward_std"] > 0
-    assert steps[0]["reward"] == pytest.approx(steps[0]["reward_short"] + 0.5 * steps[0]["reward_a"])
+    assert steps[0]["reward"] == pytest.approx(steps[0]["reward_short"] + 0.5 * steps[0]["reward_regex"])
     assert evals[0]["val_loss"] == pytest.approx(-evals[0]["val_reward"])
     trained = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
@@ -123,7 +120,8 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     assert one["steps"] == four["steps"] == 2 * updates
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
     for x, y in zip(a, b):
-        for name in ("reward", "completion_length", "target_tokens", "zero_std_groups"):
+        units = "answer_tokens" if grpo_loss == "token" else "sampled_answers"  # the step's count
+        for name in ("reward", "completion_length", units, "zero_std_groups"):
             assert x[name] == pytest.approx(y[name], rel=1e-6), name
         for name in ("loss", "grad_norm", "kl"):
             assert x[name] == pytest.approx(y[name], rel=1e-4, abs=1e-7), name
@@ -132,15 +130,11 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
 
 
-# `loratune train` in a child process, with the local reward, that kills itself before its N-th training pass.
+# `loratune train` in a child process that kills itself before its N-th training pass.
 KILLER = """
 import os, signal, sys
-sys.path.insert(0, os.environ["TESTS"])
-from test_grpo_train import ShortAndA
 from loratune.cli import main
-from loratune.modeling import objective
 from loratune.modeling.grpo import GroupForward
-objective._rewards_for = lambda cfg: ShortAndA()
 at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], GroupForward.forward
 def faulty(self, *args):
     if self.training:
@@ -155,8 +149,8 @@ sys.exit(main(sys.argv[1:]))
 
 def _run(flags: dict, kill_at: int = 0, resume: bool = False):
     given = {k: v for k, v in flags.items() if v is not None}
-    args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
-    env = {**os.environ, "KILL_AT_PASS": str(kill_at), "TESTS": os.path.dirname(__file__)}
+    args = [sys.executable, "-c", KILLER, "train", *_flags(given)]
+    env = {**os.environ, "KILL_AT_PASS": str(kill_at)}
     return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
 
 
@@ -189,7 +183,32 @@ def test_killed_grpo_run_resumes_sampling_the_same_answers(tiny_model, tmp_path)
 )  # fmt: skip
 def test_a_file_without_prompts_is_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, rows, said):
     flags = _settings(tiny_model, tmp_path, "run", rows=rows * 3)
-    code = main(["train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())])
+    code = main(["train", *_flags(flags)])
     err = capsys.readouterr().err.strip()
     assert code != 0 and said in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "reward, said, folder",
+    [
+        (
+            "broken",
+            "reward rewards.py:broken raised ZeroDivisionError: division by zero, on example 0 (prompt '0:",
+            False,
+        ),
+        ("nan_when_sampled", "reward rewards.py:nan_when_sampled returned nan for example 0 (prompt '", True),
+    ],
+)
+def test_a_failing_reward_is_one_line_and_leaves_no_adapter(tiny_model, tmp_path, capsys, reward, said, folder):
+    """A reward that raises on the references stops before the run folder exists; one that returns NaN for a
+    sampled answer stops at the first step, before any update, checkpoint or adapter."""
+    flags = _settings(tiny_model, tmp_path, "run", rows=[{"prompt": f"{i}: hi", "reference": ""} for i in range(4)])
+    flags["reward"] = f"{tmp_path / 'data' / 'rewards.py'}:{reward}"
+    code = main(["train", *_flags(flags)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and said in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    run = tmp_path / "run"
+    assert run.exists() == folder
+    if folder:
+        assert not (run / "adapter").exists() and not (run / "checkpoints").exists() and not _metrics(run)

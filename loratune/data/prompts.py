@@ -26,6 +26,9 @@ from .encode import Encoder
 from .formats import SHAPES, Example, RowError, detect_format, prompt_messages, prompt_text, to_example
 from .load import BadRows, open_source
 from .prepare import DataReport, Fit, Prepared, read_examples, split_validation
+from .rewards import check_rewards, rewards_for
+
+CHECKED_ROWS = 16  # rows whose references the rewards score before any model loads
 
 
 @dataclass
@@ -152,6 +155,8 @@ def prepare_prompts(cfg, encoder: Encoder) -> Prepared:
         val, report.val_fit = PromptSet(val_fit[0][0], cfg.max_new_tokens), val_fit[0][1]
     else:
         train, val = split_validation(train, cfg.val_ratio, cfg.seed)
+    first = range(min(len(train), CHECKED_ROWS))
+    check_rewards(rewards_for(cfg), [train.items[i].text for i in first], train.columns(first))
     report.data_format = "prompts"
     report.train_examples, report.val_examples = len(train), len(val)
     test = read_examples(cfg.test_data, "test", cfg) if cfg.test_data else []

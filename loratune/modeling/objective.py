@@ -19,8 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..core.errors import UserError
 from ..data.batching import Batch
+from ..data.rewards import rewards_for
 from .generate import generate_ids, until_end
 from .grpo import (
     Group,
@@ -277,7 +277,7 @@ class GRPO(Objective):
 
     def __init__(self, cfg, encoder, rewards=None):
         self.cfg, self.encoder = cfg, encoder
-        self.rewards = rewards if rewards is not None else _rewards_for(cfg)
+        self.rewards = rewards if rewards is not None else rewards_for(cfg)
         self.unit = "answer tokens" if cfg.grpo_loss == "token" else "sampled answers"
         names = tuple(f"reward_{n}" for n in self.rewards.names)
         self.metrics = ("reward", "reward_std", *names, "kl", "completion_length", "clipped", "zero_std_groups")
@@ -376,15 +376,6 @@ def _answer_logprobs(module, prompts: list[list[int]], answers: list[list[int]],
         logps, rows = target_logprobs(module.model, batch, module.temperature)
     module.train(was_training)
     return list(logps.cpu().split(torch.bincount(answer_of_tokens(batch, rows), minlength=len(answers)).tolist()))
-
-
-def _rewards_for(cfg):
-    """The run's reward functions (`reward`), from data.rewards."""
-    try:
-        from ..data.rewards import rewards_for
-    except ImportError:
-        raise UserError("objective grpo needs reward functions, and this build of loratune has none") from None
-    return rewards_for(cfg)
 
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
