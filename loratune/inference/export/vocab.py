@@ -114,7 +114,7 @@ def _file_tokenizer(writer, tokenizer, model_path: str, vocab_size: int) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if pieces:
-        writer.add_token_scores(_scores(tokens, merges))
+        writer.add_token_scores(_scores(tokens, model.get("merges", [])))
     bos = tokenizer.bos_token_id
     for token, add in ((bos, writer.add_bos_token_id), (tokenizer.unk_token_id, writer.add_unk_token_id),
                        (tokenizer.pad_token_id, writer.add_pad_token_id)):  # fmt: skip
@@ -142,12 +142,12 @@ def _vocabulary(tokenizer, vocab_size: int, pieces: bool) -> tuple[list[str], li
     return tokens + [f"[PAD{i}]" for i in padding], types + [TokenType.UNUSED] * len(padding)
 
 
-def _scores(tokens: list[str], merges: list[str]) -> list[float]:
+def _scores(tokens: list[str], merges: list) -> list[float]:
     """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest, where BPE applies
     the earliest merge: a token scores minus the rank of the merge that makes it (0 for one no merge makes)."""
     rank = {}
-    for i, merge in enumerate(merges):
-        rank.setdefault(merge.replace(" ", "", 1), i)
+    for i, merge in enumerate(merges):  # a pair, or "left right" in older files (a piece has ▁ for its spaces)
+        rank.setdefault("".join(merge) if not isinstance(merge, str) else merge.replace(" ", "", 1), i)
     return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
 
 
