@@ -279,3 +279,79 @@ def test_a_pissa_checkpoints_adapter_as_trained_is_not_exported_as_plain_lora(va
     checkpoint = str(run / "checkpoints" / f"step-{STEPS:06d}")
     with pytest.raises(UserError, match="this adapter is pissa's as trained, right only on the base it changed"):
         export_gguf(run, tmp_path / "a.gguf", adapter_only=True, adapter=checkpoint)
+
+
+# --- Memory: the plan counts each variant's weights, state and activations -------------------------------------
+
+
+def test_each_variants_weights_gradients_and_adamw_state_are_counted_exactly(tiny_model):
+    """DoRA's magnitudes count as adapter weights (fp32); modules_to_save's copies with their gradients and AdamW
+    state in the base dtype: against the model built for real after one AdamW step."""
+    from transformers import AutoConfig
+
+    from loratune.memory.arithmetic import MemoryModel
+    from loratune.memory.shape import shape_from_config
+
+    cfg = TrainConfig(use_dora=True, modules_to_save=["lm_head"], lora_dropout=0.0)
+    model = _model(tiny_model, cfg, True)
+    _logits_and_grads(model, IDS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    optimizer.step()
+    measured = {"adapter": 0, "saved": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            state = optimizer.state[p]
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            measured["saved" if "modules_to_save" in name else "adapter"] += sum(t.nbytes for t in tensors)
+    items = MemoryModel.for_run(cfg, shape_from_config(AutoConfig.from_pretrained(tiny_model), cfg), "cpu",
+                                torch.float32).static_bytes()  # fmt: skip
+    adapter = sum(v for k, v in items.items() if k.startswith(("LoRA", "AdamW")))
+    assert (adapter, items["modules_to_save copies, their gradients and AdamW state (4 x fp32)"]) == (
+        measured["adapter"],
+        measured["saved"],
+    )
+
+
+def _config(large: bool):
+    from transformers import LlamaConfig
+
+    sizes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    small = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(vocab_size=49152 if large else 1000, num_hidden_layers=2, **(sizes if large else small))
+
+
+PASS_CASES = {  # settings, the SmolLM2-135M block and vocabulary (else a small one), base dtype
+    "dora": ({"use_dora": True}, False, torch.float32),
+    "dora without dropout": ({"use_dora": True, "lora_dropout": 0.0}, False, torch.float32),
+    "dora bf16": ({"use_dora": True}, False, torch.bfloat16),
+    "dora bf16 without dropout": ({"use_dora": True, "lora_dropout": 0.0}, False, torch.bfloat16),
+    "dora bf16, smollm2-135m blocks": ({"use_dora": True}, True, torch.bfloat16),
+    "embeddings and head trained": ({"modules_to_save": ["embed_tokens", "lm_head"]}, False, torch.float32),
+    "head trained, smollm2-135m vocabulary": ({"modules_to_save": ["lm_head"]}, True, torch.float32),
+    "head trained bf16, smollm2-135m vocabulary": ({"modules_to_save": ["lm_head"]}, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", PASS_CASES)
+def test_a_variants_pass_is_planned_within_5_percent_of_its_measured_peak(case):
+    """One pass's estimated activations and working memory against the CPU allocator's measured peak increase
+    (as tests/test_memory.py checks plain LoRA): DoRA runs PEFT's layer, a trained head an unchunked loss."""
+    from transformers import LlamaForCausalLM
+
+    from bench.measure import measure_pass
+    from loratune.memory.arithmetic import MemoryModel
+    from loratune.memory.shape import shape_from_config
+
+    settings, large, dtype = PASS_CASES[case]
+    cfg, config = TrainConfig(**settings), _config(large)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(dtype)
+    base.config.use_cache = False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bytes, not speed: one thread spares OpenMP's waits on a busy shared CPU
+    try:
+        measured, batch = measure_pass(base, cfg, [300, 212], 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    estimated = MemoryModel.for_run(cfg, shape_from_config(config, cfg), "cpu", dtype).batch_bytes(batch)
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)

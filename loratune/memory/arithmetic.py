@@ -40,6 +40,12 @@ GENERATION_LOGIT_BYTES = 12  # fp32 copies of each prompt logit while generation
 # Layers that read the same tensor: without dropout their adapters keep that one tensor for the backward pass.
 SIBLINGS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+# Bytes per input value a dropped-out DoRA layer keeps: the fp32 dropped-out input and torch's mask, and 2 more
+# (fitted to the measured peaks of tests/test_variants.py, not itemised)
+DORA_DROPPED_INPUT = 7
+# Bytes per logit of the loss with a trained output layer at its peak (fitted to tests/test_variants.py's measured
+# peaks of an fp32 and a bf16 base: 13 and 12)
+TRAINED_HEAD_LOGIT_BYTES = 12.5
 MEASURED_TYPES = ("llama",)  # block structure the per-token counts follow (tests measure it)
 
 
@@ -61,10 +67,12 @@ class ModelShape:
     linears: tuple[tuple[str, int, int, bool], ...]  # one block's linear layers: (name, in, out width, has LoRA)
     rank: int
     packs: bool  # supports loratune's packed attention (else training pads)
+    saved_params: int = 0  # modules_to_save: the trained copies of whole layers (in the base dtype)
+    head_trained: bool = False  # the output layer is one of them: the loss runs through autograd, unchunked
 
     @property
     def total_params(self) -> int:
-        return self.block_linear_params + self.other_params + self.lora_params
+        return self.block_linear_params + self.other_params + self.lora_params + self.saved_params
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class MemoryModel:
     lora_dropout: float = 0.0
     shards: int = 1  # FSDP2 or ZeRO-3: the processes the weights and optimizer state are split over
     sharding: Sharding = field(default_factory=lambda: FSDP2_SHARDS)  # how, when shards > 1
+    dora: bool = False  # PEFT's DoRA layer in place of loratune's fused one
 
     @classmethod
     def for_run(
@@ -127,6 +136,7 @@ class MemoryModel:
             cfg.lora_dropout,
             shards,
             sharding or FSDP2_SHARDS,
+            cfg.use_dora,
         )
 
     @property
@@ -146,6 +156,7 @@ class MemoryModel:
                 "LoRA weights (fp32)": s.lora_params * ADAPTER,
                 "LoRA gradients (fp32)": s.lora_params * ADAPTER,
                 "AdamW state (2 x fp32)": 2 * s.lora_params * ADAPTER,
+                **self._saved_layers(),
             }
         layer = (s.block_linear_params * per_linear + s.lora_params * ADAPTER) / max(1, s.layers)
         lora = s.lora_params * ADAPTER
@@ -163,7 +174,16 @@ class MemoryModel:
             "weights gathered to run (embeddings, output layer, 2 decoder layers)": int(
                 s.other_params * self.base_bytes + 2 * layer
             ),
+            **self._saved_layers(),
         }
+
+    def _saved_layers(self) -> dict[str, int]:
+        """modules_to_save: PEFT's trained copy of each whole layer, its gradient and AdamW's two moments, all in the
+        base dtype (the copy is the layer's own; counted whole on every process)."""
+        if not self.shape.saved_params:
+            return {}
+        copy = self.shape.saved_params * self.base_bytes
+        return {f"modules_to_save copies, their gradients and AdamW state (4 x {dtype_name(self.dtype)})": 4 * copy}
 
     def pass_bytes(self, tokens: int, targets: int | None = None, rows: int = 1) -> PassBytes:
         """Peak memory of one forward + backward pass of `tokens` positions (padding included) in `rows` rows.
@@ -180,11 +200,12 @@ class MemoryModel:
         # Kept for the whole pass: rotary cos/sin (shared by all blocks), the final norm, the target mask, and the
         # gradient of the hidden states that the loss computes in its forward pass.
         model_level = tokens * (2 * s.head_dim * e + 4 * s.hidden + 4 + 1) + targets * s.hidden * e
+        copies = self._dora_weight_copies()
         if self.checkpointing:  # each block keeps only its input; one block at a time is recomputed
             saved = tokens * s.layers * s.hidden * e + model_level
-            backward = tokens * block + self._backward_working(tokens, targets, tokens)
+            backward = tokens * block + copies + self._backward_working(tokens, targets, tokens)
         else:
-            saved = tokens * (s.layers * block - first_block_saving) + model_level
+            saved = tokens * (s.layers * block - first_block_saving) + model_level + s.layers * copies
             backward = self._backward_working(tokens, targets, tokens)
             if targets < ROW_SUBSET_BELOW * tokens:  # the last MLP runs on the target rows only (loss.py)
                 saved -= (tokens - targets) * mlp
@@ -193,7 +214,10 @@ class MemoryModel:
                 backward = max(
                     self._backward_working(tokens, targets, targets), backward - tokens * (block - mlp) - targets * mlp
                 )
-        loss = _loss_working(tokens, targets, s.hidden, s.vocab, e)
+        if s.head_trained:
+            loss = _trained_head_loss_working(tokens, targets, s.hidden, s.vocab, e)
+        else:
+            loss = _loss_working(tokens, targets, s.hidden, s.vocab, e)
         return PassBytes(int(saved), int(max(loss, backward)), loss >= backward)
 
     def batch_bytes(self, batch) -> int:
@@ -236,16 +260,18 @@ class MemoryModel:
         attention = (2 * s.heads + 2 * kv_heads) * s.head_dim * attended + 4 * s.heads
         mlp = 3 * s.intermediate * e
         lora, first_saving, shared = 0, norm, set()
-        for name, width, _, has_lora in s.linears:
+        for name, width, out, has_lora in s.linears:
             if not has_lora:
                 continue
             group = SIBLINGS.get(name, name)
             saved = e * s.rank
-            if self.lora_dropout > 0:
+            if self.dora:
+                saved = self._dora_saved(width, out, group not in shared)
+            elif self.lora_dropout > 0:
                 saved += width * (e + self._dropped)
             elif group not in shared:
                 saved += width * e
-                shared.add(group)
+            shared.add(group)
             if name in MLP_LINEARS:
                 mlp += saved
             else:
@@ -255,6 +281,23 @@ class MemoryModel:
             lora += e * sum(inputs.values())
             first_saving += e * inputs.get("attention", 0)
         return 2 * norm + attention + mlp + lora, mlp, first_saving
+
+    def _dora_saved(self, width: int, out: int, first_reader: bool) -> float:
+        """Bytes per token that one DoRA layer (PEFT's, all in fp32 whatever the base) keeps: lora_A's output, the
+        base output and the scaled update (for the magnitude's gradient), and its input: dropped out, in fp32
+        (DORA_DROPPED_INPUT), or without dropout its fp32 form, shared by the layers that read it."""
+        saved = ADAPTER * (self.shape.rank + 2 * out)
+        if self.lora_dropout > 0:
+            return saved + width * DORA_DROPPED_INPUT
+        return saved + (width * ADAPTER if first_reader else 0)
+
+    def _dora_weight_copies(self) -> int:
+        """Bytes of one block's DoRA weight copies: with dropout PEFT's DoRA recomputes the base output from the
+        dropped-out fp32 input with an fp32 copy of the weight, which it keeps for the input's gradient (a 16-bit
+        base's; an fp32 weight is the layer's own)."""
+        if not self.dora or self.lora_dropout == 0 or self.base_bytes == ADAPTER:
+            return 0
+        return ADAPTER * sum(width * out for _, width, out, has_lora in self.shape.linears if has_lora)
 
     @property
     def _dropped(self) -> float:
@@ -290,6 +333,14 @@ class MemoryModel:
         freed = tokens * ADAPTER * d + targets * d * e
         dequantised = max(n * m for _, n, m, _ in s.linears) * e if self.load_in_4bit and s.linears else 0
         return max(mlp_rows * max(down_proj, product), tokens * norm) - freed + dequantised
+
+
+def _trained_head_loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) -> float:
+    """The loss with a trained output layer (modules_to_save): the decoder's output and its target rows, then all
+    targets' logits at once through autograd: the logits, their fp32 copy (in a 16-bit base), the fp32 log-softmax
+    cross-entropy keeps, and in the backward pass its gradient and the logits' gradient (TRAINED_HEAD_LOGIT_BYTES
+    per logit in all, fitted)."""
+    return (tokens + targets) * hidden * e + targets * vocab * TRAINED_HEAD_LOGIT_BYTES
 
 
 def _loss_working(tokens: int, targets: int, hidden: int, vocab: int, e: int) -> float:

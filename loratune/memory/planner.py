@@ -259,7 +259,7 @@ def estimate(
         budget_source=budget.source,
         fits=total <= budget.bytes,
         total_by_checkpointing=by_checkpointing,
-        trainable_params=mm.shape.lora_params,
+        trainable_params=mm.shape.lora_params + mm.shape.saved_params,
         total_params=mm.shape.total_params,
     )
     if mm.shape.model_type not in MEASURED_TYPES:

@@ -10,6 +10,8 @@ from ..core.config import TrainConfig
 from ..core.errors import UserError
 from .arithmetic import ModelShape
 
+SAVED = ".modules_to_save."  # PEFT's name for the trained copies of modules_to_save
+
 
 def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
     """The shape of the model at `model_path` (a folder or hub id) with cfg's LoRA; reads config.json only."""
@@ -34,6 +36,7 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
 def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
     """Build the model on the meta device (no memory, no weights) and count its parameters with LoRA added."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM
 
     from ..modeling.adapter import add_lora, supports_packing
@@ -41,11 +44,12 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
     with torch.device("meta"):
         model = add_lora(AutoModelForCausalLM.from_config(config), cfg)
     head = model.get_output_embeddings()
+    head_parts = set(head.modules())  # with modules_to_save, its wrapper holds the original and the trained copy
     frozen = {id(p): p.numel() for p in model.parameters() if not p.requires_grad}
     linears = {
         name.removesuffix(".base_layer"): m
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad
+        if isinstance(m, torch.nn.Linear) and m not in head_parts and not m.weight.requires_grad
     }
     linear = {id(m.weight) for m in linears.values()}
     adapted = {name for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -62,7 +66,9 @@ def shape_from_config(config, cfg: TrainConfig) -> ModelShape:
         vocab=text.vocab_size,
         block_linear_params=sum(n for k, n in frozen.items() if k in linear),
         other_params=sum(n for k, n in frozen.items() if k not in linear),
-        lora_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        lora_params=sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and SAVED not in n),
+        saved_params=sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and SAVED in n),
+        head_trained=isinstance(head, ModulesToSaveWrapper),
         linears=tuple(
             (name.rsplit(".", 1)[-1], m.in_features, m.out_features, name in adapted)
             for name, m in linears.items()
