@@ -1,19 +1,18 @@
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
+from loratune import TrainConfig
 from loratune.data.batching import collate_packed
 from loratune.modeling.adapter import add_lora
 from loratune.modeling.attention import NAME
-from loratune.modeling.loss import CausalLMLoss, target_cross_entropy
+from loratune.modeling.loss import CausalLMLoss, target_cross_entropy, token_logprobs
 from loratune.modeling.model import load_model
 
 
 def test_last_mlp_on_target_rows_only_gives_the_same_loss_and_gradients(tiny_model):
     base = load_model(tiny_model, torch.float32, torch.device("cpu"))
     base.set_attn_implementation(NAME)
-    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
+    cfg = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
     model = add_lora(base, cfg).train()
     for name, p in model.named_parameters():  # B = 0 would leave A without gradient
         if "lora_B" in name:
@@ -45,7 +44,7 @@ def test_shape_buckets_give_the_same_loss_and_gradients(tiny_model):
     gradients are those of the exact row; the filler counts as padding, not as tokens."""
     base = load_model(tiny_model, torch.float32, torch.device("cpu"))
     base.set_attn_implementation(NAME)
-    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
+    cfg = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear", seed=0)
     model = add_lora(base, cfg).train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -89,10 +88,30 @@ def test_chunked_loss_equals_full_logits_across_chunk_boundaries(monkeypatch):
     torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_logprobs_equal_full_logits_in_values_and_gradients(monkeypatch):
+    """The per-token log-probabilities preference losses sum per answer: several chunks (the last partial), ignored
+    rows, and a different incoming gradient per token."""
+    monkeypatch.setattr("loratune.modeling.loss.CHUNK_TOKENS", 4)
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(11, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=gen)
+    targets[[2, 7]] = -100
+    weights = torch.randn(11, generator=gen)
+    chunked = token_logprobs(hidden, head, targets)
+    (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), hidden)
+    full = torch.log_softmax(head(hidden), -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    full = full * (targets != -100)
+    (grad_full,) = torch.autograd.grad((full * weights).sum(), hidden)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-5, atol=1e-6)
+    assert not grad_chunked[[2, 7]].any()
+
+
 def test_bf16_base_keeps_lora_weights_gradients_and_optimizer_state_in_fp32(tiny_model):
     base = load_model(tiny_model, torch.bfloat16, torch.device("cpu"))
     base.set_attn_implementation(NAME)
-    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules="all-linear", seed=0)
+    cfg = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules="all-linear", seed=0)
     model = add_lora(base, cfg).train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named]

@@ -23,11 +23,12 @@ CHUNK_TOKENS = 2048
 ROW_SUBSET_BELOW = 0.9
 
 
-class _FrozenHeadCrossEntropy(torch.autograd.Function):
+class _FrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        """Rows whose target is IGNORE (filler rows, see `CausalLMLoss`) add nothing to the loss or gradient."""
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        """log p(target) per row, fp32; rows whose target is IGNORE (filler rows, see `CausalLMLoss`) give 0 and no
+        gradient."""
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -35,28 +36,45 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             t = t.clamp(min=0)
             logits = (h @ weight.T).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).masked_fill_(ignored, 0).sum()
+            out[start : start + chunk] = (logits.gather(1, t[:, None]).squeeze(1) - lse).masked_fill_(ignored, 0)
             if grad is not None:
-                probs = (logits - lse[:, None]).exp_()  # softmax, reusing the logits' memory
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                # d logp_t / d logits = onehot(t) - softmax, computed in the logits' memory
+                probs = (logits - lse[:, None]).exp_().neg_()
+                probs[torch.arange(len(t), device=t.device), t] += 1.0
                 # masked after the product: [chunk, hidden] is far smaller than [chunk, vocabulary]
                 grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).masked_fill_(ignored[:, None], 0)
         ctx.save_for_backward(grad)
-        return total
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output[:, None].to(grad.dtype), None, None, None
+
+
+def _frozen_plain(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probability of each row's target token [N] from hidden states [N, D] (0 where target is IGNORE):
+    SFT's loss sums them, preference losses sum them per answer."""
+    if _frozen_plain(head):
+        return _FrozenHeadLogprobs.apply(hidden, head.weight, targets, CHUNK_TOKENS)
+    return logprobs_of_logits(head(hidden), targets)  # a head with LoRA, a bias or trained weights: autograd
+
+
+def logprobs_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return picked.masked_fill(targets == IGNORE, 0)
 
 
 def target_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies. `hidden` [N, D] are the states at target positions, `targets` [N] (rows
     with target IGNORE count for nothing)."""
-    frozen_plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-    if not frozen_plain:  # a head with LoRA, a bias or trained weights: ordinary autograd
+    if not _frozen_plain(head):  # a head with LoRA, a bias or trained weights: ordinary autograd
         return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, CHUNK_TOKENS)
+    return -token_logprobs(hidden, head, targets).sum()
 
 
 # Config attributes of models whose logits are not a plain linear map of the hidden states.

@@ -1,10 +1,10 @@
 """Preference tuning: answers' log-probabilities, and the DPO, IPO, ORPO, SimPO and KTO losses over them.
 
 `sequence_logprobs` runs a model on a `Batch` of prompt + answer sequences (targets on the answers) and returns each
-sequence's summed log-probability and target count. As in `loss.py`, the output layer is frozen under LoRA, so its
-gradient with respect to the hidden states is computed chunk by chunk in the forward pass: the full
-[tokens, vocabulary] logits never exist, and the backward pass only scales the saved d logp_t / d hidden_t by each
-token's incoming gradient.
+sequence's summed log-probability and target count, from SFT's per-token log-probabilities (`loss.token_logprobs`:
+the output layer is frozen under LoRA, so its gradient with respect to the hidden states is computed chunk by chunk
+in the forward pass; the full [tokens, vocabulary] logits never exist, and the backward pass only scales the saved
+d logp_t / d hidden_t by each token's incoming gradient).
 
 The losses are pure functions of per-sequence sums of log-probabilities (and answer token counts), each as TRL 1.16
 defines it (`tests/test_preference.py` checks them against TRL's own trainers); each returns per-pair losses, whose
@@ -34,48 +34,7 @@ import torch.nn.functional as F
 
 from ..data.batching import Batch
 from ..data.encode import IGNORE
-from .loss import _plain_head
-
-CHUNK_TOKENS = 2048
-
-
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        """log p(target) per row; rows whose target is IGNORE give 0 and no gradient."""
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if hidden.requires_grad else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            ignored = t == IGNORE
-            t = t.clamp(min=0)
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            out[start : start + chunk] = (logits.gather(1, t[:, None]).squeeze(1) - lse).masked_fill_(ignored, 0)
-            if grad is not None:
-                # d logp_t / d logits = onehot(t) - softmax, computed in the logits' memory
-                probs = (logits - lse[:, None]).exp_().neg_()
-                probs[torch.arange(len(t), device=t.device), t] += 1.0
-                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).masked_fill_(ignored[:, None], 0)
-        ctx.save_for_backward(grad)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output[:, None].to(grad.dtype), None, None, None
-
-
-def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probability of each row's target token [N] from hidden states [N, D] (0 where target is IGNORE)."""
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-        return _FrozenHeadLogprobs.apply(hidden, head.weight, targets, CHUNK_TOKENS)
-    return _logprobs_of_logits(head(hidden), targets)  # a head with LoRA, a bias or trained weights: autograd
-
-
-def _logprobs_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return picked.masked_fill(targets == IGNORE, 0)
+from .loss import _plain_head, logprobs_of_logits, token_logprobs
 
 
 @dataclass
@@ -116,7 +75,7 @@ def target_logprobs(
         return token_logprobs(hidden, lm.get_output_embeddings(), targets[rows]), rows
     # logits transformed after the output layer (soft-capping, scaling): the model's own
     logits = lm(**inputs, attention_mask=mask).logits.flatten(0, 1)[rows]
-    return _logprobs_of_logits(logits / temperature if temperature != 1 else logits, targets[rows]), rows
+    return logprobs_of_logits(logits / temperature if temperature != 1 else logits, targets[rows]), rows
 
 
 def _sequence_of_positions(batch: Batch) -> tuple[torch.Tensor, int]:
