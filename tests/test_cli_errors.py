@@ -149,13 +149,13 @@ CASES = {
         "both give the training data: give one of them",
     ),
     "unknown reward": (
-        lambda *_: ["train", "--reward", "json", "--reward", "nosuch=2"],
+        lambda *_: ["train", "--objective", "grpo", "--reward", "json", "--reward", "nosuch=2"],
         "reward = ['json', 'nosuch=2'] (from --reward): 'nosuch=2': unknown reward; allowed: exact, regex:PATTERN",
     ),
     "reward function not in its file": (
         lambda tmp, *_: (
             (tmp / "r.py").write_text("def scores(completions, **kw):\n    return [0.0] * len(completions)\n")
-            and ["train", "--reward", "r.py:score"]
+            and ["train", "--objective", "grpo", "--reward", "r.py:score"]
         ),
         "reward = 'r.py:score' (from --reward): r.py defines no function 'score' at its top level",
     ),

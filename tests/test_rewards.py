@@ -17,7 +17,7 @@ REFERENCE = json.dumps({"customer": "Ann", "quantity": 3, "address": {"city": "L
 
 
 def _rewards(*specs):
-    return rewards_for(TrainConfig(reward=specs))
+    return rewards_for(TrainConfig(objective="grpo", reward=specs))
 
 
 def _score(specs, completions, tokens=None, **columns):
@@ -61,35 +61,40 @@ def test_reward_text_names_the_reward_its_argument_and_weight(text, name, argume
 )
 def test_a_bad_reward_is_refused_at_config_time_in_one_line(rewards, message):
     with pytest.raises(UserError) as e:
-        resolve(flags={"reward": rewards})
+        resolve(flags={"objective": "grpo", "reward": rewards})
     assert str(e.value).startswith(f"reward = {rewards!r} (from --reward): ")
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_flag_repeats_and_yaml_gives_a_list_or_one_name(tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text("reward:\n  - json\n  - 'regex:^\\{=0.5'\n")
+    config.write_text("objective: grpo\nreward:\n  - json\n  - 'regex:^\\{=0.5'\n")
     assert resolve(str(config)).config.reward == ("json", "regex:^\\{=0.5")
-    config.write_text("reward: json=2\n")
+    config.write_text("objective: grpo\nreward: json=2\n")
     assert resolve(str(config)).config.reward == ("json=2",)
     assert resolve(str(config), flags={"reward": ["exact", "length:9"]}).config.reward == ("exact", "length:9")
     assert main(["config", "show", str(config), "--reward", "exact", "--reward", "length:9=-1"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("reward "))
     assert row.split()[-1] == "--reward" and "'exact', 'length:9=-1'" in row
     assert resolve().config.reward == ("exact",)
-    assert resolve(flags={"reward": "json=2"}).config.reward == ("json=2",)  # the UI's form gives one as text
+    with pytest.raises(
+        UserError, match=r"reward = \['json'\] \(from --reward\): is for objective grpo, and this run's"
+    ):
+        resolve(flags={"reward": ["json"]})  # an sft run has no rewards: refused rather than silently unused
+    ui_form = {"objective": "grpo", "reward": "json=2"}  # the UI's form gives one reward as text
+    assert resolve(flags=ui_form).config.reward == ("json=2",)
 
 
 def test_a_config_files_reward_function_is_found_beside_it(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "mine.py").write_text("def score(completions, **kw):\n    return [1.0] * len(completions)\n")
-    (tmp_path / "cfg" / "run.yaml").write_text("reward: [mine.py:score=2, exact]\n")
+    (tmp_path / "cfg" / "run.yaml").write_text("objective: grpo\nreward: [mine.py:score=2, exact]\n")
     monkeypatch.chdir(tmp_path)  # not the config's folder
     cfg = resolve("cfg/run.yaml").config
     assert cfg.reward == (f"{tmp_path / 'cfg' / 'mine.py'}:score=2", "exact")
     assert rewards_for(cfg).names == ("score", "exact")
     with pytest.raises(UserError, match=r"reward = 'mine.py:score' \(from --reward\): mine.py: file not found"):
-        resolve(flags={"reward": ["mine.py:score"]})  # a flag's path is the working folder's
+        resolve(flags={"objective": "grpo", "reward": ["mine.py:score"]})  # a flag's path is the working folder's
 
 
 @pytest.mark.parametrize(
@@ -104,11 +109,11 @@ def test_a_reward_file_is_read_not_run_at_config_time(source, message, tmp_path)
     path = tmp_path / "r.py"
     path.write_text(f"open({str(marker)!r}, 'w').close()\n{source}")
     with pytest.raises(UserError) as e:
-        resolve(flags={"reward": [f"{path}:score"]})
+        resolve(flags={"objective": "grpo", "reward": [f"{path}:score"]})
     assert str(e.value) == f"reward = '{path}:score' (from --reward): {path} {message}"
     assert not marker.exists()
     path.write_text(f"open({str(marker)!r}, 'w').close()\nfrom helpers import score\n")  # defined by an import
-    assert resolve(flags={"reward": [f"{path}:score"]}).config.reward == (f"{path}:score",)
+    assert resolve(flags={"objective": "grpo", "reward": [f"{path}:score"]}).config.reward == (f"{path}:score",)
     assert not marker.exists()
 
 

@@ -39,6 +39,7 @@ OBJECTIVE_SETTINGS = {
     "epsilon": ("grpo",),
     "grpo_loss": ("grpo",),
     "updates_per_generation": ("grpo",),
+    "reward": ("grpo",),
 }
 
 
