@@ -199,6 +199,10 @@ BAD = {
         "    return [1 / (c != 'boom') for c in completions]\n",
         "reward bad.py:score raised ZeroDivisionError: division by zero, on example 2 (prompt 'Extract the order",
     ),
+    "raises on the batch only": (
+        "    assert len(completions) == 1, 'one at a time'\n    return [0.0]\n",
+        "reward bad.py:score raised AssertionError: one at a time, on the batch of 4 (on none alone)",
+    ),
     "wrong length": ("    return [1.0]\n", "bad.py:score returned 1 scores for 4 completions: expected one each"),
     "NaN": (
         "    return [float('nan') if c == 'boom' else 1.0 for c in completions]\n",
