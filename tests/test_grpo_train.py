@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_jsonl
+from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
@@ -212,3 +213,23 @@ def test_a_failing_reward_is_one_line_and_leaves_no_adapter(tiny_model, tmp_path
     assert run.exists() == folder
     if folder:
         assert not (run / "adapter").exists() and not (run / "checkpoints").exists() and not _metrics(run)
+
+
+def test_grpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
+    """`--num-processes 2` with accumulation 2 against one process with accumulation 4, the loss a mean over the
+    step's answer tokens (each process counts its own, the step sums them): the same answers, steps, validation
+    (whose 3 prompts the processes share 2 + 1) and adapter."""
+    flags = ("--objective", "grpo", "--reward", "regex:a", "--num-generations", "4", "--max-new-tokens", "8",
+             "--grpo-loss", "token")  # fmt: skip
+    job = Job(tiny_model, tmp_path, rows=prompt_rows, flags=flags)
+    _, one = job.run("one", ONE, "--gradient-accumulation-steps", "4")
+    result, two = job.run("two", ["-m", "loratune", "train", "--num-processes", "2"], "--gradient-accumulation-steps",
+                          "2")  # fmt: skip
+    assert "engine: DDP, 2 processes on 1 node" in result.stdout
+    assert_same_steps(one, two)
+    for a, b in zip(_metrics(one) + _metrics(one, "eval"), _metrics(two) + _metrics(two, "eval")):
+        for name in ("reward", "answer_tokens", "completion_length", "loss", "kl", "val_loss"):
+            if name in a:
+                assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (name, a, b)
+    for adapter in ("last", "adapter"):
+        assert relative_difference(one / adapter, two / adapter) <= 1e-4
