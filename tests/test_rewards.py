@@ -1,5 +1,6 @@
 """GRPO's rewards: the `reward` setting's syntax and its checks at config time, what each built-in scores, the user's
-functions, and one line naming the reward and the example for a reward that fails. No model is needed."""
+functions, and one line naming the reward and the example for a reward that fails. No model is needed but to build
+TRL's trainer, whose scores of the same functions ours must equal."""
 
 import json
 
@@ -264,3 +265,40 @@ def test_check_rewards_scores_the_references_before_any_generation(tmp_path):
     (tmp_path / "needs.py").write_text("def score(completions, level, **kw):\n    return [1.0] * len(completions)\n")
     with pytest.raises(RewardError, match="needs.py:score raised TypeError: .*'level'"):
         check_rewards(_rewards(f"{tmp_path}/needs.py:score"), prompts, {"reference": ["a", "b", "c"]})
+
+
+def test_functions_written_for_trl_score_as_in_trls_grpo_trainer(tiny_model, tmp_path):
+    """The same functions, weights and rows: each function's scores equal TRL 1.16 GRPOTrainer's, and the total is
+    their sum weighted by TRL's reward_weights."""
+    import runpy
+
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    path = tmp_path / "trl_rewards.py"
+    path.write_text(
+        "def trl_style(completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n"
+        "def with_columns(prompts, completions, reference, topic, **kwargs):\n"
+        "    return [float(c == r) + (t == 'math') + len(p) / 100 for p, c, r, t in zip(prompts, completions, "
+        "reference, topic)]\n"
+    )
+    functions = runpy.run_path(str(path))
+    trainer = GRPOTrainer(
+        model=tiny_model,
+        reward_funcs=[functions["trl_style"], functions["with_columns"]],
+        args=GRPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False,
+                        reward_weights=[2.0, -0.5], per_device_train_batch_size=4, num_generations=2),
+        train_dataset=Dataset.from_list([{"prompt": "2+2?"}, {"prompt": "hi"}]),
+    )  # fmt: skip
+    rows = [{"prompt": "2+2?", "reference": "4", "topic": "math"}] * 2 + [{"prompt": "hi", "reference": "hello"}] * 2
+    rows = [{"topic": "x", **row} for row in rows]
+    prompts, completions = [r["prompt"] for r in rows], ["4", "5", "hello", "hey there"]
+    theirs = trainer._calculate_rewards(rows, prompts, completions, [[0]] * len(rows))  # [completions, functions]
+
+    ours = _rewards(f"{path}:trl_style=2", f"{path}:with_columns=-0.5")
+    columns = {k: [r[k] for r in rows] for k in ("reference", "topic")}
+    total, scores = ours(prompts, completions, columns, [1] * len(rows))
+    assert np.stack([scores["trl_style"], scores["with_columns"]], axis=1) == pytest.approx(theirs.double().numpy())
+    assert total == pytest.approx((theirs * trainer.reward_weights).sum(dim=1).double().numpy())
+    assert theirs.dtype == torch.float32 and total.dtype == np.float64  # TRL scores in fp32, loratune in fp64
