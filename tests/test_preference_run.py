@@ -13,9 +13,16 @@ from conftest import pair_rows, write_jsonl
 from loratune.cli import main
 
 
+def _events(run, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
 def _last_validation(run) -> dict:
-    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [r for r in lines if r["event"] == "eval"][-1]
+    return _events(run, "eval")[-1]
+
+
+def _steps(run) -> list[dict]:
+    return _events(run, "train")
 
 
 def test_eval_gives_the_runs_validation_numbers_and_the_reference_for_the_base(tiny_dpo_run, tmp_path, capsys):
@@ -135,3 +142,57 @@ def test_generation_formats_a_preference_runs_prompts_as_training_did(tiny_model
     assert fmt == ("prompt_completion" if text else "messages")
     prompts = [encoder.prompt_ids(ex) for ex in prompt_examples(cfg.train_data, fmt, {})]
     assert prompts == [pair.prompt for pair in data.train.items]
+
+
+def test_a_dpo_run_on_top_of_an_sft_run_and_its_adapter_on_that_runs_model(
+    tiny_model, tiny_plain_model, tiny_run, tmp_path, capsys
+):
+    """reference: RUN: the SFT run's model is the starting point and the reference, in training and when the run is
+    loaded; the adapter loads with PEFT on the SFT run's merged model, or stacked on the SFT run's adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loratune import TrainConfig, train
+    from loratune.inference.evaluate import evaluate_run
+    from loratune.inference.merge import merge
+    from loratune.inference.run import load_run
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    settings = dict(model=tiny_model, objective="dpo", train_data=data, val_ratio=0, epochs=1, batch_size=4,
+                    gradient_accumulation_steps=2, precision="fp32", device="cpu", learning_rate=1e-3,
+                    max_length=256)  # fmt: skip
+    train(TrainConfig(**settings, reference=str(tiny_run), output_dir=str(tmp_path / "dpo")))
+    train(TrainConfig(**settings, output_dir=str(tmp_path / "plain")))
+    step, plain = (_steps(tmp_path / run)[0] for run in ("dpo", "plain"))
+    assert step["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+    # its base (adapter off) is the SFT run's model: in training's first step (the adapter at zero) and when loaded
+    dpo = load_run(tmp_path / "dpo")
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_run / "adapter").eval()
+    ids = torch.tensor([dpo.tokenizer("send two lamps to leeds").input_ids])
+    with torch.no_grad(), dpo.model.disable_adapter():
+        torch.testing.assert_close(dpo.model(ids).logits, sft(ids).logits, atol=1e-5, rtol=1e-5)
+    base = evaluate_run(tmp_path / "dpo", data, report=tmp_path / "r.jsonl")["base"]
+    assert base["chosen_logp"] == pytest.approx(step["chosen_logp"], rel=1e-5)
+    assert abs(step["chosen_logp"] - plain["chosen_logp"]) > 0.01 * abs(plain["chosen_logp"])
+
+    with torch.no_grad():
+        tuned = dpo.model(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merge(tiny_run, tmp_path / "sft-merged"))
+        on_merged = PeftModel.from_pretrained(merged, tmp_path / "dpo" / "adapter").eval()
+        torch.testing.assert_close(on_merged(ids).logits, tuned, atol=1e-5, rtol=1e-5)
+        stacked = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_run / "adapter",
+                                            adapter_name="sft")  # fmt: skip
+        stacked.load_adapter(tmp_path / "dpo" / "adapter", adapter_name="dpo")
+        stacked.base_model.set_adapter(["sft", "dpo"])
+        torch.testing.assert_close(stacked.eval()(ids).logits, tuned, atol=1e-5, rtol=1e-5)
+
+    for model, reference, said in ((tiny_model, tmp_path, "not a loratune run folder (no config.yaml)"),
+                                   (tiny_plain_model, tiny_run, "that run's adapter is for model")):  # fmt: skip
+        flags = ["--model", model, "--objective", "dpo", "--train-data", data, "--reference", str(reference)]
+        assert main(["train", *flags, "--output-dir", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: reference = ") and said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
+    assert main(["export", str(tmp_path / "dpo"), "--format", "gguf", "--adapter-only"]) == 2
+    assert "trained on top of" in capsys.readouterr().err

@@ -30,6 +30,7 @@ OBJECTIVE_SETTINGS = {
     "simpo_gamma": ("simpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
+    "reference": ("dpo", "orpo", "simpo", "kto"),
     # GRPO
     "num_generations": ("grpo",),
     "temperature": ("grpo",),
@@ -197,6 +198,12 @@ class TrainConfig(BaseModel):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the margin the chosen answer must win by.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of desirable answers.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of undesirable answers.")
+    reference: str | None = Field(
+        None,
+        description="dpo, orpo, simpo, kto: a finished run folder (an SFT run) to train on top of: its adapter is "
+        "merged into the base, a fresh adapter trains, and the merged model is the reference. The result loads on "
+        "that run's merged model, or as an adapter stacked on its adapter (docs/preference.md).",
+    )
     # GRPO: each prompt's num_generations answers sampled with the current adapter, their rewards normalised within
     # the group (modeling.grpo)
     num_generations: int = Field(

@@ -21,6 +21,7 @@ from ..core.files import atomic_dir, check_replaceable
 from ..core.sources import read_run_config
 from ..modeling.adapter import quiet_peft
 from ..modeling.model import load_model, load_tokenizer, nf4_config, resolve_model
+from ..modeling.reference import with_reference
 from .run import locate_run, run_end_ids
 
 # Files of the adapter folder that are PEFT's, not the tokenizer's.
@@ -85,6 +86,7 @@ def merged_model(run_dir: str | Path, adapter: str = "adapter", dtype: torch.dty
         base = _dequantised_base(model_path, target, stored)
     else:
         base = load_model(model_path, target, torch.device("cpu"))
+    base = with_reference(base, cfg)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training; generation wants it

@@ -16,6 +16,7 @@ from ..data.encode import Encoder
 from ..data.formats import SHAPES, Example, RowError, to_example
 from ..modeling.adapter import quiet_peft
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
+from ..modeling.reference import with_reference
 
 # Data shapes whose prompts are raw text: no chat template, no conversation.
 PLAIN_FORMATS = ("prompt_completion", "text")
@@ -69,7 +70,7 @@ def load_run(
         dtype = choose_dtype(cfg.precision, device)
     except UserError:  # one this device lacks (fp16 off CUDA)
         dtype = choose_dtype("auto", device)
-    base = load_model(model_path, dtype, device)
+    base = with_reference(load_model(model_path, dtype, device), cfg)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, folder) if use_adapter else base
     model.eval()

@@ -25,6 +25,7 @@ from ..memory.shape import read_shape
 from ..modeling.adapter import check_kernels, trainable_model
 from ..modeling.model import generation_end_ids, load_model, load_tokenizer, resolve_model
 from ..modeling.objective import objective_for
+from ..modeling.reference import reference_adapter, with_reference
 from ..modeling.variants import param_groups, variant_notes
 from ..planning.resolved import ResolvedRun, resolve
 from . import checkpoint as ckpt
@@ -52,6 +53,8 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     set_seed(config.seed)
 
     model_path = resolve_model(config.model)
+    if config.reference:  # a wrong run to train on top of is refused before any data or weights load
+        reference_adapter(config.reference, config.model)
     checkpoint, saved = _resume_point(run, config, model_path, engine, console) if resume else (None, None)
     tokenizer, encoder, data = load_data(config, model_path, engine.accelerator, console)
     shape = read_shape(model_path, config)
@@ -169,7 +172,7 @@ def load_trainable_model(
 ) -> torch.nn.Module:
     """The frozen base with LoRA adapters, set up for training (packed attention when the run packs: the resolver
     asked the model's config whether it can)."""
-    base = load_model(model_path, dtype, device, load_in_4bit=cfg.load_in_4bit)
+    base = with_reference(load_model(model_path, dtype, device, load_in_4bit=cfg.load_in_4bit), cfg)
     encoder.end_ids |= generation_end_ids(base)
     model, packing, warnings = trainable_model(base, cfg, resolved.packing)
     for warning in warnings:

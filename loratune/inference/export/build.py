@@ -57,6 +57,11 @@ def export_gguf(
     if adapter_only:
         check_plain_lora(folder)
     cfg = read_run_config(run_dir)
+    if adapter_only and cfg.reference:
+        raise UserError(
+            f"--adapter-only: this run's adapter was trained on top of {cfg.reference} (reference), whose adapter "
+            "llama.cpp would not apply; export the merged model (without --adapter-only)"
+        )
     model_path = resolve_model(cfg.model)
     config = AutoConfig.from_pretrained(model_path)
     shape = model_shape(config)  # an unsupported model is refused before any weights are read
