@@ -155,21 +155,26 @@ def _run(flags: dict, kill_at: int = 0, resume: bool = False):
     return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
 
 
-def test_killed_grpo_run_resumes_sampling_the_same_answers(tiny_model, tmp_path):
+@pytest.mark.parametrize("updates, kill_at", [(1, 4), (2, 7)])
+def test_killed_grpo_run_resumes_sampling_the_same_answers(tiny_model, tmp_path, updates, kill_at):
     """2 prompts x 2 passes a step, killed in the middle of step 2: the resumed run samples step 2's answers again
-    from the weights of step 1 (and its step 3 from the same step 2 update): the same rewards and adapter."""
-    common = dict(batch_size=1, gradient_accumulation_steps=2, save_every_steps=1, val_data=None, val_ratio=0)
+    from the weights of step 1 (and its step 3 from the same step 2 update): the same rewards and adapter. With 2
+    updates per generation, killed in step 4 (the 2nd update of the 2nd generation): it resumes after step 2, the
+    last of a generation, and samples and updates again as the uninterrupted run did."""
+    common = dict(batch_size=1, gradient_accumulation_steps=2, save_every_steps=1, val_data=None, val_ratio=0,
+                  updates_per_generation=updates, epsilon=0.2 if updates == 1 else 0.002)  # fmt: skip
     train(TrainConfig(**_settings(tiny_model, tmp_path, "reference", rows=prompt_rows(6), **common)))
     flags = _settings(tiny_model, tmp_path, "run", rows=prompt_rows(6), **common)
-    result = _run(flags, kill_at=4)  # the 2nd pass of step 2
+    result = _run(flags, kill_at=kill_at)
     assert result.returncode == -signal.SIGKILL, result.stderr[-1500:]
     result = _run(flags, resume=True)
     assert result.returncode == 0, result.stderr[-1500:]
     assert "resuming from" in result.stdout
     resumed, reference = _metrics(tmp_path / "run"), _metrics(tmp_path / "reference")
-    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert [m["step"] for m in resumed] == list(range(1, 3 * updates + 1))
     for x, y in zip(resumed, reference):
         assert (x["reward"], x["completion_length"]) == (y["reward"], y["completion_length"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-9) and x["clipped"] == y["clipped"]
     _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
 
 

@@ -82,14 +82,17 @@ def after_step(s: Session, end_of_epoch: bool) -> None:
     if evaluate and len(s.data.val):
         phase(s, "validate", f"validating at step {state.step}")
         validate(s, epoch=state.epoch + state.step_in_epoch / s.resolved.steps_per_epoch)
-    saves = evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0)
+    # A step that reuses the examples of the one before (grpo's later updates of one generation) needs what that
+    # step sampled: runs resume only after the last of them, and redo the others the same way.
+    resumable = state.step % s.plan.repeats == 0
+    saves = resumable and (evaluate or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0))
     if saves:
         phase(s, "save", f"saving a checkpoint at step {state.step}")
         checkpoint(s)
         if s.main:
             prune_checkpoints(s.run, cfg.keep_checkpoints, state.best_step)
         s.engine.accelerator.wait_for_everyone()
-    if s.any_process(s.stop.requested):
+    if resumable and s.any_process(s.stop.requested):
         phase(s, "save", f"saving a checkpoint at step {state.step}, then stopping")
         checkpoint(s)
         raise Interrupted(s.run, s.stop.signal_name)

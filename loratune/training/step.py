@@ -79,7 +79,7 @@ def _passes(s: Session, passes: list[list[int]], units: int) -> tuple[int, int, 
         tokens += batch.n_tokens
         positions += batch.input_ids.numel()
         state.pass_in_step = i + 1
-        if s.stop.requested and not sync and engine.may_cut_steps:
+        if s.stop.requested and not sync and engine.may_cut_steps and state.step % s.plan.repeats == 0:
             _save_cut_step(s)
             raise Interrupted(s.run, s.stop.signal_name)
     return tokens, positions, metrics
