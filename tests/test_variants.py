@@ -115,6 +115,7 @@ def test_rslora_alpha_advice_is_in_terms_of_the_effective_scale():
     "settings, expected",
     [
         ({"lora_init": "pissa", "objective": "dpo"}, "dpo compares with the base model (the adapter off)"),
+        ({"lora_init": "olora", "objective": "grpo"}, "kaiming or gaussian, or grpo_beta 0"),
         ({"use_dora": True, "lora_init": "olora"}, "lora_init olora with use_dora is not supported"),
         ({"loraplus_lr_ratio": "0.5"}, "loraplus_lr_ratio = '0.5' (from --loraplus-lr-ratio): must be a number >= 1"),
         ({"lora_init": "loftq"}, "must be one of: kaiming, gaussian, pissa, pissa_fast, olora"),

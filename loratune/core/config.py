@@ -219,6 +219,7 @@ class TrainConfig(BaseModel):
     grpo_beta: float = Field(
         0.04,
         ge=0,
+        validate_default=True,  # the default also asks for the reference, which lora_init pissa/olora lack
         description="grpo: weight of the KL penalty per token to the reference (the base without the adapter); "
         "higher = closer. Its own field: dpo/kto's beta is a temperature where lower means further, and 0 here "
         "(TRL's default) lets held-out accuracy drift.",
@@ -402,14 +403,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"is for objective {' or '.join(used_by)}, and this run's objective is {objective}")
         return v
 
-    @field_validator("objective")
+    @field_validator("objective", "grpo_beta")
     @classmethod
     def _reference_is_the_base(cls, v, info):
-        # dpo and kto's reference is the model with the adapter off, which pissa/olora leave without part of the base
-        if v in ("dpo", "kto") and info.data.get("lora_init") in BASE_CHANGING_INITS:
+        # dpo's, kto's and grpo's KL reference is the model with the adapter off, which pissa/olora leave without
+        # part of the base
+        objective = v if info.field_name == "objective" else info.data.get("objective")
+        uses_reference = objective in ("dpo", "kto") or (objective == "grpo" and info.field_name == "grpo_beta" and v)
+        if uses_reference and info.data.get("lora_init") in BASE_CHANGING_INITS:
             raise ValueError(
-                f"{v} compares with the base model (the adapter off), and lora_init "
+                f"{objective} compares with the base model (the adapter off), and lora_init "
                 f"{info.data['lora_init']} moves part of the base into the adapter; use lora_init kaiming or gaussian"
+                + (", or grpo_beta 0" if objective == "grpo" else "")
             )
         return v
 
