@@ -41,7 +41,9 @@ def go_render(cases: list[dict]) -> list[str]:
 
 
 def load(llama_cpp, path, **options):
-    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, seed=0, **options)
+    """One thread: llama.cpp's threads wait for each other by spinning, so on a machine busy with other work two
+    threads are several times slower than one."""
+    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False, seed=0, **options)
 
 
 def logits(llm, ids: list[int]) -> np.ndarray:
