@@ -1,4 +1,6 @@
-"""The run's report: `loss.png` (losses against steps and tokens, learning rate, best step) and `report.md`.
+"""The run's report: `loss.png` (losses against steps and tokens, learning rate, best step), `metrics.png` (the
+objective's metrics, training and validation: preference rewards, GRPO's rewards and KL; none for SFT) and
+`report.md`.
 
 Written at the end of training and by `loratune report RUN_DIR`, from what the run folder already holds
 (metrics.jsonl, summary.json, config.yaml, data.json): no model is loaded.
@@ -17,12 +19,14 @@ import yaml
 from ..core.console import format_seconds
 from ..core.errors import UserError
 from ..core.files import atomic_write
+from .charts import Chart, metric_charts
 
 SAMPLE_CHARS = 600  # longer prompts and answers are cut in the report
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write loss.png and report.md into the run folder; returns their paths."""
+    """Write loss.png, metrics.png (when the objective logs metrics) and report.md into the run folder; returns the
+    paths of loss.png and report.md."""
     run = Path(run_dir)
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run}: not a loratune run folder (no metrics.jsonl)")
@@ -32,10 +36,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     summary = _read_json(run / "summary.json")
     best = _best(summary, evals)
     plot = run / "loss.png"
+    charts = metric_charts(train)
     if train:
-        plot_losses(train, evals, best, plot, title=run.resolve().name)
+        y_label = "loss (the objective's)" if charts else "loss (mean cross-entropy per answer token)"
+        plot_losses(train, evals, best, plot, title=run.resolve().name, y_label=y_label)
+    if charts:
+        plot_metrics(train, evals, charts, run / METRICS_PLOT, title=run.resolve().name)
     report = run / "report.md"
-    atomic_write(report, _markdown(run, train, evals, summary, best, plot if train else None))
+    atomic_write(report, _markdown(run, train, evals, summary, best, plot if train else None, charts))
     return plot, report
 
 
@@ -87,13 +95,14 @@ def _pyplot():
     return plt
 
 
-def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str) -> None:
+def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str, y_label: str) -> None:
     """loss.png: training and validation loss against steps (and tokens, on the top axis), the learning rate on the
     right axis, and the best step marked."""
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
     steps = _curves(ax, train, evals, best)
+    ax.set_ylabel(y_label)
     lr_ax = _learning_rate(ax, steps, [r["lr"] for r in train])
     _tokens_axis(ax, steps, [r["tokens"] for r in train])
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
@@ -105,6 +114,54 @@ def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: P
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+METRICS_PLOT = "metrics.png"
+
+
+def plot_metrics(train: list[dict], evals: list[dict], charts: list[Chart], path: Path, title: str) -> None:
+    """metrics.png: one panel per chart of the objective's metrics, each metric's training values against steps
+    and its validation values (dashed, dotted) where validation measures it."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    plt = _pyplot()
+    cols = 2 if len(charts) > 1 else 1
+    rows = -(-len(charts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, chart in zip(axes.flat, charts):
+        for i, series in enumerate(chart.series):
+            color = colors[i % len(colors)]
+            steps, values = _points(train, series.key)
+            ax.plot(steps, values, color=color, lw=1.4, label=f"{series.label} (training)" if series.validation
+                    else series.label)  # fmt: skip
+            if series.validation:
+                steps, values = _points(evals, f"val_{series.key}")
+                ax.plot(
+                    steps, values, color=color, ls="--", marker="o", ms=4, lw=1.6, label=f"{series.label} (validation)"
+                )
+        if chart.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(chart.title, fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=9)
+        ax.set_ylabel(chart.y_label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    for ax in list(axes.flat)[len(charts) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11, fontweight="bold")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _points(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The steps and values of the records that carry `key` (a non-finite value stays: matplotlib leaves a gap)."""
+    found = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in found], [v for _, v in found]
 
 
 def _curves(ax, train: list[dict], evals: list[dict], best: dict | None):
@@ -150,7 +207,6 @@ def _curves(ax, train: list[dict], evals: list[dict], best: dict | None):
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean cross-entropy per answer token)")
     ax.set_xlim(0, steps.max() * 1.02)
     ax.grid(alpha=0.3)
     return steps
@@ -191,7 +247,7 @@ def _smooth(values, window: int):
 # --- The markdown -----------------------------------------------------------------------------------------
 
 
-def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
+def _markdown(run: Path, train, evals, summary, best, plot: Path | None, charts: list[Chart]) -> str:
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     config = yaml.safe_load(config_text) or {}
     lines = [f"# {run.resolve().name}", ""]
@@ -228,6 +284,7 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
         ]
     lines.append("")
 
+    lines += _metrics_section(train, best, charts)
     lines += _test_section(summary, config)
     lines += _data_section(run, summary)
     lines += _speed_section(train, summary)
@@ -244,6 +301,28 @@ def _markdown(run: Path, train, evals, summary, best, plot: Path | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _metrics_section(train: list[dict], best: dict | None, charts: list[Chart]) -> list[str]:
+    """The objective's metrics: their chart, and each one's value at the first and last step and at the best
+    validation."""
+    if not charts:
+        return []
+    lines = ["## Objective metrics", "", f"![the objective's metrics]({METRICS_PLOT})", ""]
+    lines += ["| metric | first step | last step | best validation |", "|---|---|---|---|"]
+    for chart in charts:
+        for series in chart.series:
+            val = (best or {}).get(f"val_{series.key}") if series.validation else None
+            cells = [train[0].get(series.key), train[-1].get(series.key), val]
+            shown = [_metric_text(v, chart.percent) for v in cells]
+            lines.append(f"| {series.key.replace('_', ' ')} | {' | '.join(shown)} |")
+    return lines + [""]
+
+
+def _metric_text(value, percent: bool) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:.1%}" if percent else f"{value:.4g}"
 
 
 def _test_section(summary, config: dict) -> list[str]:

@@ -68,7 +68,8 @@ class Jobs:
         self._lock = threading.Lock()
 
     def path(self, name: str, kind: str, suffix: str) -> Path:
-        return self.folder / f"{name}.{kind}.{suffix}"
+        """A sweep's trial SWEEP/TRIAL is kept as SWEEP,TRIAL: no run's name holds a ','."""
+        return self.folder / f"{name.replace('/', ',')}.{kind}.{suffix}"
 
     def get(self, name: str, kind: str = "train") -> Job | None:
         try:
@@ -78,7 +79,8 @@ class Jobs:
 
     def names(self, kind: str = "train") -> list[str]:
         suffix = f".{kind}.json"
-        return [p.name[: -len(suffix)] for p in self.folder.glob(f"*{suffix}")] if self.folder.is_dir() else []
+        found = self.folder.glob(f"*{suffix}") if self.folder.is_dir() else []
+        return [p.name[: -len(suffix)].replace(",", "/") for p in found]
 
     def alive(self, job: Job | None) -> bool:
         if job is None or job.returncode is not None:

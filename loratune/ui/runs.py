@@ -21,6 +21,7 @@ from ..core.errors import UserError
 from ..data.encode import Encoder
 from ..data.formats import prompt_text
 from ..data.prepare import DataReport, Fit, read_examples
+from ..training.charts import charts_json
 from ..training.checkpoint import checkpoint_position, list_checkpoints
 from .jobs import Jobs, peak_rss
 
@@ -124,19 +125,23 @@ class Runs:
         return self.root / name
 
     def is_run_folder(self, name: str) -> bool:
-        """A real folder: one that links elsewhere is not followed."""
+        """A real folder, as is the sweep folder holding it: one that links elsewhere is not followed."""
         folder = self.folder(name)
-        return folder.is_dir() and not folder.is_symlink()
+        parents = [self.folder(name.split("/")[0])] if "/" in name else []
+        return folder.is_dir() and not any(p.is_symlink() for p in [folder, *parents])
 
     def names(self) -> list[str]:
         """Every run, whatever its folder's name (spaces, any script) but a ',' (Compare's separator) or a leading
-        '.' (the UI's own state, and '..'); only these names are ever joined to the runs folder."""
-        found = {n for n in self.jobs.names() if _listed(n) and (self.is_run_folder(n) or self._folderless(n))}
-        for p in self.root.iterdir() if self.root.is_dir() else []:
-            if not _listed(p.name) or not self.is_run_folder(p.name):
-                continue
-            if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
-                found.add(p.name)
+        '.' (the UI's own state, and '..'); only these names are ever joined to the runs folder. A folder that is
+        not a run but holds runs (a sweep's runs/sweep-NAME/trial-007/) lists them as SWEEP/TRIAL."""
+        jobs = [n for n in self.jobs.names() if all(map(_listed, n.split("/")))]
+        found = {n for n in jobs if self.is_run_folder(n) or self._folderless(n)}
+        for name in _children(self.root):
+            if _is_run(self.root / name):
+                found.add(name)
+            elif self.is_run_folder(name):
+                trials = _children(self.root / name)
+                found.update(f"{name}/{trial}" for trial in trials if _is_run(self.root / name / trial))
         return sorted(found)
 
     def read_json(self, path: Path):
@@ -213,6 +218,7 @@ class Runs:
         rates = [r["tokens_per_s"] for r in train[-10:] if isinstance(r.get("tokens_per_s"), (int, float))]
         return {
             "name": name,
+            "group": name.split("/")[0] if "/" in name else None,  # the sweep (the folder) the run is a trial of
             "state": state.state,
             "why": state.why,
             "outside": state.outside,
@@ -246,6 +252,7 @@ class Runs:
             "data": _data_lines(self.read_json(run / "data.json")),
             "summary": summary,
             "samples": _samples(raw, summary),
+            "charts": charts_json(self.metrics(name).records),
             "test_data": bool(raw.get("test_data")),  # set: its answers come when training ends
             "checkpoints": [
                 {"name": p.name, "step": step, "passes": passes, "time": _mtime(p)}
@@ -367,3 +374,16 @@ def _job_state(jobs: Jobs, job, doing: str) -> dict | None:
 
 def _listed(name: str) -> bool:
     return bool(name) and not name.startswith(".") and name not in RESERVED and "," not in name
+
+
+def _children(folder: Path) -> list[str]:
+    """The names of the folder's real subfolders that may be runs (or hold them)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    return [e.name for e in entries if _listed(e.name) and e.is_dir(follow_symlinks=False)]
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() or (folder / "metrics.jsonl").is_file()

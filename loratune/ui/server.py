@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..core.errors import UserError
 from ..core.sources import read_run_config
+from ..training.charts import charts_json
 from . import form
 from .guard import Guard
 from .jobs import STATE_DIR, Conflict, Jobs
@@ -67,7 +68,7 @@ class State:
 
     def run(self, name: str) -> Path:
         """The folder of an existing run: `name` must be one of the runs' names (each one folder of the runs
-        folder, never a path)."""
+        folder, or a sweep's trial folder in one, never any other path)."""
         if not isinstance(name, str) or name not in self.runs.names():
             raise NotFound(f"no run named {name!r} in {self.root}")
         return self.root / name
@@ -195,7 +196,8 @@ async def run_events(request: Request, ui: State):
         events = []
         records, reset = log.update()
         if records or reset:
-            events.append({"type": "metrics", "records": records, "reset": reset})
+            charts = charts_json(log.records)
+            events.append({"type": "metrics", "records": records, "reset": reset, "charts": charts})
         with ui.lock:
             row = ui.runs.row(name) if name in ui.runs.names() else {"name": name, "state": "gone", "exists": False}
         if row != last[0]:
@@ -352,7 +354,8 @@ async def compare(request: Request, ui: State):
             folder = ui.run(name)
             log = MetricsLog(folder / "metrics.jsonl", ui.root)
             log.update()
-            out[name] = {"train": log.train, "evals": log.evals}
+            charts = charts_json(log.records)
+            out[name] = {"train": log.train, "evals": log.evals, "charts": charts}
             try:
                 linked_out = not inside(ui.root, folder / "config.yaml")
                 configs[name] = {} if linked_out else read_run_config(folder).model_dump(mode="json")
@@ -424,12 +427,13 @@ def create_app(runs: Path, token: str | None = None, hosts: set[str] | None = No
         Route("/api/runs", list_runs),
         Route("/api/runs", start_run, methods=["POST"]),
         Route("/api/events", runs_events),
-        Route("/api/runs/{name}", run_details),
-        Route("/api/runs/{name}/events", run_events),
-        Route("/api/runs/{name}/stop", stop_run, methods=["POST"]),
-        Route("/api/runs/{name}/resume", resume_run, methods=["POST"]),
-        Route("/api/runs/{name}/merge", merge_run, methods=["POST"]),
-        Route("/api/runs/{name}/export", export_run, methods=["POST"]),
+        # A sweep's trial is SWEEP/TRIAL: a name may hold one '/', so each action is matched before the bare name.
+        Route("/api/runs/{name:path}/events", run_events),
+        Route("/api/runs/{name:path}/stop", stop_run, methods=["POST"]),
+        Route("/api/runs/{name:path}/resume", resume_run, methods=["POST"]),
+        Route("/api/runs/{name:path}/merge", merge_run, methods=["POST"]),
+        Route("/api/runs/{name:path}/export", export_run, methods=["POST"]),
+        Route("/api/runs/{name:path}", run_details),
         Route("/api/form", form_schema),
         Route("/api/check", check_form, methods=["POST"]),
         Route("/api/plan", plan_form, methods=["POST"]),

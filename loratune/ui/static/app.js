@@ -1,7 +1,7 @@
 // loratune ui: the shared pieces (API calls, live streams, page routing, small DOM and number helpers).
 "use strict";
 
-const UI = { pages: {}, cleanup: [], pending: [] };
+const UI = { pages: {}, cleanup: [], pending: [], openGroups: new Set() };
 
 // Every request that changes something carries this header: a form on another site cannot send it.
 async function api(path, { method = "GET", body, raw } = {}) {

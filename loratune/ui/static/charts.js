@@ -61,7 +61,7 @@ function lineChart(container, { title, xLabel, yLabel, series, data, height = 23
 
 // A run's metrics records as chart columns: x by step and by tokens processed, validation losses at their steps.
 function runColumns(records) {
-  const c = { step: [], tokens: [], loss: [], val: [], lr: [], grad: [], tps: [], padding: [] };
+  const c = { step: [], tokens: [], loss: [], val: [], lr: [], grad: [], tps: [], padding: [], rows: [], evalAt: new Map() };
   const index = new Map();
   let tokens = 0;
   for (const r of records) {
@@ -76,11 +76,36 @@ function runColumns(records) {
     c.grad.push(r.grad_norm ?? null);
     c.tps.push(r.tokens_per_s ?? null);
     c.padding.push(r.padding_share ?? null);
+    c.rows.push(r);
   }
   for (const r of records) {
-    if (r.event === "eval" && index.has(r.step)) c.val[index.get(r.step)] = r.val_loss;
+    if (r.event === "eval" && index.has(r.step)) {
+      c.val[index.get(r.step)] = r.val_loss;
+      c.evalAt.set(r.step, r);
+    }
   }
   return c;
+}
+
+// One metric's column: its value in each step line, or (validation) in the eval line at that step.
+function metricColumn(c, key, validation) {
+  return validation ? c.rows.map((r) => (c.evalAt.get(r.step) || {})[`val_${key}`] ?? null)
+    : c.rows.map((r) => r[key] ?? null);
+}
+
+// The lines of an objective's metric chart (the server's description): one hue per metric, its validation darker
+// and dashed beside it. Each line with the column it draws: [key, validation].
+function metricLines(spec) {
+  const lines = [];
+  spec.series.forEach((s, i) => {
+    const color = COLORS[i % COLORS.length];
+    lines.push({ label: s.validation ? `${s.label} (training)` : s.label, color, column: [s.key, false] });
+    if (s.validation) {
+      lines.push({ label: `${s.label} (validation)`, color: darker(color), dash: [6, 4], points: true, width: 2,
+        column: [s.key, true] });
+    }
+  });
+  return lines;
 }
 
 // Overlaid curves of several runs whose x values differ: uPlot.join aligns them on one x axis.

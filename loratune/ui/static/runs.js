@@ -14,10 +14,11 @@ function phaseText(p) {
 }
 
 function runRow(row, selected) {
-  return el("tr", { "data-run": row.name },
+  const shown = row.group ? row.name.slice(row.group.length + 1) : row.name;
+  return el(row.group ? "tr.trial" : "tr", { "data-run": row.name },
     el("td", el("input", { type: "checkbox", "aria-label": `select ${row.name}`, checked: selected.has(row.name),
       onchange: (e) => (e.target.checked ? selected.add(row.name) : selected.delete(row.name)) })),
-    el("td", el("a", { href: `#/run/${encodeURIComponent(row.name)}` }, row.name)),
+    el("td", el("a", { href: `#/run/${encodeURIComponent(row.name)}`, title: row.name }, shown)),
     el("td.state", badge(row.state), row.why ? el("div.why", row.why) : null,
       row.phase ? el("div.phase", phaseText(row.phase)) : null),
     el("td", { title: row.model || "" }, fmt.short(row.model)),
@@ -29,8 +30,49 @@ function runRow(row, selected) {
     el("td", fmt.time(row.started)));
 }
 
+// A sweep's line: its trials' states and best validation loss; it opens into the trials, and its box selects them
+// all for Compare.
+function groupRow(group, trials, selected, open, redraw) {
+  const states = {};
+  for (const t of trials) states[t.state] = (states[t.state] || 0) + 1;
+  const best = trials.filter((t) => typeof t.best_val_loss === "number")
+    .sort((a, b) => a.best_val_loss - b.best_val_loss)[0];
+  const toggle = () => { if (open.has(group)) open.delete(group); else open.add(group); redraw(); };
+  return el("tr.group", { "data-group": group },
+    el("td", el("input", { type: "checkbox", "aria-label": `select the trials of ${group}`,
+      checked: trials.every((t) => selected.has(t.name)), onchange: (e) => {
+        for (const t of trials) if (e.target.checked) selected.add(t.name); else selected.delete(t.name);
+        redraw();
+      } })),
+    el("td", el("button.link.group-toggle", { "aria-expanded": String(open.has(group)), onclick: toggle },
+      `${open.has(group) ? "▾" : "▸"} ${group}`), el("div.why", `sweep: ${trials.length} trials`)),
+    el("td.state", Object.entries(states).map(([state, n]) => [badge(state), ` ${n} `])),
+    el("td", { title: trials[0].model || "" }, fmt.short(trials[0].model)),
+    el("td", { title: trials[0].data || "" }, fmt.short(trials[0].data)),
+    el("td.num", "—"),
+    el("td.num", { title: best ? `${best.name}` : "" }, best ? `${fmt.loss(best.best_val_loss)}` : "—"),
+    el("td.num", "—"),
+    el("td.num", "—"),
+    el("td", fmt.time(trials[0].started)));
+}
+
+// The rows, newest first, a sweep's trials under its line (shown when it is open).
+function runRows(rows, selected, open, redraw) {
+  const out = [], done = new Set();
+  for (const r of rows) {
+    if (!r.group) { out.push(runRow(r, selected)); continue; }
+    if (done.has(r.group)) continue;
+    done.add(r.group);
+    const trials = rows.filter((t) => t.group === r.group);
+    out.push(groupRow(r.group, trials, selected, open, redraw));
+    if (open.has(r.group)) out.push(...[...trials].sort((a, b) => a.name.localeCompare(b.name)).map((t) => runRow(t, selected)));
+  }
+  return out;
+}
+
 UI.pages.runs = async (main) => {
   const selected = new Set();
+  const open = UI.openGroups;
   const body = el("tbody");
   const shared = el("div");
   const table = el("table.runs",
@@ -41,12 +83,14 @@ UI.pages.runs = async (main) => {
       el("a.button", { href: "#/new" }, "New run"),
       el("button", { onclick: () => (location.hash = compareHash(selected)) }, "Compare selected")),
     shared, table);
+  let last = [];
   const show = (rows) => {
+    last = rows;
     const running = rows.filter((r) => r.state === "running").map((r) => r.name);
     clear(shared, running.length > 1
       ? el("div.notice.warning", `${running.join(", ")} are training at once: they share this machine's CPU and GPU.`)
       : null);
-    clear(body, rows.length ? rows.map((r) => runRow(r, selected))
+    clear(body, rows.length ? runRows(rows, selected, open, () => show(last))
       : el("tr", el("td.empty", { colspan: 10 }, "No runs yet in this folder. Start one with New run.")));
   };
   show((await api("/api/runs")).runs);
@@ -60,11 +104,12 @@ function chartCard(title) {
   return { card: el("section.card.chart-card", box), box, title };
 }
 
-function runCharts(grid, byTokens) {
+function runCharts(grid, byTokens, specs) {
   const cards = {
     loss: chartCard(), lr: chartCard(), grad: chartCard(), tps: chartCard(), padding: chartCard(),
   };
-  clear(grid, Object.values(cards).map((c) => c.card));
+  const metricCards = specs.map(() => chartCard());
+  clear(grid, Object.values(cards).map((c) => c.card), metricCards.map((c) => c.card));
   const x = byTokens ? "tokens processed" : "optimizer step";
   const empty = [[], []];
   const common = { xLabel: x, wholeX: !byTokens };
@@ -80,6 +125,13 @@ function runCharts(grid, byTokens) {
     padding: lineChart(cards.padding.box, { ...common, title: "Padding share of batch tokens", yLabel: "padding",
       series: [{ label: "padding share", color: COLORS[5] }], data: empty, percent: true }),
   };
+  // The objective's metrics (preference rewards, GRPO's rewards and KL, ...): none for SFT.
+  const metrics = specs.map((spec, i) => {
+    const lines = metricLines(spec);
+    metricCards[i].box.dataset.metric = spec.id;
+    return { lines, chart: lineChart(metricCards[i].box, { ...common, title: spec.title, yLabel: spec.y_label,
+      series: lines, data: [[], ...lines.map(() => [])], percent: spec.percent }) };
+  });
   return {
     update(records) {
       const c = runColumns(records);
@@ -89,6 +141,7 @@ function runCharts(grid, byTokens) {
       charts.grad.setData([xs, c.grad]);
       charts.tps.setData([xs, c.tps]);
       charts.padding.setData([xs, c.padding]);
+      for (const m of metrics) m.chart.setData([xs, ...m.lines.map((l) => metricColumn(c, ...l.column))]);
       cards.loss.box.dataset.points = String(xs.length);
     },
   };
@@ -207,13 +260,13 @@ UI.pages.run = async (main, name) => {
   const sections = el("div.sections");
   let byTokens = false;
   let records = [];
+  let specs = [];
   let charts;
   const toggle = el("div.toggle", "x axis: ",
     el("label", el("input", { type: "radio", name: "x", checked: true, onchange: () => redraw(false) }), " steps"),
     el("label", el("input", { type: "radio", name: "x", onchange: () => redraw(true) }), " tokens"));
-  const redraw = (tokens) => { byTokens = tokens; charts = runCharts(grid, byTokens); charts.update(records); };
+  const redraw = (tokens) => { byTokens = tokens; charts = runCharts(grid, byTokens, specs); charts.update(records); };
   append(main, head, failure, toggle, grid, sections);
-  charts = runCharts(grid, byTokens);
 
   let lastKey = "";
   let working = false;
@@ -246,13 +299,20 @@ UI.pages.run = async (main, name) => {
         d.command ? el("p", el("code", d.command)) : null, configSection(d)),
       d.log.length ? el("section.card", el("details", { open: row.state === "failed" },
         el("summary", "Output of the last start"), el("pre.log", d.log.join("\n")))) : null);
+    return d;
   };
-  await refresh();
+  specs = (await refresh()).charts;
+  charts = runCharts(grid, byTokens, specs);
   UI.refreshRun = () => refresh().catch((err) => notice("error", err.message));
   UI.cleanup.push(() => (UI.refreshRun = null));
   live(`${url}/events`, (e) => {
     if (e.type === "metrics") {
       records = e.reset ? e.records : records.concat(e.records);
+      // The first step lines say which metrics the objective logs: their charts are added then.
+      if (JSON.stringify(e.charts) !== JSON.stringify(specs)) {
+        specs = e.charts;
+        charts = runCharts(grid, byTokens, specs);
+      }
       charts.update(records);
     } else if (e.type === "row") {
       const phase = document.getElementById("phase");
