@@ -203,14 +203,14 @@ def test_a_new_metrics_line_reaches_the_page_within_2_seconds_and_a_cut_line_wai
 def test_nothing_outside_the_runs_folder_can_be_reached(tiny_run, tmp_path, server_for):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "done")
-    (tmp_path / "secret.jsonl").write_text('{"input": "secret", "output": "x"}\n')
+    (tmp_path / "secret.jsonl").write_text('{"input": "classified", "output": "x"}\n')
     ui = server_for(runs)
     for path in ("/api/runs/..", "/api/runs/%2E%2E", "/api/runs/..%2Fsecret.jsonl", "/api/runs/.loratune-ui",
                  "/api/runs/uploads", "/static/../../secret.jsonl", "/static/%2E%2E/%2E%2E/secret.jsonl",
                  "/api/compare?runs=done,..", "/api/runs/%2Ftmp"):  # fmt: skip
         status, data = ui.get(path)
         assert status == 404, (path, data)
-        assert "secret" not in json.dumps(data)
+        assert "classified" not in json.dumps(data)  # a 404 may name the path asked for, never what it holds
     assert ui.post("/api/runs/../stop")[0] == 404
     assert ui.post("/api/try", {"run": "../runs/done", "message": "hi"})[0] == 404
     status, data = ui.post("/api/try", {"run": "done", "adapter": "../../secret", "message": "hi"})
