@@ -238,7 +238,7 @@ class Runs:
         }
 
     def details(self, name: str) -> dict:
-        """Everything the run page shows besides the charts."""
+        """Everything the run page shows besides the charts' data (and which charts its objective's metrics make)."""
         run = self.folder(name)
         raw = _read_yaml(run / "config.yaml", self.root)
         job = self.jobs.get(name)
