@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import kto_rows, pair_rows, write_jsonl
@@ -118,10 +119,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _run(flags: dict, kill_at: int = 0, resume: bool = False):
+def _run(flags: dict, kill_at: int = 0, resume: bool = False, cache=None):
     given = {k: v for k, v in flags.items() if v is not None}
     args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
-    env = {**os.environ, "KILL_AT_PASS": str(kill_at)}
+    env = {**os.environ, "KILL_AT_PASS": str(kill_at)} | ({"LORATUNE_CACHE": str(cache)} if cache else {})
     return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
 
 
@@ -150,9 +151,12 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(tiny_model, tmp_pat
                   lora_dropout=0.1, packing=False, val_data=None, val_ratio=0)  # fmt: skip
     train(TrainConfig(**_settings(tiny_model, tmp_path, "reference", **common)))
     flags = _settings(tiny_model, tmp_path, "run", **common)
-    result = _run(flags, kill_at=5)  # the 2nd pass of step 2
+    result = _run(flags, kill_at=5, cache=tmp_path / "cache")  # the 2nd pass of step 2
     assert result.returncode == -signal.SIGKILL, result.stderr[-1500:]
-    result = _run(flags, resume=True)
+    # step 1's checkpoint left its 6 pairs' reference log-probabilities on disk for the resumed run
+    stored = [np.load(f)["values"] for f in (tmp_path / "cache" / "reference").glob("*/*.npz")]
+    assert sum(map(len, stored)) == 12 and all(np.isfinite(v).all() for v in stored)
+    result = _run(flags, resume=True, cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-1500:]
     assert "resuming from" in result.stdout
     _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
@@ -238,9 +242,18 @@ def test_reference_logprobs_are_computed_once_and_give_the_same_run(tiny_model, 
         return out
 
     monkeypatch.setattr(PreferenceForward, "forward", counting)
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "cache"))  # none computed by other tests' runs
     settings = dict(batch_size=4, gradient_accumulation_steps=2, epochs=2)
     train(TrainConfig(**_settings(tiny_model, tmp_path, "cached", **settings)))
     cached, computed[0] = computed[0], 0
+    assert cached == 6 + 1  # epoch 1: 6 passes of 4 pairs; the first validation: 1 pass
+
+    # A repeated run takes them all from the disk cache, and trains the same adapter to the bit.
+    train(TrainConfig(**_settings(tiny_model, tmp_path, "again", **settings)))
+    assert computed[0] == 0
+    for name, tensor in load_file(tmp_path / "cached" / "last" / "adapter_model.safetensors").items():
+        assert torch.equal(tensor, load_file(tmp_path / "again" / "last" / "adapter_model.safetensors")[name])
+
     monkeypatch.setattr(objective.Pairs, "batch", uncached)
     train(TrainConfig(**_settings(tiny_model, tmp_path, "every", **settings)))
     assert computed[0] == 2 * cached

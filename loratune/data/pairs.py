@@ -25,6 +25,7 @@ first token is predicted); a pair whose longer answer cannot fit is dropped and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from .encode import IGNORE, Encoder
 from .formats import Example, RowError, require_answers, to_example
 from .load import BadRows, open_source
 from .prepare import DataReport, Fit, Prepared, read_examples, split_validation
+from .reference_cache import ReferenceCache, sequence_key
 
 SHAPES = {"kto": ("prompt", "completion", "label"), "pairs": ("chosen", "rejected")}
 
@@ -236,6 +238,22 @@ class PairSet:
             [sum(int((y[1:] != IGNORE).sum()) for _, y in s) for s in self.seqs], dtype=np.int64
         )
         self.reference = np.full((len(items), 2), np.nan, dtype=np.float32)
+        self.stored: ReferenceCache | None = None
+
+    def use_stored(self, cache: ReferenceCache) -> None:
+        """Take the reference log-probabilities `cache` holds for these sequences, and save new ones to it."""
+        self.stored = cache
+        cache.fill(self.keys, self.reference)
+
+    def keep(self) -> None:
+        """Save the reference log-probabilities computed so far to the cache given to `use_stored`."""
+        if self.stored is not None:
+            self.stored.save(self.keys, self.reference)
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """Each sequence's cache key [items, 2], laid out as `reference`."""
+        return np.array([[sequence_key(ids, labels) for ids, labels in s] for s in self.seqs], dtype=object)
 
     def _sequences(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
         item = self.items[i]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.batching import Batch
+from ..data.reference_cache import ReferenceCache
 from ..data.rewards import rewards_for
 from .generate import generate_ids, until_end
 from .grpo import (
@@ -86,6 +87,13 @@ class Objective:
     def batch(self, plan, data, examples, pad_id: int):
         """The tensors of the pass of these examples, laid out as the plan says (packed or padded)."""
         return plan.batch(data, examples, pad_id)
+
+    def use_stored(self, data, identity) -> None:
+        """Before training: take what earlier runs of the same `identity()` (model, reference, number format,
+        device) computed and left on disk, to skip it; nothing for objectives that keep nothing."""
+
+    def keep(self, data) -> None:
+        """At a checkpoint and at the end: leave on disk what a later run may reuse (see `use_stored`)."""
 
 
 class SFT(Objective):
@@ -156,6 +164,17 @@ class Pairs(Objective):
 
     def module(self, peft_model, shape_buckets: bool = False) -> torch.nn.Module:
         return PreferenceForward(peft_model, self.reference)
+
+    def use_stored(self, data, identity) -> None:
+        """The reference log-probabilities, kept on disk in the loratune cache (`data.reference_cache`)."""
+        if self.reference:
+            cache = ReferenceCache.of(*identity())
+            for pairs in (data.train, data.val):
+                pairs.use_stored(cache)
+
+    def keep(self, data) -> None:
+        for pairs in (data.train, data.val):
+            pairs.keep()
 
     def batch(self, plan, data, examples, pad_id: int) -> PairBatch:
         examples = np.asarray(examples, dtype=np.int64)

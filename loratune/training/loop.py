@@ -103,6 +103,7 @@ def after_step(s: Session, end_of_epoch: bool) -> None:
 def checkpoint(s: Session) -> None:
     s.state.elapsed = s.elapsed()
     save_checkpoint(s.run, s.engine, s.model, s.module, s.optimizer, s.scheduler, s.state)
+    s.objective.keep(s.data)
 
 
 def _nonfinite_diagnosis(s: Session, examples) -> str:

@@ -108,6 +108,7 @@ def finish(s: Session) -> dict:
     state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
     state.elapsed = s.elapsed()
     phase(s, "save", "saving the adapter")
+    s.objective.keep(s.data)
     save_adapter(s.run / "last", s.engine, s.model, s.tokenizer, s.encoder.template)
     if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
         save_adapter(s.run / "adapter", s.engine, s.model, s.tokenizer, s.encoder.template)

@@ -14,9 +14,9 @@ from ..core.config import TrainConfig
 from ..core.console import Console
 from ..core.device import choose_dtype, keep_freed_cpu_memory, resolve_device
 from ..core.errors import UserError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, file_digest
 from ..core.presets import guide_warnings
-from ..core.sources import dump_yaml
+from ..core.sources import dump_yaml, read_run_config
 from ..data.encode import encoder_for
 from ..data.prepare import Prepared, prepare
 from ..memory.guard import RunMemory
@@ -61,6 +61,7 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     memory = RunMemory(config, shape, engine.device, dtype, engine.shards, engine.sharding)
     resolved = _resolve(config, memory, engine, data, checkpoint, saved, console)
     objective = objective_for(config, encoder)
+    objective.use_stored(data, lambda: _identity(config, model_path, dtype, engine.device))
     model = load_trainable_model(config, model_path, dtype, engine.load_device, resolved, encoder, console)
     module = objective.module(model, shape_buckets=resolved.shape_buckets)
     if config.batch_size == "auto" and engine.device.type == "cuda" and engine.holds_whole_model:
@@ -76,6 +77,17 @@ def setup(config: TrainConfig, *, resume: bool, overwrite: bool, console: Consol
     trainable = [p for p in model.parameters() if p.requires_grad]
     parts = (tokenizer, encoder, data, objective, model, module, trainable, optimizer, scheduler, memory, trackers)
     return Session(config, run, engine, console, dtype, *parts, metrics, training)
+
+
+def _identity(cfg: TrainConfig, model_path: str, dtype, device) -> list:
+    """What decides the values a run computes of its frozen model (the reference log-probabilities): the base's
+    weights, the adapter merged into it (`reference`, and what that run was trained on top of), number format and
+    device type."""
+    merged, run = [], cfg.reference
+    while run:
+        merged.append(file_digest(Path(run) / "adapter"))
+        run = read_run_config(run).reference
+    return [fingerprint(cfg, model_path)["model"], merged, str(dtype), torch.device(device).type]
 
 
 def _resolve(cfg: TrainConfig, memory: RunMemory, engine, data, checkpoint, saved, console) -> ResolvedRun:
