@@ -84,18 +84,15 @@ def assert_plan_is_run(cfg, run: Path, **made_smaller) -> None:
     assert planned | made_smaller == json.loads((run / "resolved.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    """A finished 6-step run of the tiny model with validation and test data (read-only: copy it to change it)."""
+def _train_tiny(model: str, root: Path, rows, **settings) -> Path:
+    """A finished 6-step run of `model` on 24 of `rows(n, seed)` with 4 for validation (every 2 steps)."""
     from loratune import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("tiny_run")
     train(
         TrainConfig(
-            model=tiny_model,
-            train_data=write_jsonl(root / "train.jsonl", varied_rows(24)),
-            val_data=write_jsonl(root / "val.jsonl", varied_rows(4, seed=1)),
-            test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2)),
+            model=model,
+            train_data=write_jsonl(root / "train.jsonl", rows(24)),
+            val_data=write_jsonl(root / "val.jsonl", rows(4, seed=1)),
             output_dir=str(root / "run"),
             epochs=2,
             batch_size=4,
@@ -106,33 +103,22 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
             device="cpu",
             learning_rate=1e-3,
             max_length=256,
+            **settings,
         )
     )
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished 6-step run of the tiny model with validation and test data (read-only: copy it to change it)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    return _train_tiny(
+        tiny_model, root, varied_rows, test_data=write_jsonl(root / "test.jsonl", varied_rows(3, seed=2))
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_dpo_run(tiny_model, tmp_path_factory) -> Path:
     """A finished 6-step DPO run of the tiny model, validated every 2 steps (read-only: copy it to change it)."""
-    from loratune import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("tiny_dpo_run")
-    train(
-        TrainConfig(
-            model=tiny_model,
-            objective="dpo",
-            train_data=write_jsonl(root / "train.jsonl", pair_rows(24)),
-            val_data=write_jsonl(root / "val.jsonl", pair_rows(4, seed=1)),
-            output_dir=str(root / "run"),
-            epochs=2,
-            batch_size=4,
-            gradient_accumulation_steps=2,
-            eval_every_steps=2,
-            early_stopping_patience=0,
-            precision="fp32",
-            device="cpu",
-            learning_rate=1e-3,
-            max_length=256,
-        )
-    )
-    return root / "run"
+    return _train_tiny(tiny_model, tmp_path_factory.mktemp("tiny_dpo_run"), pair_rows, objective="dpo")
