@@ -356,3 +356,13 @@ def test_a_variants_pass_is_planned_within_5_percent_of_its_measured_peak(case):
         torch.set_num_threads(threads)
     estimated = MemoryModel.for_run(cfg, shape_from_config(config, cfg), "cpu", dtype).batch_bytes(batch)
     assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)
+
+
+def test_the_ui_form_offers_each_variant_setting():
+    from loratune.ui.form import schema
+
+    fields = {f["name"]: f for f in schema()["fields"]}
+    assert fields["use_dora"]["kind"] == fields["use_rslora"]["kind"] == "bool"
+    assert fields["lora_init"]["choices"] == ["kaiming", "gaussian", "pissa", "pissa_fast", "olora"]
+    assert fields["loraplus_lr_ratio"]["allowed"] == "a number >= 1"
+    assert "embed_tokens,lm_head" in fields["modules_to_save"]["help"]
