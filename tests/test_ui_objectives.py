@@ -147,9 +147,11 @@ def test_a_sweeps_trials_are_listed_opened_compared_and_resumed(tiny_run, tmp_pa
     learning_rate = next(d for d in data["differences"] if d["name"] == "learning_rate")
     assert learning_rate["values"]["sweep-lr/trial-001"] == 0.0002
 
-    # a trial cut short resumes from the UI, its job kept under its SWEEP/TRIAL name
+    # a trial cut short (pruned) says so, and resumes from the UI, its job kept under its SWEEP/TRIAL name
     (sweep / "trial-000" / "summary.json").unlink()
     age(sweep / "trial-000" / "metrics.jsonl", 3600)
+    row = ui.get("/api/runs/sweep-lr%2Ftrial-000")[1]["row"]
+    assert row["state"] == "stopped" and row["why"].startswith("stopped by its sweep (pruned"), row
     try:
         status, data = ui.post("/api/runs/sweep-lr%2Ftrial-000/resume")
         assert status == 200 and str(sweep / "trial-000") in data["command"], data

@@ -185,20 +185,23 @@ class Runs:
         if job is not None:
             outcome = self.jobs.outcome(job)
             return State("failed" if outcome.state == "done" else outcome.state, outcome.line, False)
-        return self._state_outside(run)
+        return self._state_outside(name)
 
-    def _state_outside(self, run: Path) -> State:
+    def _state_outside(self, name: str) -> State:
         """A run started in a terminal: running while it writes, else stopped at its last checkpoint."""
         try:
-            age = time.time() - (run / "metrics.jsonl").stat().st_mtime
+            age = time.time() - (self.folder(name) / "metrics.jsonl").stat().st_mtime
         except OSError:
             age = None
         if age is not None and age < FRESH_SECONDS:
             return State("running", "started outside the UI", True)
-        checkpoints = self.checkpoints(run.name)
+        checkpoints = self.checkpoints(name)
         if checkpoints:
             step = checkpoint_position(checkpoints[-1])[0]
-            return State("stopped", f"ended without a summary; resumable from its checkpoint at step {step}", True)
+            # a sweep's trial stops so when its pruner gives up on it (the study, not the folder, says which)
+            how = "stopped by its sweep (pruned, or the sweep was stopped)" if "/" in name else ""
+            why = f"{how or 'ended without a summary'}; resumable from its checkpoint at step {step}"
+            return State("stopped", why, True)
         return State("failed", "ended before its first checkpoint (started in a terminal, which says why)", True)
 
     def row(self, name: str) -> dict:
