@@ -38,7 +38,7 @@ class Chart:
 KNOWN = (
     ("reward_accuracy", "Reward accuracy (chosen rewarded above rejected)", "pairs", True,
      [("reward_accuracy", "reward accuracy", True)]),
-    ("pair_rewards", "Rewards (β × log-ratio to the reference)", "reward", False,
+    ("pair_rewards", "Rewards of the chosen and rejected answers", "reward", False,
      [("chosen_reward", "chosen", True), ("rejected_reward", "rejected", True), ("reward_margin", "margin", True)]),
     ("pair_logps", "Log-probability of the answers", "log-probability", False,
      [("chosen_logp", "chosen", True), ("rejected_logp", "rejected", True)]),
