@@ -193,6 +193,7 @@ def test_browser_opens_a_sweep_charts_its_dpo_trials_and_compares_their_margin(
         over.hover(position={"x": box["width"] - 2, "y": box["height"] / 2})  # the last step: its values in the legend
         drawn = page.locator(f"{accuracy} .u-legend .u-value").all_inner_texts()
         assert drawn[0] == "6" and drawn[1].endswith("%") and drawn[2].endswith("%"), drawn
+        assert page.locator("td", has_text=" in 48 pairs").count() == 1  # the summary counts its tokens in pairs
         shot(page, "run-dpo")
 
         page.click("nav a[data-page=runs]")
@@ -209,6 +210,7 @@ def test_browser_opens_a_sweep_charts_its_dpo_trials_and_compares_their_margin(
         page.goto(url + "#/run/sft")
         page.locator(".chart[data-points] canvas").first.wait_for()
         assert page.locator(".chart[data-metric]").count() == 0
+        assert page.locator("td", has_text=" answer tokens)").count() == 1
         assert not errors, errors
     finally:
         stop_everything(ui, runs)
