@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         "trainers (default: what loratune's precision auto picks here: bf16 on CUDA, and on a CPU whose "
         "bf16 matrix products are measured faster than fp32; else fp32)",
     )
+    p.add_argument("--use-dora", action="store_true", help="every trainer trains DoRA (PEFT's) instead of LoRA")
     p.add_argument(
         "--work",
         type=Path,
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     precision = args.precision or ("bf16" if choose_dtype("auto", torch.device(device)) == torch.bfloat16 else "fp32")
     reps = args.reps or (1 if args.quick else 3)
     full = set(models) == set(FULL) and set(trainers) == set(TRAINERS)
-    out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "latest" if full else "partial")
+    name = "quick" if args.quick else "latest" if full else "partial"
+    out = args.out or ROOT / "bench" / "results" / (f"dora-{name}" if args.use_dora else name)
     host = machine(device)  # first: its reading of how busy the CPU is must not include our own work
     print(f"measuring the {device} matrix-product peak ...", flush=True)
     peaks = {name: matmul_peak(DTYPES[name], device) for name in ("fp32", "bf16")}
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "reps": reps,
         "quick": args.quick,
         "peak_flops": peaks,
-        "hyperparameters": HYPER,
+        "hyperparameters": HYPER | {"use_dora": args.use_dora},
         "models": {},
     }
 
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
             model_path = str(make_tiny_model(folder / "model", **TINY)) if name == "tiny" else resolve_model(name)
             label = _label(name, model_path)
             try:
-                runs = bench_model(model_path, label, setting, trainers, reps, device, precision, folder / "runs")
+                runs = bench_model(
+                    model_path, label, setting, trainers, reps, device, precision, folder / "runs",
+                    use_dora=args.use_dora,
+                )  # fmt: skip
             except WorkerFailed as e:
                 raise SystemExit(str(e)) from None
             report["models"][name] = summarize(runs, peaks, precision) | {"setting": asdict(setting)} | runs["workload"]

@@ -100,6 +100,7 @@ def targets(report: dict) -> list[tuple[str, bool]]:
 def render(report: dict) -> str:
     m, peaks = report["machine"], report["peak_flops"]
     h = report["hyperparameters"]
+    kind = "DoRA (PEFT's DoRA layer in every trainer)" if h.get("use_dora") else "LoRA"
     memory = "peak CUDA allocated (MiB)" if report["device"] == "cuda" else "peak RSS (MiB)"
     lines = [
         "## Benchmark: LoRA fine-tuning, same workload, three trainers",
@@ -119,7 +120,7 @@ def render(report: dict) -> str:
         f"Medians of {report['reps']} repetition{'s' * (report['reps'] > 1)}"
         + (" (--quick: a check of the harness, not a measurement)" if report["quick"] else "")
         + ".",
-        f"Every trainer: LoRA r={h['lora_r']}, alpha={h['lora_alpha']}, dropout={h['lora_dropout']} on all linear "
+        f"Every trainer: {kind} r={h['lora_r']}, alpha={h['lora_alpha']}, dropout={h['lora_dropout']} on all linear "
         f"layers of the blocks; AdamW lr={h['learning_rate']:g}, weight decay 0, warmup {h['warmup_ratio']:g} then "
         "cosine, gradient clipping 1.0; the same examples in every optimizer step; loss on answer tokens only.",
     ]

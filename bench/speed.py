@@ -55,6 +55,7 @@ def bench_model(
     work: Path,
     timeout: Callable[[], float] | None = None,
     keep_going: bool = False,
+    use_dora: bool = False,
 ) -> dict:
     """Every trainer `reps` times (interleaved) on the same workload. `timeout()` gives each run's time limit
     (0: no time left, the run is not started). With `keep_going`, a failed run is recorded in "failed" and the
@@ -82,6 +83,7 @@ def bench_model(
         steps=setting.steps,
         batch_size=setting.batch_size,
         grad_accum=setting.grad_accum,
+        use_dora=use_dora,  # every trainer with PEFT's DoRA
         **HYPER,
     )
     stats = {

@@ -92,6 +92,7 @@ def run_reference(spec: dict) -> dict:
         lora_dropout=spec["lora_dropout"],
         target_modules="all-linear",
         task_type="CAUSAL_LM",
+        use_dora=spec["use_dora"],
     )
     model = get_peft_model(model, lora, autocast_adapter_dtype=True).to(spec["device"])
 
@@ -220,6 +221,7 @@ def run_loratune(spec: dict) -> dict:
         lora_r=spec["lora_r"],
         lora_alpha=spec["lora_alpha"],
         lora_dropout=spec["lora_dropout"],
+        use_dora=spec["use_dora"],
         seed=spec["seed"],
         precision=spec["precision"],
         device=spec["device"],
