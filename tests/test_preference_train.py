@@ -128,12 +128,15 @@ def _run(flags: dict, kill_at: int = 0, resume: bool = False, cache=None):
 
 def test_dpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
     """`--num-processes 2` on the default device (as users launch it) with accumulation 2 against one process with
-    accumulation 4: the same steps and metrics, validation (whose 3 pairs the processes share 2 + 1) and adapter."""
+    accumulation 4: the same steps and metrics, validation (whose 3 pairs the processes share 2 + 1) and adapter.
+    Each run computes its reference log-probabilities (a cache of its own), each process saving its share."""
     job = Job(tiny_model, tmp_path, rows=pair_rows, flags=("--objective", "dpo"))
-    _, one = job.run("one", ONE, "--gradient-accumulation-steps", "4")
+    _, one = job.run("one", ONE, "--gradient-accumulation-steps", "4", env={"LORATUNE_CACHE": str(tmp_path / "c1")})
     result, two = job.run("two", ["-m", "loratune", "train", "--num-processes", "2"], "--gradient-accumulation-steps",
-                          "2")  # fmt: skip
+                          "2", env={"LORATUNE_CACHE": str(tmp_path / "c2")})  # fmt: skip
     assert "engine: DDP, 2 processes on 1 node" in result.stdout
+    saved = [np.load(f)["keys"] for f in (tmp_path / "c2" / "reference").glob("*/*.npz")]
+    assert len({k.tobytes() for keys in saved for k in keys}) == 2 * (32 + 3)  # both processes' shares
     assert_same_steps(one, two)
     for a, b in zip(_metrics(one) + _metrics(one, "eval"), _metrics(two) + _metrics(two, "eval")):
         for name in ("loss", "reward_margin", "chosen_logp", "val_loss", "val_reward_margin", "val_reward_accuracy"):
