@@ -110,7 +110,7 @@ def test_generate_chat_merge_and_export_work_on_a_dpo_run(tiny_dpo_run, tmp_path
         torch.testing.assert_close(merged(torch.tensor([ids])).logits[0], tuned, atol=1e-4, rtol=1e-4)
     llama_cpp = pytest.importorskip("llama_cpp")
     path = export_gguf(tiny_dpo_run, tmp_path / "dpo.gguf", "bf16").path
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, seed=0)
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False, seed=0)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)])
