@@ -122,3 +122,33 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
 def tiny_dpo_run(tiny_model, tmp_path_factory) -> Path:
     """A finished 6-step DPO run of the tiny model, validated every 2 steps (read-only: copy it to change it)."""
     return _train_tiny(tiny_model, tmp_path_factory.mktemp("tiny_dpo_run"), pair_rows, objective="dpo")
+
+
+# `loratune train` in a child process that kills itself before its N-th training pass through the objective's module
+# (KILL_CLASS, as module.Class), as tests/fault_driver.py does for SFT's module.
+KILLER = """
+import importlib, os, signal, sys
+from loratune.cli import main
+module, name = os.environ["KILL_CLASS"].rsplit(".", 1)
+cls = getattr(importlib.import_module(module), name)
+at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], cls.forward
+def faulty(self, *args):
+    if self.training:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args)
+cls.forward = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_killed_at_pass(module_class: str, flags: list[str], kill_at: int = 0, resume: bool = False, env=None):
+    """`loratune train FLAGS` in a child process killed before its `kill_at`-th training pass (0: never), with `env`
+    added to this environment."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", KILLER, "train", *flags, *(["--resume"] if resume else [])]
+    env = {**os.environ, "KILL_AT_PASS": str(kill_at), "KILL_CLASS": module_class} | (env or {})
+    return subprocess.run(args, capture_output=True, text=True, env=env)

@@ -2,15 +2,12 @@
 split of a step into passes, kill-and-resume sampling the same answers, and bad prompt files refused in one line."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import assert_plan_is_run, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -90,8 +87,17 @@ def _same_adapter(a, b, tol=1e-5):
 
 
 def test_grpo_trains_and_logs_its_metrics_and_validates_by_reward(tiny_model, tmp_path, capsys):
-    run = tmp_path / "run"
-    summary = train(TrainConfig(**_settings(tiny_model, tmp_path, "run")))
+    """Also: `loratune plan` resolves the run training made, and sizes a pass as its prompts' answers (4 x 4 rows)
+    with what sampling them needs."""
+    from loratune.commands.plan import plan_run
+
+    run, cfg = tmp_path / "run", TrainConfig(**_settings(tiny_model, tmp_path, "run"))
+    summary = train(cfg)
+    assert_plan_is_run(cfg, run)
+    memory = plan_run(cfg)
+    assert memory.largest_pass["rows"] == 16 and any(
+        k.startswith("sampling a pass's answers (16 rows") for k in memory.items
+    )
     out = capsys.readouterr().out
     assert "data: 10 rows (prompts): 8 training, 2 validation prompts" in out
     assert "step 2: validation loss " in out and "; mean reward of greedy answers " in out
@@ -131,28 +137,9 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
 
 
-# `loratune train` in a child process that kills itself before its N-th training pass.
-KILLER = """
-import os, signal, sys
-from loratune.cli import main
-from loratune.modeling.grpo import GroupForward
-at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], GroupForward.forward
-def faulty(self, *args):
-    if self.training:
-        calls[0] += 1
-        if calls[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return forward(self, *args)
-GroupForward.forward = faulty
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def _run(flags: dict, kill_at: int = 0, resume: bool = False):
-    given = {k: v for k, v in flags.items() if v is not None}
-    args = [sys.executable, "-c", KILLER, "train", *_flags(given)]
-    env = {**os.environ, "KILL_AT_PASS": str(kill_at)}
-    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
+    given = _flags({k: v for k, v in flags.items() if v is not None})
+    return train_killed_at_pass("loratune.modeling.grpo.GroupForward", given, kill_at, resume)
 
 
 @pytest.mark.parametrize("updates, kill_at", [(1, 4), (2, 7)])

@@ -3,15 +3,12 @@ passes, kill-and-resume, bad rows and settings refused in one line; ORPO, SimPO 
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import kto_rows, pair_rows, write_jsonl
+from conftest import kto_rows, pair_rows, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -101,29 +98,10 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
 
 
-# `loratune train` in a child process that kills itself before its N-th training pass (as tests/fault_driver.py
-# does for SFT's module).
-KILLER = """
-import os, signal, sys
-from loratune.cli import main
-from loratune.modeling.preference import PreferenceForward
-at, calls, forward = int(os.environ.get("KILL_AT_PASS", 0)), [0], PreferenceForward.forward
-def faulty(self, *args):
-    if self.training:
-        calls[0] += 1
-        if calls[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return forward(self, *args)
-PreferenceForward.forward = faulty
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def _run(flags: dict, kill_at: int = 0, resume: bool = False, cache=None):
-    given = {k: v for k, v in flags.items() if v is not None}
-    args = [sys.executable, "-c", KILLER, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())]
-    env = {**os.environ, "KILL_AT_PASS": str(kill_at)} | ({"LORATUNE_CACHE": str(cache)} if cache else {})
-    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True, text=True, env=env)
+    given = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v is not None]
+    env = {"LORATUNE_CACHE": str(cache)} if cache else None
+    return train_killed_at_pass("loratune.modeling.preference.PreferenceForward", given, kill_at, resume, env)
 
 
 def test_dpo_over_two_processes_equals_one_process(tiny_model, tmp_path):

@@ -62,6 +62,7 @@ class StepPlan:
     buckets: bool = False  # fill packed rows up to `shape_bucket` sizes (CPU, 16-bit base)
     seed: int = 0
     repeats: int = 1  # optimizer steps on each step's examples in a row (grpo's updates_per_generation)
+    group: int = 1  # sequences an example becomes in its pass (grpo: a prompt's num_generations answers)
 
     @property
     def accumulation(self) -> int:
@@ -122,10 +123,11 @@ class StepPlan:
         if not examples:
             return PassShape(0, 0, 0)
         lengths = self.lengths[list(examples)]
-        targets = int(self.targets[list(examples)].sum())
+        targets = int(self.targets[list(examples)].sum()) * self.group
         if not self.packing:
-            return PassShape(len(examples) * int(lengths.max()), targets, len(examples), examples)
-        tokens = int(lengths.sum())
+            rows = len(examples) * self.group
+            return PassShape(rows * int(lengths.max()), targets, rows, examples)
+        tokens = int(lengths.sum()) * self.group
         return PassShape(shape_bucket(tokens) if self.buckets else tokens, targets, 1, examples)
 
     def first_epoch_passes(self) -> list[PassShape]:
@@ -139,7 +141,7 @@ class StepPlan:
     def padding_share(self) -> float:
         """Share of the positions of the first epoch's passes that hold no example's token."""
         passes = self.first_epoch_passes()
-        real = sum(int(self.lengths[list(p.examples)].sum()) for p in passes)
+        real = sum(int(self.lengths[list(p.examples)].sum()) * self.group for p in passes)
         total = sum(p.tokens for p in passes)
         return 1 - real / total if total else 0.0
 
@@ -207,6 +209,7 @@ def plan_for(
         buckets,
         cfg.seed,
         cfg.updates_per_generation,
+        cfg.num_generations if cfg.objective == "grpo" else 1,
     )
 
 

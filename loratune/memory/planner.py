@@ -242,7 +242,7 @@ def estimate(
         variant = replace(mm, checkpointing=flag)
         tensors = peak_items(variant, size, budget)[1]
         by_checkpointing[on] = tensors + sum(process_items(variant, size, tensors, held_out).values())
-    items |= process_items(mm, size, total, held_out)
+    items |= process_items(mm, size, total, held_out) | _sampling_items(cfg, mm, plan, size)
     total = sum(items.values())
     source = (
         "largest pass of the data's first epoch" if from_data else f"{plan.micro_batch} x max_length {cfg.max_length}"
@@ -268,7 +268,7 @@ def estimate(
             "more"
         )
     if from_data:
-        memory.epoch_tokens = int(plan.lengths.sum())
+        memory.epoch_tokens = int(plan.lengths.sum()) * plan.group
     if tokens_per_second:
         memory.tokens_per_second, memory.throughput_source = tokens_per_second, throughput_source
         if memory.epoch_tokens:
@@ -276,6 +276,17 @@ def estimate(
     if not memory.fits:
         memory.fixes = fixes(mm, plan, budget, cfg, from_data)
     return memory
+
+
+def _sampling_items(cfg: TrainConfig, mm: MemoryModel, plan: StepPlan, size: PassShape) -> dict[str, int]:
+    """grpo: what sampling a pass's answers (its prompts x num_generations rows, with a KV cache of prompt +
+    max_new_tokens) needs beyond the largest pass's activations and working memory, which it comes before."""
+    if cfg.objective != "grpo":
+        return {}
+    rows, new = plan.micro_batch * plan.group, cfg.max_new_tokens
+    prompt = int(plan.lengths.max(initial=new + 1)) - new
+    beyond = mm.generation_bytes(rows, prompt, new) - mm.pass_bytes(size.tokens, size.targets, size.rows).total
+    return {f"sampling a pass's answers ({rows} rows, KV cache of {prompt + new} tokens)": max(0, beyond)}
 
 
 def _processes_text(mm: MemoryModel, plan: StepPlan) -> str:

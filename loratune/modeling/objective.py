@@ -117,17 +117,10 @@ class SFT(Objective):
 PAIR_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp")
 
 
-@dataclass
-class PairBatch:
-    """A preference pass: its sequences (every item's first, then every item's second: chosen then rejected, or
-    KTO's rows then their mismatched pairs), the items, the reference's log-probabilities of the sequences when
-    the set has them all, and KTO's labels (desirable or not)."""
+class _SequencesPass:
+    """A pass whose tensors are `sequences` (a `Batch`) with more beside them: the step's view of its size."""
 
     sequences: Batch
-    examples: np.ndarray
-    cache: np.ndarray  # the set's reference log-probabilities [items, 2], NaN where not computed yet
-    reference: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -140,6 +133,19 @@ class PairBatch:
     @property
     def n_targets(self) -> int:
         return self.sequences.n_targets
+
+
+@dataclass
+class PairBatch(_SequencesPass):
+    """A preference pass: its sequences (every item's first, then every item's second: chosen then rejected, or
+    KTO's rows then their mismatched pairs), the items, the reference's log-probabilities of the sequences when
+    the set has them all, and KTO's labels (desirable or not)."""
+
+    sequences: Batch
+    examples: np.ndarray
+    cache: np.ndarray  # the set's reference log-probabilities [items, 2], NaN where not computed yet
+    reference: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def to(self, device) -> PairBatch:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
@@ -251,7 +257,7 @@ class KTO(Pairs):
 
 
 @dataclass
-class GroupBatch:
+class GroupBatch(_SequencesPass):
     """A GRPO pass: its prompts' answers as padded sequences (a prompt's group together), each answer's advantage,
     its tokens' log-probabilities when sampled (with `updates_per_generation` > 1), and per-answer metrics."""
 
@@ -259,18 +265,6 @@ class GroupBatch:
     advantages: torch.Tensor
     old: torch.Tensor | None
     stats: dict[str, torch.Tensor]
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.sequences.input_ids
-
-    @property
-    def n_tokens(self) -> int:
-        return self.sequences.n_tokens
-
-    @property
-    def n_targets(self) -> int:
-        return self.sequences.n_targets
 
     def to(self, device) -> GroupBatch:
         old = self.old.to(device) if self.old is not None else None
