@@ -31,6 +31,13 @@ def tiny_plain_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny_plain") / "model", chat=False))
 
 
+# Settings under which two runs that should train the same adapter can be compared exactly: fp32 on the CPU, with no
+# dropout, warm-up, schedule or clipping to tell a split of a step from another.
+EXACT = dict(
+    precision="fp32", device="cpu", lora_dropout=0.0, warmup_ratio=0.0, lr_scheduler="constant", max_grad_norm=0.0
+)
+
+
 def write_jsonl(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import assert_plan_is_run, train_killed_at_pass, write_jsonl
+from conftest import EXACT, assert_plan_is_run, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -55,12 +55,7 @@ def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
         val_data=write_jsonl(data / "val.jsonl", prompt_rows(2, seed=1)),
         output_dir=str(tmp_path / name),
         epochs=1,
-        precision="fp32",
-        device="cpu",
-        lora_dropout=0.0,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_grad_norm=0.0,
+        **EXACT,
         learning_rate=1e-2,
         max_length=128,
         num_generations=4,

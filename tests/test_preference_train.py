@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import kto_rows, pair_rows, train_killed_at_pass, write_jsonl
+from conftest import EXACT, kto_rows, pair_rows, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -30,12 +30,7 @@ def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
         val_data=write_jsonl(data / "val.jsonl", pair_rows(3, seed=1)),
         output_dir=str(tmp_path / name),
         epochs=1,
-        precision="fp32",
-        device="cpu",
-        lora_dropout=0.0,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_grad_norm=0.0,
+        **EXACT,
         learning_rate=1e-3,
         max_length=256,
     )

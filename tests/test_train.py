@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_plan_is_run, varied_rows, write_jsonl
+from conftest import EXACT, assert_plan_is_run, varied_rows, write_jsonl
 from safetensors.torch import load_file
 
 from loratune import TrainConfig
@@ -24,12 +24,7 @@ def _config(model, tmp_path, name, rows=24, **overrides):
         val_data=write_jsonl(data / "val.jsonl", varied_rows(3, seed=1)),
         output_dir=str(tmp_path / name),
         epochs=1,
-        precision="fp32",
-        device="cpu",
-        lora_dropout=0.0,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_grad_norm=0.0,
+        **EXACT,
         learning_rate=1e-3,
         max_length=256,
     )
