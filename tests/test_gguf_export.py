@@ -566,8 +566,9 @@ def llama_greedy(llama_cpp, llm, prompt: list[int], budget: int) -> list[int]:
 
 @pytest.mark.slow
 def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run, llama_cpp, tmp_path):
-    """The quickstart's 48 held-out prompts, answered greedily by transformers (base + adapter, in fp32, as
-    `loratune eval --generate` generates) and by llama.cpp from each exported file."""
+    """16 of the quickstart's held-out prompts (all 48 took a quarter of the suite's time), answered greedily by
+    transformers (base + adapter, in fp32, as `loratune eval --generate` generates) and by llama.cpp from each
+    exported file."""
     import time
     from importlib import metadata
 
@@ -579,7 +580,7 @@ def test_llama_cpp_answers_the_held_out_prompts_like_transformers(quickstart_run
 
     run = load_run(quickstart_run)
     run.model.float()  # the weights training produced, computed exactly (bf16 rounds differently on each CPU)
-    examples = read_examples(PRESETS["quickstart"].values["test_data"], "test", run.config)
+    examples = read_examples(PRESETS["quickstart"].values["test_data"], "test", run.config)[:16]
     prompts = [run.encoder.prompt_ids(ex) for ex in examples]
     references = [run.encoder.reference(ex).strip() for ex in examples]
     budget = max(len(run.tokenizer(r, add_special_tokens=False).input_ids) for r in references) + 16
