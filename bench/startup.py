@@ -97,16 +97,24 @@ def time_run(args: list[str], run_dir: Path, env: dict) -> tuple[float, float]:
     first = None
     while process.poll() is None:
         if first is None and metrics.is_file():
-            line = metrics.read_text().partition("\n")[0]
-            if line.endswith("}"):
-                first = time.perf_counter() - start - json.loads(line)["seconds"]
+            seconds = _first_step_seconds(metrics.read_text())
+            if seconds is not None:
+                first = time.perf_counter() - start - seconds
         time.sleep(0.005)
     whole = time.perf_counter() - start
     if process.returncode != 0:
         raise SystemExit(f"loratune train failed:\n{process.stderr.read()[-2000:]}")
     if first is None:  # the run ended between two looks: read the line now
-        first = whole - json.loads(metrics.read_text().partition("\n")[0])["seconds"]
+        first = whole - _first_step_seconds(metrics.read_text())
     return first, whole
+
+
+def _first_step_seconds(text: str) -> float | None:
+    """The first optimizer step's own seconds, once its line is written whole (phase lines come before it)."""
+    for line in text.splitlines(keepends=True):
+        if line.endswith("}\n") and '"event": "train"' in line:
+            return json.loads(line)["seconds"]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
