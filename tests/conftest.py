@@ -38,6 +38,21 @@ EXACT = dict(
 )
 
 
+def run_metrics(run: Path, event: str = "train") -> list[dict]:
+    """A run's metrics.jsonl records of one event."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def assert_same_adapter(a: Path, b: Path, tol: float = 1e-5) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
+
+
 def write_jsonl(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

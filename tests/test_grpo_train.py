@@ -1,13 +1,11 @@
 """GRPO on the training loop: a run end to end with its metrics and validation by reward, the same update for any
 split of a step into passes, kill-and-resume sampling the same answers, and bad prompt files refused in one line."""
 
-import json
 import signal
 
 import numpy as np
 import pytest
-import torch
-from conftest import EXACT, assert_plan_is_run, train_killed_at_pass, write_jsonl
+from conftest import EXACT, assert_plan_is_run, assert_same_adapter, run_metrics, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -70,17 +68,6 @@ def _flags(settings: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={x}" for k, v in settings.items() for x in (v if isinstance(v, tuple) else [v])]
 
 
-def _metrics(run, event="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
-
-
-def _same_adapter(a, b, tol=1e-5):
-    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert x.keys() == y.keys()
-    for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
-
-
 def test_grpo_trains_and_logs_its_metrics_and_validates_by_reward(tiny_model, tmp_path, capsys):
     """Also: `loratune plan` resolves the run training made, and sizes a pass as its prompts' answers (4 x 4 rows)
     with what sampling them needs."""
@@ -96,7 +83,7 @@ def test_grpo_trains_and_logs_its_metrics_and_validates_by_reward(tiny_model, tm
     out = capsys.readouterr().out
     assert "data: 10 rows (prompts): 8 training, 2 validation prompts" in out
     assert "step 2: validation loss " in out and "; mean reward of greedy answers " in out
-    steps, evals = _metrics(run), _metrics(run, "eval")
+    steps, evals = run_metrics(run), run_metrics(run, "eval")
     assert summary["steps"] == len(steps) == 2 and len(evals) == 1
     names = {"reward", "reward_std", "reward_short", "reward_regex", "kl", "completion_length", "clipped"}
     assert names | {"zero_std_groups"} <= steps[0].keys()
@@ -120,7 +107,7 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     four = train(TrainConfig(**_settings(tiny_model, tmp_path, "four", batch_size=1, gradient_accumulation_steps=4,
                                          **common)))  # fmt: skip
     assert one["steps"] == four["steps"] == 2 * updates
-    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
+    a, b = run_metrics(tmp_path / "one"), run_metrics(tmp_path / "four")
     for x, y in zip(a, b):
         units = "answer_tokens" if grpo_loss == "token" else "sampled_answers"  # the step's count
         for name in ("reward", "completion_length", units, "zero_std_groups"):
@@ -129,7 +116,7 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
             assert x[name] == pytest.approx(y[name], rel=1e-4, abs=1e-7), name
     if updates > 1:
         assert a[0]["reward"] == a[1]["reward"] and a[1]["clipped"] > 0
-    _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
+    assert_same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
 
 
 def _run(flags: dict, kill_at: int = 0, resume: bool = False):
@@ -152,12 +139,12 @@ def test_killed_grpo_run_resumes_sampling_the_same_answers(tiny_model, tmp_path,
     result = _run(flags, resume=True)
     assert result.returncode == 0, result.stderr[-1500:]
     assert "resuming from" in result.stdout
-    resumed, reference = _metrics(tmp_path / "run"), _metrics(tmp_path / "reference")
+    resumed, reference = run_metrics(tmp_path / "run"), run_metrics(tmp_path / "reference")
     assert [m["step"] for m in resumed] == list(range(1, 3 * updates + 1))
     for x, y in zip(resumed, reference):
         assert (x["reward"], x["completion_length"]) == (y["reward"], y["completion_length"])
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-9) and x["clipped"] == y["clipped"]
-    _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
+    assert_same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +186,7 @@ def test_a_failing_reward_is_one_line_and_leaves_no_adapter(tiny_model, tmp_path
     run = tmp_path / "run"
     assert run.exists() == folder
     if folder:
-        assert not (run / "adapter").exists() and not (run / "checkpoints").exists() and not _metrics(run)
+        assert not (run / "adapter").exists() and not (run / "checkpoints").exists() and not run_metrics(run)
 
 
 def test_grpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
@@ -214,7 +201,7 @@ def test_grpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
                           "2")  # fmt: skip
     assert "engine: DDP, 2 processes on 1 node" in result.stdout
     assert_same_steps(one, two)
-    for a, b in zip(_metrics(one) + _metrics(one, "eval"), _metrics(two) + _metrics(two, "eval")):
+    for a, b in zip(run_metrics(one) + run_metrics(one, "eval"), run_metrics(two) + run_metrics(two, "eval")):
         for name in ("reward", "answer_tokens", "completion_length", "loss", "kl", "val_loss"):
             if name in a:
                 assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (name, a, b)

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import EXACT, kto_rows, pair_rows, train_killed_at_pass, write_jsonl
+from conftest import EXACT, assert_same_adapter, kto_rows, pair_rows, run_metrics, train_killed_at_pass, write_jsonl
 from distributed_runs import ONE, Job, assert_same_steps, relative_difference
 from safetensors.torch import load_file
 
@@ -37,17 +37,6 @@ def _settings(model, tmp_path, name, rows=None, **overrides) -> dict:
     return settings | overrides
 
 
-def _metrics(run, event="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
-
-
-def _same_adapter(a, b, tol=1e-5):
-    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert x.keys() == y.keys()
-    for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
-
-
 def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -58,7 +47,7 @@ def test_dpo_trains_end_to_end_and_its_adapter_loads_with_peft(tiny_model, tmp_p
     assert "data: 27 rows (pairs): 24 training, 3 validation pairs" in out
     assert "step 6: validation loss " in out and "; reward accuracy " in out
     run = tmp_path / "run"
-    steps, evals = _metrics(run), _metrics(run, "eval")
+    steps, evals = run_metrics(run), run_metrics(run, "eval")
     assert len(steps) == 6 and len(evals) == 2
     # counted in pairs, the unit the loss is a mean over, under that name in the step lines, summary and report
     assert steps[0]["pairs"] == 8 and "pairs_per_s" in steps[0] and "target_tokens" not in steps[0]
@@ -86,11 +75,11 @@ def test_the_update_is_the_same_for_any_split_into_passes(tiny_model, tmp_path, 
     four = train(TrainConfig(**_settings(tiny_model, tmp_path, "four", batch_size=2, gradient_accumulation_steps=4,
                                          **common)))  # fmt: skip
     assert one["steps"] == four["steps"] == 3
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "four")):
+    for a, b in zip(run_metrics(tmp_path / "one"), run_metrics(tmp_path / "four")):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
         assert math.isclose(a["reward_margin"], b["reward_margin"], rel_tol=1e-4, abs_tol=1e-7)
-    _same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
+    assert_same_adapter(tmp_path / "one" / "last", tmp_path / "four" / "last")
 
 
 def _run(flags: dict, kill_at: int = 0, resume: bool = False, cache=None):
@@ -111,11 +100,11 @@ def test_dpo_over_two_processes_equals_one_process(tiny_model, tmp_path):
     saved = [np.load(f)["keys"] for f in (tmp_path / "c2" / "reference").glob("*/*.npz")]
     assert len({k.tobytes() for keys in saved for k in keys}) == 2 * (32 + 3)  # both processes' shares
     assert_same_steps(one, two)
-    for a, b in zip(_metrics(one) + _metrics(one, "eval"), _metrics(two) + _metrics(two, "eval")):
+    for a, b in zip(run_metrics(one) + run_metrics(one, "eval"), run_metrics(two) + run_metrics(two, "eval")):
         for name in ("loss", "reward_margin", "chosen_logp", "val_loss", "val_reward_margin", "val_reward_accuracy"):
             if name in a:
                 assert math.isclose(a[name], b[name], rel_tol=1e-5, abs_tol=1e-7), (name, a, b)
-    assert _metrics(one)[-1]["reward_margin"] != 0  # the steps moved the adapter off its reference
+    assert run_metrics(one)[-1]["reward_margin"] != 0  # the steps moved the adapter off its reference
     for adapter in ("last", "adapter"):
         assert relative_difference(one / adapter, two / adapter) <= 1e-4
 
@@ -135,8 +124,8 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(tiny_model, tmp_pat
     result = _run(flags, resume=True, cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-1500:]
     assert "resuming from" in result.stdout
-    _same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
-    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2]
+    assert_same_adapter(tmp_path / "run" / "last", tmp_path / "reference" / "last", tol=1e-6)
+    assert [m["step"] for m in run_metrics(tmp_path / "run")] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -196,7 +185,7 @@ def test_each_objective_trains_a_step_and_logs_its_metrics(tiny_model, tmp_path,
     settings = _settings(tiny_model, tmp_path, objective, rows=rows, val_data=None, val_ratio=0, batch_size=4,
                          gradient_accumulation_steps=2, objective=objective, **extra)  # fmt: skip
     assert train(TrainConfig(**settings))["steps"] == (2 if objective == "kto" else 1)
-    step = _metrics(tmp_path / objective)[0]
+    step = run_metrics(tmp_path / objective)[0]
     assert math.isfinite(step["loss"]) and math.isfinite(step[metric]) and step["grad_norm"] > 0
 
 
@@ -233,8 +222,8 @@ def test_reference_logprobs_are_computed_once_and_give_the_same_run(tiny_model, 
     monkeypatch.setattr(objective.Pairs, "batch", uncached)
     train(TrainConfig(**_settings(tiny_model, tmp_path, "every", **settings)))
     assert computed[0] == 2 * cached
-    _same_adapter(tmp_path / "cached" / "last", tmp_path / "every" / "last")
-    for a, b in zip(_metrics(tmp_path / "cached", "eval"), _metrics(tmp_path / "every", "eval")):
+    assert_same_adapter(tmp_path / "cached" / "last", tmp_path / "every" / "last")
+    for a, b in zip(run_metrics(tmp_path / "cached", "eval"), run_metrics(tmp_path / "every", "eval")):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-6)
 
 
