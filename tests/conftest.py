@@ -53,6 +53,22 @@ def assert_same_adapter(a: Path, b: Path, tol: float = 1e-5) -> None:
         torch.testing.assert_close(x[k], y[k], atol=tol, rtol=tol)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    """The tiny model's tokenizer (per module: a test may change its template)."""
+    from loratune.modeling.model import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer):
+    """The chat-template encoder of the tiny model's own template."""
+    from loratune.data.encode import Encoder
+
+    return Encoder(tokenizer, tokenizer.chat_template)
+
+
 def write_jsonl(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

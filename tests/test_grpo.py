@@ -10,14 +10,13 @@ from conftest import write_jsonl
 
 from loratune import TrainConfig
 from loratune.core.errors import UserError
-from loratune.data.encode import Encoder
 from loratune.data.formats import Example
 from loratune.data.prompts import PromptRow, PromptSet, prepare_prompts
 from loratune.modeling import objective as objective_module
 from loratune.modeling.adapter import add_lora
 from loratune.modeling.generate import SeededSampling, generate_ids, row_generator
 from loratune.modeling.grpo import group_advantages
-from loratune.modeling.model import load_model, load_tokenizer
+from loratune.modeling.model import load_model
 from loratune.modeling.objective import GRPO
 
 RTOL = 1e-5  # the parity asked for: relative, fp32
@@ -38,16 +37,6 @@ class FixedRewards:
         self.calls.append((prompts, completions, columns, completion_tokens))
         scores = self.scores[: len(completions)]
         return 2.0 * scores, {"fixed": scores}  # weight 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    return load_tokenizer(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def encoder(tokenizer):
-    return Encoder(tokenizer, tokenizer.chat_template)
 
 
 def _policy(tiny_model):

@@ -11,13 +11,12 @@ from conftest import write_jsonl
 from loratune import TrainConfig
 from loratune.core.errors import BadRowError, UserError
 from loratune.data.batching import collate_packed, collate_padded
-from loratune.data.encode import Encoder
 from loratune.data.formats import Example
 from loratune.data.pairs import LabeledAnswer, PreferencePair, kl_pairs, read_preferences
 from loratune.modeling import preference
 from loratune.modeling.adapter import add_lora
 from loratune.modeling.attention import NAME
-from loratune.modeling.model import load_model, load_tokenizer
+from loratune.modeling.model import load_model
 from loratune.modeling.preference import (
     PairLogprobs,
     dpo_loss,
@@ -64,16 +63,6 @@ KTO = [
     {"prompt": _user("order mugs, red"), "completion": _answer("mugs, red"), "label": True},
     {"prompt": _user("city?"), "completion": _answer("the customer did not say, send it friday"), "label": False},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    return load_tokenizer(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def encoder(tokenizer):
-    return Encoder(tokenizer, tokenizer.chat_template)
 
 
 @pytest.fixture(scope="module")
