@@ -83,6 +83,8 @@ def run(preset: str, flags: list[str], out: Path) -> dict:
         "planned": planned["total"],
         "items": planned["items"],
         "planned_seconds": planned["epoch_seconds"],
+        "planned_range": planned["epoch_seconds_range"],
+        "steps_per_epoch": planned["resolved"]["steps_per_epoch"],
         "peak": summary["peak_memory_bytes"],
         "peak_of": summary["peak_memory_of"],
         "train_seconds": summary["train_seconds"],
@@ -111,10 +113,16 @@ def main() -> None:
                 f"{r['planned'] / r['peak']:.2f} | {phases} |",
                 flush=True,
             )
-    print("\n| preset | planned time per epoch | training time | steps |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| preset | steps | planned time for them | likely range | training time | measured / planned |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['preset']} | {r['planned_seconds'] or 0:.0f} s | {r['train_seconds']:.0f} s | {r['steps']} |")
+        share = r["steps"] / r["steps_per_epoch"]  # the plan is of a whole epoch
+        planned = (r["planned_seconds"] or 0) * share
+        low, high = (s * share for s in r["planned_range"]) if r["planned_range"] else (0, 0)
+        print(
+            f"| {r['preset']} | {r['steps']} | {planned:.0f} s | {low:.0f}-{high:.0f} s | {r['train_seconds']:.0f} s | "
+            f"{r['train_seconds'] / planned:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

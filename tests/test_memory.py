@@ -15,7 +15,7 @@ from loratune.memory.arithmetic import NF4_BYTES, MemoryModel
 from loratune.memory.guard import RunMemory
 from loratune.memory.planner import Budget, choose_batch_size, estimate, fixes, largest_pass, refusal
 from loratune.memory.shape import read_shape, shape_from_config
-from loratune.memory.throughput import measured_throughput
+from loratune.memory.throughput import STEP_SHARE, measured_throughput
 from loratune.modeling.adapter import add_lora
 from loratune.modeling.model import load_model
 
@@ -228,6 +228,22 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path, capsys):
         "time per epoch: about",
     ):
         assert item in text
+    assert "likely" not in text  # a given (or measured) throughput is quoted as it is
+
+
+def test_a_benchmarked_time_is_a_range_around_its_estimate(tiny_model, tmp_path, capsys):
+    """Without a measured or given throughput the time comes from the matrix-product benchmark, which a whole
+    step reaches only a share of: the plan quotes the middle of that share and shows the range."""
+    data = write_jsonl(tmp_path / "train.jsonl", varied_rows(24))
+    args = ["plan", "--model", tiny_model, "--train-data", data, "--device", "cpu", "--output-dir", str(tmp_path)]
+    assert main([*args, "--precision", "fp32", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    shortest, longest = plan["epoch_seconds_range"]
+    low, middle, high = STEP_SHARE
+    assert shortest == pytest.approx(plan["epoch_seconds"] * middle / high)
+    assert longest == pytest.approx(plan["epoch_seconds"] * middle / low)
+    assert main([*args, "--precision", "fp32"]) == 0
+    assert ", likely " in capsys.readouterr().out
 
 
 def test_data_inspect_shows_the_peak_per_max_length(tiny_model):

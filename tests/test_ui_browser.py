@@ -114,6 +114,7 @@ def test_new_run_live_chart_stop_resume_compare_and_try(tiny_model, tiny_run, tm
         page.click("#check-plan")
         page.locator("#use-it").wait_for(timeout=90_000)
         assert page.locator(".verdict").inner_text().startswith("Fits")
+        assert ", likely " in page.inner_text("body")  # no run measured yet: the rough time's range
         recommended = page.locator(".recommend").inner_text().split("max_length: ")[1].split(" ")[0]
         page.click("#use-it")
         assert page.input_value("#f-max_length") == recommended

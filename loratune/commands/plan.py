@@ -12,7 +12,7 @@ from ..data.prepare import prepare
 from ..memory.arithmetic import FSDP2_SHARDS, ZERO3_SHARDS, MemoryModel
 from ..memory.planner import MemoryPlan, device_budget, estimate, peak
 from ..memory.shape import read_shape
-from ..memory.throughput import benchmark_throughput, measured_throughput
+from ..memory.throughput import measured_throughput, rough_throughput
 from ..modeling.model import four_bit_config, load_tokenizer, resolve_model
 from ..planning.resolved import resolve
 
@@ -38,15 +38,15 @@ def plan_run(
     train, val = _data(cfg, model_path)
     resolved, _ = resolve(cfg, mm, budget, device=target, train=train, val=val, engine=engine, processes=processes)
     plan = resolved.plan
-    source = "given"
+    source, likely = "given", None
     if tokens_per_second is None:
         tokens_per_second, source = measured_throughput(cfg), f"measured in {cfg.output_dir}/metrics.jsonl"
     if tokens_per_second is None and (gpu_memory is None or device is not None):
         from_data = train is not None
         mean = float(plan.lengths.mean()) if from_data else cfg.max_length
         share = float(plan.targets.sum() / plan.lengths.sum()) if from_data else 1.0
-        tokens_per_second = benchmark_throughput(mm, mean, share)
-        source = f"rough: a matrix-product benchmark on this {mm.device}"
+        low, tokens_per_second, high = rough_throughput(mm, mean, share)
+        source, likely = f"rough: from a matrix-product benchmark on this {mm.device}", (low, high)
     memory = estimate(
         cfg,
         mm,
@@ -55,6 +55,7 @@ def plan_run(
         from_data=train is not None,
         tokens_per_second=tokens_per_second,
         throughput_source=source,
+        throughput_range=likely,
     )
     memory.resolved = resolved.record()
     return memory

@@ -263,8 +263,8 @@ def _cost(base: TrainConfig, space, settings, folder: Path) -> list[str]:
     least = full_trials * trial + (settings.trials - full_trials) * trial * first_eval / steps
     return [
         *lines,
-        f"  each trial: at most {steps} steps, about {format_seconds(trial)} of training (at "
-        f"{plan.tokens_per_second:,.0f} tokens/s, {plan.throughput_source}), plus its start-up",
+        f"  each trial: at most {steps} steps, about {format_seconds(trial)}{plan.likely_text(steps / per_epoch)} of "
+        f"training (at {plan.tokens_per_second:,.0f} tokens/s, {plan.throughput_source}), plus its start-up",
         f"  {settings.trials} trials: about {format_seconds(settings.trials * trial)} in full; with pruning from "
         f"{format_seconds(least)} (the first {full_trials} in full, every other one pruned at its first evaluation, "
         f"step {first_eval}); early stopping shortens both",

@@ -91,12 +91,22 @@ class MemoryPlan:
     tokens_per_second: float | None = None
     throughput_source: str = ""
     epoch_seconds: float | None = None
+    epoch_seconds_range: tuple[float, float] | None = None  # shortest, longest, when the throughput is rough
     notes: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
     resolved: dict = field(default_factory=dict)  # the run as training resolves it (planning.resolved)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+    def likely_text(self, scale: float = 1.0) -> str:
+        """`, likely 54s to 1m57s` for the rough estimate's range of scale epochs; nothing when measured or given."""
+        from ..core.console import format_seconds
+
+        if not self.epoch_seconds_range:
+            return ""
+        shortest, longest = (scale * s for s in self.epoch_seconds_range)
+        return f", likely {format_seconds(shortest)} to {format_seconds(longest)}"
 
     def text(self) -> str:
         from ..core.console import format_seconds
@@ -124,8 +134,8 @@ class MemoryPlan:
         lines.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} parameters ({share:.2f}%)")
         if self.epoch_seconds is not None:
             lines.append(
-                f"time per epoch: about {format_seconds(self.epoch_seconds)} ({self.epoch_tokens:,} tokens at "
-                f"{self.tokens_per_second:,.0f} tokens/s, {self.throughput_source})"
+                f"time per epoch: about {format_seconds(self.epoch_seconds)}{self.likely_text()} "
+                f"({self.epoch_tokens:,} tokens at {self.tokens_per_second:,.0f} tokens/s, {self.throughput_source})"
             )
         elif self.tokens_per_second:
             lines.append(
@@ -232,9 +242,11 @@ def estimate(
     from_data: bool,
     tokens_per_second: float | None = None,
     throughput_source: str = "",
+    throughput_range: tuple[float, float] | None = None,
 ) -> MemoryPlan:
     """The memory plan of a run that makes `plan`'s passes (`from_data`: the data's own lengths, else examples of
-    max_length) at the plan's micro-batch (`batch_size: auto` resolved already: planning.resolved)."""
+    max_length) at the plan's micro-batch (`batch_size: auto` resolved already: planning.resolved), and its time
+    per epoch at tokens_per_second (and at throughput_range's lowest and highest tokens/s when given)."""
     size = largest_pass(mm, plan)
     items, total = peak_items(mm, size, budget)
     held_out, by_checkpointing = held_out_batch(cfg), {}
@@ -273,6 +285,9 @@ def estimate(
         memory.tokens_per_second, memory.throughput_source = tokens_per_second, throughput_source
         if memory.epoch_tokens:
             memory.epoch_seconds = memory.epoch_tokens / tokens_per_second
+            if throughput_range:
+                low, high = throughput_range
+                memory.epoch_seconds_range = (memory.epoch_tokens / high, memory.epoch_tokens / low)
     if not memory.fits:
         memory.fixes = fixes(mm, plan, budget, cfg, from_data)
     return memory

@@ -1,4 +1,4 @@
-"""Time per epoch: a previous run's measured throughput, or a rough one from this device's matrix-product speed."""
+"""Time per epoch: a previous run's measured throughput, or a rough range from this device's matrix-product speed."""
 
 from __future__ import annotations
 
@@ -24,13 +24,27 @@ def measured_throughput(cfg: TrainConfig) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
-def benchmark_throughput(mm: MemoryModel, mean_length: float, target_share: float) -> float:
-    """Tokens/s from this device's measured matrix-product rate and the FLOPs a training token costs.
+# The share of the matrix-product rate a whole training step reaches (the elementwise work, the optimizer, the loss
+# and Python between kernels are left out of the FLOPs): the range the plan shows and the middle it quotes, from
+# whole runs measured against the benchmark (bench/results/plan-time-2026-12-08.md).
+STEP_SHARE = (0.3, 0.45, 0.65)
+
+
+def rough_throughput(mm: MemoryModel, mean_length: float, target_share: float) -> tuple[float, float, float]:
+    """Tokens/s a training run is likely to reach: the lowest, the middle and the highest of STEP_SHARE of the
+    matrix-product bound."""
+    bound = _matmul_bound(mm, mean_length, target_share)
+    low, middle, high = (bound * share for share in STEP_SHARE)
+    return low, middle, high
+
+
+def _matmul_bound(mm: MemoryModel, mean_length: float, target_share: float) -> float:
+    """Tokens/s if a step were only its matrix products, from this device's measured matrix-product rate and the
+    FLOPs a training token costs.
 
     Per token: the frozen linear layers forward and their input gradients (4 x parameters; 6 x when checkpointing
     recomputes the forward), attention within its example, LoRA forward and backward, and for target tokens the
-    output layer with the hidden-state gradient. Rough: the elementwise work is left out, and on a busy machine the
-    benchmark is slowed down with the run.
+    output layer with the hidden-state gradient. On a busy machine the benchmark is slowed down with the run.
     """
     s = mm.shape
     passes = 3 if mm.checkpointing else 2  # forward-sized units of matrix work: forward, backward (, recompute)

@@ -31,6 +31,11 @@ function uploadButton(f, input, changed) {
   return [file, el("button.small", { type: "button", onclick: () => file.click() }, "Upload…")];
 }
 
+// The rough estimate's range (from a matrix-product benchmark); a measured or given throughput has none.
+function likely(range) {
+  return range ? `, likely ${fmt.seconds(range[0])} to ${fmt.seconds(range[1])}` : "";
+}
+
 function planView(r, useIt) {
   const out = [];
   if (r.plan) {
@@ -43,8 +48,8 @@ function planView(r, useIt) {
       keyValues([
         ["device", `${p.device} (${p.budget_source})`],
         ["batch", `batch_size ${p.batch_size} x gradient_accumulation_steps ${p.gradient_accumulation_steps}`],
-        ["time per epoch", p.epoch_seconds !== null ? `about ${fmt.seconds(p.epoch_seconds)} (${fmt.int(p.epoch_tokens)} tokens at ${
-          fmt.rate(p.tokens_per_second)} tokens/s, ${p.throughput_source})` : "unknown"],
+        ["time per epoch", p.epoch_seconds !== null ? `about ${fmt.seconds(p.epoch_seconds)}${likely(p.epoch_seconds_range)} (${
+          fmt.int(p.epoch_tokens)} tokens at ${fmt.rate(p.tokens_per_second)} tokens/s, ${p.throughput_source})` : "unknown"],
         ["trainable", `${fmt.int(p.trainable_params)} of ${fmt.int(p.total_params)} parameters`],
       ]),
       p.fixes.length ? el("div", el("p", "To make it fit, change one of:"), el("ul", p.fixes.map((x) => el("li", x)))) : null,
