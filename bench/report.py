@@ -196,12 +196,12 @@ def _yes(ok: bool) -> str:
 def machine(device: str) -> dict:
     import torch
 
-    from loratune.core.device import cpu_name
+    from loratune.core.device import cpu_bf16_features, cpu_name
 
     meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else ["", "0"]
     packages = ("torch", "transformers", "peft", "trl", "accelerate")
     return {
-        "cpu": cpu_name(),
+        "cpu": f"{cpu_name()} ({', '.join(cpu_bf16_features()) or 'no AVX2'})",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": int(meminfo[1]) / 2**20,

@@ -59,9 +59,8 @@ def cpu_bf16_speedup() -> float:
 
     Many CPUs advertise bf16 instructions yet run bf16 products slower than fp32, so we measure rather than trust.
     """
-    cpu = cpu_name()
     record = cache_dir() / "cpu-bf16.json"
-    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu_name()}|{'+'.join(cpu_bf16_features())}|{torch.__version__}|{torch.get_num_threads()}"
     try:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -91,7 +90,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def cpu_runtime_bytes() -> int:
     """A CPU training process's own peak resident memory beyond its tensors (Python, PyTorch and the libraries),
     measured once in a fresh process and remembered per CPU, Python and torch version, like `cpu_bf16_speedup`."""
-    key = f"{cpu_name()}|{sys.version.split()[0]}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu_name()}|{'+'.join(cpu_bf16_features())}|{sys.version.split()[0]}|{torch.__version__}|{torch.get_num_threads()}"
     record = cache_dir() / "cpu-runtime.json"
     try:
         known = json.loads(record.read_text())
@@ -119,6 +118,21 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
             a @ b
         best = min(best, time.perf_counter() - start)
     return best
+
+
+# The instruction sets bf16 matrix products run on: CPUs of one model name differ in them (an "AMD EPYC" with
+# AVX-512 BF16 runs bf16 faster than fp32, one with AVX2 only far slower).
+BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_features() -> list[str]:
+    """Which of BF16_FLAGS this CPU has (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in BF16_FLAGS if f in flags]
 
 
 def cpu_name() -> str:
