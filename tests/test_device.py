@@ -17,4 +17,3 @@ def test_the_bf16_speed_is_remembered_per_instruction_set(tmp_path, monkeypatch)
     monkeypatch.setattr(device, "_matmul_seconds", lambda dtype: 100.0 if dtype == torch.bfloat16 else 1.0)
     assert measure() == 0.01
     assert len(json.loads((tmp_path / "cpu-bf16.json").read_text())) == 2
-
