@@ -105,9 +105,7 @@ def render(report: dict) -> str:
     lines = [
         "## Benchmark: LoRA fine-tuning, same workload, three trainers",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-        + f"; {m['versions']}; loratune {m['commit']}; {m['date']}.",
+        machine_line(m),
         f"Device {report['device']}, frozen base in {report['precision']} for every trainer. Matrix-product peak "
         f"measured here: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s"
         + (
@@ -124,11 +122,7 @@ def render(report: dict) -> str:
         f"layers of the blocks; AdamW lr={h['learning_rate']:g}, weight decay 0, warmup {h['warmup_ratio']:g} then "
         "cosine, gradient clipping 1.0; the same examples in every optimizer step; loss on answer tokens only.",
     ]
-    if m["busy_share"] >= 0.2:  # timings taken while other processes compete for the cores mean little
-        lines.append(
-            f"Warning: other processes used {m['busy_share']:.0%} of the CPU when the benchmark started, so "
-            "these timings are not a measurement of the trainers alone."
-        )
+    lines += busy_warning(m)
     for summary in report["models"].values():
         lines += ["", *model_section(summary, memory)]
     checked = targets(report)
@@ -136,6 +130,26 @@ def render(report: dict) -> str:
         lines += ["", "Issue 5 targets (stated for a 2-core CPU):", ""]
         lines += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checked]
     return "\n".join(lines) + "\n"
+
+
+def machine_line(m: dict) -> str:
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; {m['versions']}; loratune {m['commit']}; {m['date']}"
+        + (f"; load average {m['load_1min']:.2f} (1 min) at the start" if "load_1min" in m else "")
+        + "."
+    )
+
+
+def busy_warning(m: dict) -> list[str]:
+    if m["busy_share"] < 0.2:
+        return []
+    # timings taken while other processes compete for the cores mean little
+    return [
+        f"Warning: other processes used {m['busy_share']:.0%} of the CPU when the benchmark started, so "
+        "these timings are not a measurement of the trainers alone."
+    ]
 
 
 def model_section(summary: dict, memory: str) -> list[str]:
@@ -168,9 +182,9 @@ def model_section(summary: dict, memory: str) -> list[str]:
     lines += [
         "",
         f"Checks: every run trained on exactly these {summary['tokens']:,} tokens with loss on the same "
-        f"{summary['targets']:,}: {_yes(checks['same_tokens'])}; same learning rate at every step: "
-        f"{_yes(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
-        f"{_yes(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
+        f"{summary['targets']:,}: {yes_no(checks['same_tokens'])}; same learning rate at every step: "
+        f"{yes_no(checks['same_lrs'])}; same step-1 loss (same weights, same examples, LoRA B = 0): "
+        f"{yes_no(checks['same_first_loss'])} (relative spread {checks['first_loss_spread']:.1e}). Attention: "
         + ", ".join(f"{TRAINERS[t][:3]} {r['attention']}" for t, r in rows.items())
         + ".",
     ]
@@ -189,7 +203,7 @@ def _change(x) -> str:
     return "" if x is None else f"{x:+.2%}"
 
 
-def _yes(ok: bool) -> str:
+def yes_no(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
@@ -209,6 +223,7 @@ def machine(device: str) -> dict:
         "versions": ", ".join(f"{p} {_version(p)}" for p in packages),
         "commit": _commit(),
         "busy_share": _busy_share(),
+        "load_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d"),
     }
 

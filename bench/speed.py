@@ -84,6 +84,7 @@ def bench_model(
         batch_size=setting.batch_size,
         grad_accum=setting.grad_accum,
         use_dora=use_dora,  # every trainer with PEFT's DoRA
+        objective="sft",
         **HYPER,
     )
     stats = {
@@ -104,6 +105,22 @@ def bench_model(
         flush=True,
     )
 
+    results, failed = repeat(base, trainers, TRAINERS, reps, work, timeout=timeout, keep_going=keep_going)
+    return {"results": results, "workload": stats, "failed": failed}
+
+
+def repeat(
+    base: dict,
+    trainers: list[str],
+    names: dict[str, str],
+    reps: int,
+    work: Path,
+    extra: Callable[[str, int], dict] = lambda trainer, rep: {},
+    timeout: Callable[[], float] | None = None,
+    keep_going: bool = False,
+) -> tuple[dict, dict]:
+    """Every trainer's run of the `base` spec (plus `extra(trainer, rep)`), `reps` times interleaved, each in a
+    process of its own; the results per trainer, and the error of each trainer that failed (with `keep_going`)."""
     results, failed = {t: [] for t in trainers}, {}
     for rep in range(reps):
         for trainer in trainers:
@@ -111,26 +128,26 @@ def bench_model(
                 continue
             run_dir = work / f"{trainer}-{rep}"
             limit = timeout() if timeout else None
+            spec = base | extra(trainer, rep) | {"trainer": trainer, "out_dir": str(run_dir / "output")}
             try:
                 if limit == 0:
                     raise WorkerFailed(f"{trainer} not started: the time budget was spent")
-                result = run_worker(base | {"trainer": trainer, "out_dir": str(run_dir / "output")}, run_dir, limit)
+                result = run_worker(spec, run_dir, limit)
             except WorkerFailed as e:
                 if not keep_going:
                     raise
                 failed[trainer] = str(e)
-                print(f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} FAILED: {str(e).splitlines()[0]}", flush=True)
+                print(f"  rep {rep + 1}/{reps} {names[trainer]:<40} FAILED: {str(e).splitlines()[0]}", flush=True)
                 continue
             results[trainer].append(result)
             cuda = "peak_cuda_mib" in result
             memory = f"peak {'CUDA' if cuda else 'RSS'} {result['peak_cuda_mib' if cuda else 'peak_rss_mib']:.0f} MiB"
             print(
-                f"  rep {rep + 1}/{reps} {TRAINERS[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
+                f"  rep {rep + 1}/{reps} {names[trainer]:<40} {result['tokens'] / result['seconds']:9.1f} real "
                 f"tokens/s  loss {result['losses'][-1]:.4f}  {memory}",
                 flush=True,
             )
-    results = {t: r for t, r in results.items() if t not in failed}
-    return {"results": results, "workload": stats, "failed": failed}
+    return {t: r for t, r in results.items() if t not in failed}, failed
 
 
 def run_worker(spec: dict, run_dir: Path, timeout: float | None = None) -> dict:

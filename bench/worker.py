@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -36,7 +37,10 @@ if importlib.util.find_spec("trl"):  # where TRL is not installed (a GPU without
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     memory = PeakMemory(spec["device"])
-    run = {"hf": run_reference, "trl": run_reference, "loratune": run_loratune}[spec["trainer"]]
+    if spec["trainer"].startswith("trl_dpo"):  # the DPO workload's reference trainer (bench/worker_dpo.py)
+        from .worker_dpo import run_trl_dpo as run
+    else:
+        run = {"hf": run_reference, "trl": run_reference}.get(spec["trainer"], run_loratune)
     result = run(spec)
     result.update(memory.read())
     Path(sys.argv[2]).write_text(json.dumps(result))
@@ -71,18 +75,51 @@ def run_reference(spec: dict) -> dict:
     """HF Trainer with dynamic padding, or TRL's SFTTrainer padding-free, on the pre-tokenized examples.
 
     The examples arrive in loratune's training order and are read sequentially, so each optimizer step of every
-    trainer holds the same examples. Optimizer and schedule are built here, identical to loratune's (AdamW, linear
-    warmup over ceil(warmup_ratio x steps) steps from lr/(warmup+1), then cosine), because the Trainer's own
-    warmup starts from 0 and would spend the first step at learning rate 0.
+    trainer holds the same examples.
     """
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     padding_free = spec["trainer"] == "trl"
-    dtype = DTYPES[spec["precision"]]
     attention = _attention(spec["device"], padding_free)
     tokenizer = load_tokenizer(spec["model_path"])  # pad = eos when the model has no pad token, as in loratune
     tokenizer.padding_side = "right"
+    model = peft_model(spec, attention)
+    data = datasets.Dataset.from_dict(json.loads(Path(spec["tokens"]).read_text()))
+    if padding_free:
+        from trl import SFTConfig, SFTTrainer
+
+        # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
+        # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
+        args = SFTConfig(**trainer_args(spec), padding_free=True, packing=False, max_length=None)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer, optimizers=optimizers(model, spec)
+        )
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**trainer_args(spec)),
+            train_dataset=data,
+            data_collator=collator,
+            optimizers=optimizers(model, spec),
+        )
+    counter = _CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    return train_timed(trainer, spec) | {
+        "tokens": counter.real,
+        "processed_tokens": counter.processed,
+        "targets": counter.targets,
+        "attention": attention,
+    }
+
+
+def peft_model(spec: dict, attention: str):
+    """The base in the run's number format with PEFT's LoRA on all linear layers, seeded as loratune seeds its
+    adapters (the same initial weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[spec["precision"]]
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])  # as loratune does right before adding the adapters: same initial LoRA weights
@@ -94,15 +131,23 @@ def run_reference(spec: dict) -> dict:
         task_type="CAUSAL_LM",
         use_dora=spec["use_dora"],
     )
-    model = get_peft_model(model, lora, autocast_adapter_dtype=True).to(spec["device"])
+    return get_peft_model(model, lora, autocast_adapter_dtype=True).to(spec["device"])
 
-    data = datasets.Dataset.from_dict(json.loads(Path(spec["tokens"]).read_text()))
+
+def optimizers(model, spec: dict) -> tuple:
+    """AdamW and loratune's schedule (linear warmup over ceil(warmup_ratio x steps) steps from lr/(warmup+1), then
+    cosine), built here because the Trainer's own warmup starts from 0 and would spend the first step at lr 0."""
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"], weight_decay=0.0
     )
     warmup = math.ceil(spec["warmup_ratio"] * spec["steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", warmup, spec["steps"]))
-    common = dict(
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", warmup, spec["steps"]))
+
+
+def trainer_args(spec: dict) -> dict:
+    """The Trainer arguments every reference trainer shares: the step, no checkpoints, evaluation or gradient
+    checkpointing, the examples read in the order given."""
+    return dict(
         output_dir=spec["out_dir"],
         per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"],
@@ -110,7 +155,7 @@ def run_reference(spec: dict) -> dict:
         learning_rate=spec["learning_rate"],
         max_grad_norm=1.0,
         seed=spec["seed"],
-        bf16=dtype == torch.bfloat16,
+        bf16=spec["precision"] == "bf16",
         gradient_checkpointing=False,
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,
@@ -120,26 +165,10 @@ def run_reference(spec: dict) -> dict:
         disable_tqdm=True,
         use_cpu=spec["device"] == "cpu",
     )
-    if padding_free:
-        from trl import SFTConfig, SFTTrainer
 
-        # Padding-free without TRL's bfd packing: each micro-batch's examples become one row, so micro-batches keep
-        # `batch_size` examples (bfd packing would regroup examples into max_length rows, changing the steps).
-        args = SFTConfig(**common, padding_free=True, packing=False, max_length=None)
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=data, processing_class=tokenizer, optimizers=(optimizer, scheduler)
-        )
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(**common),
-            train_dataset=data,
-            data_collator=collator,
-            optimizers=(optimizer, scheduler),
-        )
-    counter = _CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
+
+def train_timed(trainer, spec: dict) -> dict:
+    """Train; the loop's time, each step's, and the logged loss and learning rate of every step."""
     clock = _Clock(spec["device"])
     trainer.add_callback(clock)
     trainer.train()
@@ -147,12 +176,8 @@ def run_reference(spec: dict) -> dict:
     return {
         "seconds": clock.seconds,
         "step_seconds": clock.steps,
-        "tokens": counter.real,
-        "processed_tokens": counter.processed,
-        "targets": counter.targets,
         "losses": [e["loss"] for e in logs],
         "lrs": [e["learning_rate"] for e in logs],
-        "attention": attention,
     }
 
 
@@ -206,9 +231,17 @@ class _Clock(transformers.TrainerCallback):
 
 
 def run_loratune(spec: dict) -> dict:
+    """loratune's run of the workload; a DPO run reads and keeps its reference log-probabilities in the cache
+    folder `spec["cache"]` (fresh: computed in the run; filled by an earlier run: read from it)."""
     out = Path(spec["out_dir"])
+    dpo = spec["objective"] == "dpo"
+    if "cache" in spec:
+        os.environ["LORATUNE_CACHE"] = spec["cache"]
+    written = _reference_files(spec)
     config = TrainConfig(
         model=spec["model_path"],
+        objective=spec["objective"],
+        **({"beta": spec["beta"]} if dpo else {}),
         train_data=spec["data"],
         val_ratio=0,
         batch_size=spec["batch_size"],
@@ -234,13 +267,19 @@ def run_loratune(spec: dict) -> dict:
         "seconds": sum(r["seconds"] for r in steps),
         "step_seconds": [r["seconds"] for r in steps],
         "tokens": summary["tokens"],
-        "targets": summary["target_tokens"],
+        **({"pairs": summary["pairs"]} if dpo else {"targets": summary["target_tokens"]}),
+        "reference_written": _reference_files(spec) - written,
         "processed_tokens": round(sum(r["tokens"] / (1 - r["padding_share"]) for r in steps)),
         "losses": [r["loss"] for r in steps],
         "lrs": [r["lr"] for r in steps],
         "attention": "packed" if summary["packing"] else "sdpa",
         "loop_seconds": summary["train_seconds"],
     }
+
+
+def _reference_files(spec: dict) -> int:
+    """Files of reference log-probabilities in the run's cache: a run that computed some writes one at least."""
+    return len(list(Path(spec["cache"]).glob("reference/*/*.npz"))) if "cache" in spec else 0
 
 
 def _plan_estimate(config: TrainConfig) -> dict:

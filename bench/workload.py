@@ -40,8 +40,44 @@ class Workload:
         return np.array([sum(y != IGNORE for y in labels[1:]) for labels in self.labels])
 
     def write_jsonl(self, path: Path) -> Path:
-        path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
-        return path
+        return write_rows(self.rows, path)
+
+
+@dataclass
+class PairWorkload:
+    """Preference pairs: a prompt and two answers of independent lengths, as loratune reads them (one user turn,
+    two one-turn assistant answers) and as token ids in TRL's DPO columns (each answer through its end token)."""
+
+    rows: list[dict]  # {"prompt": [user turn], "chosen": [assistant turn], "rejected": [assistant turn]}
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Real tokens of a pair: its two sequences, prompt + chosen and prompt + rejected (every trainer runs both)."""
+        return np.array([2 * len(p) + len(c) + len(r) for p, c, r in self._columns()])
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Answer tokens of a pair, whose log-probabilities the loss compares."""
+        return np.array([len(c) + len(r) for _, c, r in self._columns()])
+
+    @property
+    def longest_sequence(self) -> int:
+        """The most tokens of one sequence (a prompt and its longer answer): what `max_length` limits."""
+        return max(len(p) + max(len(c), len(r)) for p, c, r in self._columns())
+
+    def _columns(self):
+        return zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)
+
+    def write_jsonl(self, path: Path) -> Path:
+        return write_rows(self.rows, path)
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def make_workload(tokenizer, n_examples: int, seed: int) -> Workload:
@@ -56,6 +92,30 @@ def make_workload(tokenizer, n_examples: int, seed: int) -> Workload:
     ]
     encoded = [encode(tokenizer, row["input"], row["output"]) for row in rows]
     return Workload(rows, [ids for ids, _ in encoded], [labels for _, labels in encoded])
+
+
+def make_pairs(tokenizer, n_pairs: int, seed: int) -> PairWorkload:
+    """`n_pairs` prompts of the workload's prompt lengths, each with two answers of its answer lengths."""
+    rng = np.random.default_rng(seed)
+    words = " ".join(corpus_lines()).split()
+    out = PairWorkload([], [], [], [])
+    for _ in range(n_pairs):
+        prompt = _text(tokenizer, words, _length(rng, PROMPT_LENGTHS), rng)
+        answers = [_text(tokenizer, words, _length(rng, ANSWER_LENGTHS), rng) for _ in range(2)]
+        (chosen, labels), (rejected, _) = (encode(tokenizer, prompt, answer) for answer in answers)
+        cut = labels.count(IGNORE)  # the prompt's tokens, the same before either answer
+        out.rows.append(
+            {"prompt": [_turn("user", prompt)], "chosen": [_turn("assistant", answers[0])],
+             "rejected": [_turn("assistant", answers[1])]}
+        )  # fmt: skip
+        out.prompt_ids.append(chosen[:cut])
+        out.chosen_ids.append(chosen[cut:])
+        out.rejected_ids.append(rejected[cut:])
+    return out
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
 
 
 def _length(rng, spec) -> int:
@@ -75,7 +135,7 @@ def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 
     The trailing newline some templates put after the end-of-turn token is left out: it is not part of the answer.
     """
-    user, assistant = {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}
+    user, assistant = _turn("user", prompt), _turn("assistant", answer)
     head = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template([user, assistant], tokenize=False)
     if not full.startswith(head):
