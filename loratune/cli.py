@@ -147,6 +147,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from .commands.pairs import pairs_command
+
+    return pairs_command(args)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .inference.chat import chat
 
@@ -246,7 +252,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Fine-tune causal language models with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train, _plan, _config, _generate, _eval, _chat, _report, _merge, _export, _data, _sweep, _ui):
+    for add in (_train, _plan, _config, _generate, _eval, _pairs, _chat, _report, _merge, _export, _data, _sweep, _ui):
         add(commands)
     return parser
 
@@ -384,6 +390,27 @@ def _eval(commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
+
+
+def _pairs(commands) -> None:
+    p = commands.add_parser(
+        "pairs",
+        help="preference pairs from a run's mistakes: it answers a file's prompts (greedy), and each wrong answer "
+        "becomes a pair, the reference chosen and the run's answer rejected, for DPO on top of it (--reference RUN)",
+    )
+    _run_dir(p)
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="rows with reference answers, in any SFT data shape (default: the run's own train_data)",
+    )
+    p.add_argument("--out", metavar="FILE", help="where the pairs go, one JSON row each (default: RUN_DIR/pairs.jsonl)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_ranged(int, above=0),
+        help="longest answer (default: longest reference + 16, as the held-out test)",
+    )
+    p.set_defaults(func=cmd_pairs)
 
 
 def _chat(commands) -> None:

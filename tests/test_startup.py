@@ -24,7 +24,7 @@ print(json.dumps({{"codes": codes, "loaded": [m for m in {HEAVY!r} if m in sys.m
 """
 
 COMMANDS = ("", "train", "plan", "config", "config show", "generate", "eval", "chat", "report", "merge", "export")
-HELP = [[*command.split(), "--help"] for command in (*COMMANDS, "data", "data inspect", "ui")]
+HELP = [[*command.split(), "--help"] for command in (*COMMANDS, "pairs", "data", "data inspect", "ui")]
 
 CASES = {
     "import only": [],

@@ -63,6 +63,27 @@ PRESETS: dict[str, Preset] = {
             "output_dir": "runs/quickstart",
         },
     ),
+    "quickstart_dpo": Preset(
+        description="The preference demo on the quickstart: DPO on top of the quickstart run (runs/quickstart, "
+        "merged into the base: the starting point and the reference), on the pairs of that run's own mistakes on "
+        "its training set (`loratune pairs runs/quickstart` writes runs/quickstart/pairs.jsonl), every pair trained "
+        "on; the held-out test is answered before (the quickstart run's model) and after.",
+        values={
+            "model": "smollm2-135m",
+            "objective": "dpo",
+            "reference": "runs/quickstart",
+            "train_data": "runs/quickstart/pairs.jsonl",
+            "val_ratio": 0,
+            "test_data": _quickstart_data("test"),
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_length": 256,
+            "epochs": 3,
+            "learning_rate": 5e-5,
+            "warmup_ratio": 0.1,
+            "output_dir": "runs/quickstart-dpo",
+        },
+    ),
 }
 DEFAULT_PRESET = "balanced"
 
