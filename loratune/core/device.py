@@ -90,7 +90,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def cpu_runtime_bytes() -> int:
     """A CPU training process's own peak resident memory beyond its tensors (Python, PyTorch and the libraries),
     measured once in a fresh process and remembered per CPU, Python and torch version, like `cpu_bf16_speedup`."""
-    key = f"{cpu_name()}|{'+'.join(cpu_bf16_features())}|{sys.version.split()[0]}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu_name()}|{sys.version.split()[0]}|{torch.__version__}|{torch.get_num_threads()}"
     record = cache_dir() / "cpu-runtime.json"
     try:
         known = json.loads(record.read_text())

@@ -246,7 +246,7 @@ def estimate(
 ) -> MemoryPlan:
     """The memory plan of a run that makes `plan`'s passes (`from_data`: the data's own lengths, else examples of
     max_length) at the plan's micro-batch (`batch_size: auto` resolved already: planning.resolved), and its time
-    per epoch at tokens_per_second (and at throughput_range's lowest and highest tokens/s when given)."""
+    per epoch when a throughput is given."""
     size = largest_pass(mm, plan)
     items, total = peak_items(mm, size, budget)
     held_out, by_checkpointing = held_out_batch(cfg), {}
@@ -282,15 +282,19 @@ def estimate(
     if from_data:
         memory.epoch_tokens = int(plan.lengths.sum()) * plan.group
     if tokens_per_second:
-        memory.tokens_per_second, memory.throughput_source = tokens_per_second, throughput_source
-        if memory.epoch_tokens:
-            memory.epoch_seconds = memory.epoch_tokens / tokens_per_second
-            if throughput_range:
-                low, high = throughput_range
-                memory.epoch_seconds_range = (memory.epoch_tokens / high, memory.epoch_tokens / low)
+        _add_time(memory, tokens_per_second, throughput_source, throughput_range)
     if not memory.fits:
         memory.fixes = fixes(mm, plan, budget, cfg, from_data)
     return memory
+
+
+def _add_time(memory: MemoryPlan, tokens_per_second: float, source: str, likely: tuple[float, float] | None) -> None:
+    """The time per epoch at tokens_per_second, and between likely's highest and lowest tokens/s when given."""
+    memory.tokens_per_second, memory.throughput_source = tokens_per_second, source
+    if memory.epoch_tokens:
+        memory.epoch_seconds = memory.epoch_tokens / tokens_per_second
+        if likely:
+            memory.epoch_seconds_range = (memory.epoch_tokens / likely[1], memory.epoch_tokens / likely[0])
 
 
 def _sampling_items(cfg: TrainConfig, mm: MemoryModel, plan: StepPlan, size: PassShape) -> dict[str, int]:
