@@ -67,7 +67,8 @@ PRESETS: dict[str, Preset] = {
         description="The preference demo on the quickstart: DPO on top of the quickstart run (runs/quickstart, "
         "merged into the base: the starting point and the reference), on the pairs of that run's own mistakes on "
         "its training set (`loratune pairs runs/quickstart` writes runs/quickstart/pairs.jsonl), every pair trained "
-        "on; the held-out test is answered before (the quickstart run's model) and after.",
+        "on; the held-out test is answered before (the quickstart run's model) and after. The base stays in fp32: "
+        "merged into a bf16 base, the quickstart run's small update is rounded and its answers change.",
         values={
             "model": "smollm2-135m",
             "objective": "dpo",
@@ -79,8 +80,9 @@ PRESETS: dict[str, Preset] = {
             "gradient_accumulation_steps": 2,
             "max_length": 256,
             "epochs": 3,
-            "learning_rate": 5e-5,
+            "learning_rate": 2e-4,
             "warmup_ratio": 0.1,
+            "precision": "fp32",
             "output_dir": "runs/quickstart-dpo",
         },
     ),
