@@ -52,3 +52,27 @@ def test_commands_without_a_model_import_no_model_library(case, tmp_path):
     # Each command got as far as its answer: --help and config show succeed, bad input exits 2.
     assert report["codes"] == [0 if case in ("every --help", "config show") else 2] * len(argvs)
     assert report["loaded"] == []
+
+
+TRAIN_PROBE = """
+import json, sys
+from loratune.cli import main
+code = main(["train", *sys.argv[1:]])
+print(json.dumps({"code": code, "plotting": "matplotlib" in sys.modules}))
+"""
+
+
+def test_a_run_s_plots_are_drawn_outside_the_training_process(tiny_model, tmp_path):
+    """`loratune train` leaves its plots to the helper process it starts before importing torch: the training
+    process never imports the plotting library, and the run still has its loss plot and report."""
+    from conftest import EXACT, varied_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", varied_rows(12))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in EXACT.items()]
+    run = tmp_path / "run"
+    argv = ["--model", tiny_model, "--train-data", data, "--max-steps", "1", "--output-dir", str(run), *flags]
+    result = subprocess.run([sys.executable, "-c", TRAIN_PROBE, *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"code": 0, "plotting": False}
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training and validation loss](loss.png)" in (run / "report.md").read_text()

@@ -204,3 +204,23 @@ def test_cli_end_to_end_adapter_reloads_in_peft(tiny_model, tmp_path):
         logits = model(input_ids=torch.tensor(ids)[None]).logits[0, :-1]
         base_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100).item()
     assert abs(base_loss - summary["last_val_loss"]) > 0.05
+
+
+def test_last_adapter_is_the_last_step_s_whichever_step_is_best(tiny_model, tmp_path):
+    """last/ holds the final weights: the same files as adapter/ when the last step is the best, and not the best
+    step's when an earlier one is (a min_delta no validation loss can meet keeps the first). The two runs train
+    alike: their last adapters are the same bytes."""
+    for name, min_delta in (("best-last", 0.0), ("best-first", 100.0)):
+        summary = train(
+            _config(
+                tiny_model, tmp_path, name, batch_size=4, gradient_accumulation_steps=2, eval_every_steps=1,
+                early_stopping_patience=0, early_stopping_min_delta=min_delta,
+            )
+        )  # fmt: skip
+        assert summary["best_step"] == (summary["steps"] if name == "best-last" else 1)
+    files = {f"{run}/{folder}": {p.name: p.read_bytes() for p in (tmp_path / run / folder).iterdir()}
+             for run in ("best-last", "best-first") for folder in ("last", "adapter")}  # fmt: skip
+    assert files["best-last/last"] == files["best-last/adapter"]
+    weights = "adapter_model.safetensors"
+    assert files["best-first/last"][weights] != files["best-first/adapter"][weights]
+    assert files["best-first/last"][weights] == files["best-last/last"][weights]

@@ -27,16 +27,25 @@ def train_command(args, resolve_args) -> int:
         print("No config or data given: running the quickstart preset (loratune train --help shows the options).")
         if not (args.output_dir or args.resume or args.overwrite):  # the demo again: keep the earlier run
             config = config.model_copy(update={"output_dir": next_free(Path(config.output_dir))})
-    # Only now: a bad argument or setting is answered without loading torch.
-    from ..training.engine import LaunchRefused, launched
-    from ..training.loop import train
+    from ..training.plot_process import PlotProcess
 
+    # Before torch: the helper imports the plotting library while this process imports the rest (the main
+    # process's; torchrun sets RANK).
+    plots = PlotProcess() if os.environ.get("RANK", "0") == "0" else None
     try:
-        train(config, resume=bool(args.resume), overwrite=args.overwrite)
-    except LaunchRefused:
-        if launched().rank == 0:
-            raise
-        return 0  # the launcher's rank 0 says why, once; this process did nothing
+        # Only now: a bad argument or setting is answered without loading torch.
+        from ..training.engine import LaunchRefused, launched
+        from ..training.loop import train
+
+        try:
+            train(config, resume=bool(args.resume), overwrite=args.overwrite, plots=plots)
+        except LaunchRefused:
+            if launched().rank == 0:
+                raise
+            return 0  # the launcher's rank 0 says why, once; this process did nothing
+    finally:
+        if plots:
+            plots.close()
     return 0
 
 

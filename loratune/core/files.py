@@ -52,6 +52,12 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def copy_dir(source: Path, final: Path) -> None:
+    """A copy of the folder `source` at `final`, written whole or not at all (as `atomic_dir`)."""
+    with atomic_dir(final) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -16,6 +16,7 @@ from ..core.console import Console
 from ..core.errors import UserError
 from .checkpoint import prune_checkpoints, save_checkpoint
 from .outputs import base_test_scores, finish, phase
+from .plot_process import PlotProcess
 from .report import preload_plotting
 from .session import Session
 from .setup import setup
@@ -25,12 +26,20 @@ from .validation import due, validate
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    plots: PlotProcess | None = None,
 ) -> dict:
-    """Fine-tune `config.model` with LoRA on `config.train_data`; returns the run summary (also in summary.json)."""
+    """Fine-tune `config.model` with LoRA on `config.train_data`; returns the run summary (also in summary.json).
+    `plots`: a helper process started before torch was imported, to draw the plots (else this process does)."""
     s = setup(config, resume=resume, overwrite=overwrite, console=console)
     if s.main:
-        preload_plotting()
+        s.training.plots = plots
+        if plots is None:
+            preload_plotting()
     s.training.progress = s.console.progress(s.resolved.total_steps, s.state.step)
     try:
         if s.scores_test:

@@ -10,7 +10,7 @@ import torch
 
 from ..core.config import BASE_CHANGING_INITS
 from ..core.errors import UserError
-from ..core.files import atomic_dir, atomic_write
+from ..core.files import atomic_dir, atomic_write, copy_dir
 from ..data.formats import prompt_text
 from ..memory.planner import GENERATION_BATCH
 from ..modeling.evaluate import score
@@ -107,11 +107,15 @@ def finish(s: Session) -> dict:
     limited = s.cfg.max_steps and state.step >= s.cfg.max_steps
     state.stop_reason = state.stop_reason or ("max_steps reached" if limited else "all epochs done")
     state.elapsed = s.elapsed()
+    plots = s.training.plots
+    if plots:  # drawn by the helper while this process saves
+        from .report import best_evaluation, read_records
+
+        train, evals = read_records(s.run)
+        plots.draw(s.run, train, evals, best_evaluation({"best_step": state.best_step}, evals))
     phase(s, "save", "saving the adapter")
     s.objective.keep(s.data)
-    save_adapter(s.run / "last", s.engine, s.model, s.tokenizer, s.encoder.template)
-    if not len(s.data.val):  # nothing to choose by: the best adapter is the last one
-        save_adapter(s.run / "adapter", s.engine, s.model, s.tokenizer, s.encoder.template)
+    save_last(s)
     s.engine.accelerator.wait_for_everyone()
     test_after = test_scores(s, "fine-tuned", before=s.training.test_before) if s.scores_test else None
     summary = _summary(s, test_after)
@@ -120,7 +124,7 @@ def finish(s: Session) -> dict:
         atomic_write(s.run / "summary.json", json.dumps(summary, indent=1))
         from .report import write_report
 
-        write_report(s.run)
+        write_report(s.run, drawn=plots.drawn if plots else None)
         best = (
             ""  # no validation set (or none of it fit max_length)
             if state.best_val_loss is None
@@ -133,6 +137,20 @@ def finish(s: Session) -> dict:
             f"report in {s.run / 'report.md'}"
         )
     return summary
+
+
+def save_last(s: Session) -> None:
+    """The last adapter in last/, and in adapter/ too when there is no validation to choose the best by. When
+    adapter/ already holds this adapter (the best is the last step's), last/ is a copy of it: the same files, without
+    gathering, checking and writing the weights and tokenizer again."""
+    validated = len(s.data.val) > 0
+    if validated and s.state.best_step == s.state.step:  # the same on every process: none gathers weights
+        if s.main:
+            copy_dir(s.run / "adapter", s.run / "last")
+        return
+    save_adapter(s.run / "last", s.engine, s.model, s.tokenizer, s.encoder.template)
+    if not validated and s.main:  # nothing to choose by: the best adapter is the last one
+        copy_dir(s.run / "last", s.run / "adapter")
 
 
 def _summary(s: Session, test_after: dict | None) -> dict:

@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -24,27 +25,39 @@ from .charts import Chart, metric_charts
 SAMPLE_CHARS = 600  # longer prompts and answers are cut in the report
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, drawn: Callable[[], bool] | None = None) -> tuple[Path, Path]:
     """Write loss.png, metrics.png (when the objective logs metrics) and report.md into the run folder; returns the
-    paths of loss.png and report.md."""
+    paths of loss.png and report.md. `drawn`: whether another process has drawn the plots of these same records
+    (training's `PlotProcess`, waited for here); when it has not, they are drawn here."""
     run = Path(run_dir)
+    train, evals = read_records(run)
+    summary = _read_json(run / "summary.json")
+    best = best_evaluation(summary, evals)
+    if not (drawn and drawn()):
+        draw_plots(run, train, evals, best)
+    report = run / "report.md"
+    plot = run / "loss.png"
+    markdown = _markdown(run, train, evals, summary, best, plot if train else None, metric_charts(train))
+    atomic_write(report, markdown)
+    return plot, report
+
+
+def read_records(run: Path) -> tuple[list[dict], list[dict]]:
+    """The training steps' and the evaluations' records of metrics.jsonl."""
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run}: not a loratune run folder (no metrics.jsonl)")
     records = _records(run / "metrics.jsonl")
-    train = [r for r in records if r["event"] == "train"]
-    evals = [r for r in records if r["event"] == "eval"]
-    summary = _read_json(run / "summary.json")
-    best = _best(summary, evals)
-    plot = run / "loss.png"
+    return [r for r in records if r["event"] == "train"], [r for r in records if r["event"] == "eval"]
+
+
+def draw_plots(run: Path, train: list[dict], evals: list[dict], best: dict | None) -> None:
+    """loss.png (when a step was logged) and metrics.png (when the objective logs metrics)."""
     charts = metric_charts(train)
     if train:
         y_label = "loss (the objective's)" if charts else "loss (mean cross-entropy per answer token)"
-        plot_losses(train, evals, best, plot, title=run.resolve().name, y_label=y_label)
+        plot_losses(train, evals, best, run / "loss.png", title=run.resolve().name, y_label=y_label)
     if charts:
         plot_metrics(train, evals, charts, run / METRICS_PLOT, title=run.resolve().name)
-    report = run / "report.md"
-    atomic_write(report, _markdown(run, train, evals, summary, best, plot if train else None, charts))
-    return plot, report
 
 
 def _read_json(path: Path) -> dict | None:
@@ -68,7 +81,7 @@ def _records(path: Path) -> list[dict]:
     return records
 
 
-def _best(summary: dict | None, evals: list[dict]) -> dict | None:
+def best_evaluation(summary: dict | None, evals: list[dict]) -> dict | None:
     """The best evaluation: as training chose it, or (for a run that did not finish) the lowest validation loss."""
     step = summary.get("best_step") if summary else None
     chosen = [r for r in evals if r["step"] == step] if step is not None else []
@@ -83,10 +96,10 @@ def _best(summary: dict | None, evals: list[dict]) -> dict | None:
 def preload_plotting() -> None:
     """Import the plotting library in the background, so that writing the report after training does not wait for
     it: training releases the interpreter lock in its kernels, so the import costs the run almost nothing."""
-    threading.Thread(target=_pyplot, name="loratune-preload-plotting", daemon=True).start()
+    threading.Thread(target=pyplot, name="loratune-preload-plotting", daemon=True).start()
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, works on servers
@@ -98,7 +111,7 @@ def _pyplot():
 def plot_losses(train: list[dict], evals: list[dict], best: dict | None, path: Path, title: str, y_label: str) -> None:
     """loss.png: training and validation loss against steps (and tokens, on the top axis), the learning rate on the
     right axis, and the best step marked."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5.6), dpi=130)
     steps = _curves(ax, train, evals, best)
@@ -124,7 +137,7 @@ def plot_metrics(train: list[dict], evals: list[dict], charts: list[Chart], path
     and its validation values (dashed, dotted) where validation measures it."""
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = 2 if len(charts) > 1 else 1
     rows = -(-len(charts) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), dpi=110, squeeze=False)

@@ -20,6 +20,7 @@ from ..planning.resolved import ResolvedRun
 from .checkpoint import TrainState
 from .engine import Engine
 from .metrics import Metrics
+from .plot_process import PlotProcess
 from .signals import StopRequest
 from .tracking import Trackers
 
@@ -35,6 +36,7 @@ class Training:
     segment_start: float = field(default_factory=time.perf_counter)  # of this process's part of the run
     test_before: dict | None = None  # the base model's held-out scores
     progress: StepProgress | None = None  # the console's progress line, while the steps run
+    plots: PlotProcess | None = None  # the helper that draws the run's plots (main process, `loratune train`)
 
     def smaller_passes(self, run: Path, main: bool, why: str) -> bool:
         """Make the passes smaller (`ResolvedRun.smaller`), in the plans and resolved.json together; False when
