@@ -228,6 +228,22 @@ def test_a_file_that_is_not_preference_data_says_what_it_expected(encoder, tmp_p
 # --- log-probabilities ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["pairs", "labeled"])
+def test_a_padded_pass_is_planned_as_the_rows_it_collates(kind, request):
+    """A padded pass holds each item's two sequences as rows of the pass's longest sequence (chosen and rejected;
+    KTO: the row and its mismatched pair), and the plan (the memory estimate, data inspect's padding) counts that."""
+    from loratune.data.pairs import PairSet
+    from loratune.data.plan import plan_for
+
+    items = PairSet(request.getfixturevalue(kind), 512)
+    cfg = TrainConfig(batch_size=2, gradient_accumulation_steps=2)
+    plan = plan_for(cfg, items.lengths, items.target_counts, packing=False, pair_widths=items.pair_widths)
+    for step in plan.epoch(0):
+        for examples in plan.passes(step):
+            shape, batch = plan.shape(examples), items.collate(examples, packing=False, pad_id=0, filler=False)
+            assert (shape.rows, shape.tokens) == (batch.input_ids.shape[0], batch.input_ids.numel())
+
+
 def test_sequences_are_summed_alike_padded_or_packed_with_filler(pairs, policy, monkeypatch):
     """Per-sequence sums and answer token counts do not depend on the layout: padded rows, or one packed row with
     a filler segment; nor on the path (the model's own logits, taken where logits are transformed)."""

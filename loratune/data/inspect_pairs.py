@@ -46,7 +46,10 @@ def inspect_pairs(cfg, encoder: Encoder, percentile: float = 99.0) -> PairInspec
         fits.dropped_too_long = int((longest >= max_length).sum())
         fits.first_too_long = next((i.origin for i, n in zip(items, longest) if n >= max_length), None)
         kept = PairSet([f for f in (fit_prompt(i, max_length) for i in train.items) if f], max_length)
-        padding = plan_for(cfg, kept.lengths, kept.target_counts, packing=False).padding_share() if len(kept) else 0
+        padding = 0.0
+        if len(kept):
+            plan = plan_for(cfg, kept.lengths, kept.target_counts, packing=False, pair_widths=kept.pair_widths)
+            padding = plan.padding_share()
         return Effect(max_length, fits, int((total <= max_length).sum()), padding)
 
     recommended = recommend_max_length(total, percentile, MULTIPLE)

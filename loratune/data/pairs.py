@@ -234,6 +234,7 @@ class PairSet:
         self.kl = kl_pairs(items, max_length) if items and isinstance(items[0], LabeledAnswer) else None
         self.seqs = [self._sequences(i) for i in range(len(items))]
         self.lengths = np.array([sum(len(ids) for ids, _ in s) for s in self.seqs], dtype=np.int64)
+        self.pair_widths = np.array([max(len(ids) for ids, _ in s) for s in self.seqs], dtype=np.int64)
         self.target_counts = np.array(
             [sum(int((y[1:] != IGNORE).sum()) for _, y in s) for s in self.seqs], dtype=np.int64
         )

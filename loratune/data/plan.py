@@ -63,6 +63,7 @@ class StepPlan:
     seed: int = 0
     repeats: int = 1  # optimizer steps on each step's examples in a row (grpo's updates_per_generation)
     group: int = 1  # sequences an example becomes in its pass (grpo: a prompt's num_generations answers)
+    pair_widths: np.ndarray | None = None  # preference items: the longer of their two sequences, two padded rows
 
     @property
     def accumulation(self) -> int:
@@ -125,8 +126,11 @@ class StepPlan:
         lengths = self.lengths[list(examples)]
         targets = int(self.targets[list(examples)].sum()) * self.group
         if not self.packing:
-            rows = len(examples) * self.group
-            return PassShape(rows * int(lengths.max()), targets, rows, examples)
+            if self.pair_widths is None:
+                rows, width = len(examples) * self.group, int(lengths.max())
+            else:  # each item's two sequences are rows of their own, padded to the pass's longest
+                rows, width = 2 * len(examples), int(self.pair_widths[list(examples)].max())
+            return PassShape(rows * width, targets, rows, examples)
         tokens = int(lengths.sum()) * self.group
         return PassShape(shape_bucket(tokens) if self.buckets else tokens, targets, 1, examples)
 
@@ -196,8 +200,10 @@ def plan_for(
     packing: bool,
     processes: int = 1,
     buckets: bool = False,
+    pair_widths: np.ndarray | None = None,
 ) -> StepPlan:
-    """The plan `cfg` asks for over these examples (`batch_size: auto` planned at the default batch size)."""
+    """The plan `cfg` asks for over these examples (`batch_size: auto` planned at the default batch size);
+    `pair_widths` for preference items (`PairSet.pair_widths`)."""
     micro = DEFAULT_BATCH_SIZE if cfg.batch_size == "auto" else cfg.batch_size
     return StepPlan(
         lengths,
@@ -210,6 +216,7 @@ def plan_for(
         cfg.seed,
         cfg.updates_per_generation,
         cfg.num_generations if cfg.objective == "grpo" else 1,
+        pair_widths,
     )
 
 

@@ -70,7 +70,13 @@ class ResolvedRun:
         """Passes over a tokenized set (`lengths`, `target_counts`) as this run's validation makes them: `eval` of a
         finished run, and the validation plan itself."""
         plan = plan_for(
-            cfg, data.lengths, data.target_counts, packing=self.packing, processes=processes, buckets=self.shape_buckets
+            cfg,
+            data.lengths,
+            data.target_counts,
+            packing=self.packing,
+            processes=processes,
+            buckets=self.shape_buckets,
+            pair_widths=getattr(data, "pair_widths", None),
         )
         return plan.with_micro_batch(self.batch_size)
 
@@ -107,7 +113,15 @@ def resolve(
     if train is None:
         plan = max_length_plan(cfg, packing=packing, processes=processes, buckets=buckets)
     else:
-        plan = plan_for(cfg, train.lengths, train.target_counts, packing=packing, processes=processes, buckets=buckets)
+        plan = plan_for(
+            cfg,
+            train.lengths,
+            train.target_counts,
+            packing=packing,
+            processes=processes,
+            buckets=buckets,
+            pair_widths=getattr(train, "pair_widths", None),
+        )
     plan, batch_size_from, notes = _micro_batch(cfg, mm, budget, plan, from_data=train is not None)
     total_steps = plan.steps_per_epoch * cfg.epochs
     total_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
